@@ -1,0 +1,605 @@
+"""The billing core: users, balances, the ledger, reserve → commit / release / expire.
+
+Model (../shared/notes/ledger.md §7, after TigerBeetle's two-phase transfers):
+
+* Two assets per user: `credits` (1 credit = 1 ₽) and `free_ops` (free paid-mode operations).
+  A `Balance` row caches `available` and `reserved` for each; the append-only `ledger` holds one
+  row per change with both deltas, the balances after, a reference and a unique idempotency key.
+* A job *reserves* (available → reserved) before it runs, then the reservation is *committed*
+  (reserved → spent) on delivery, or *released* / *expired* (reserved → available). The state
+  of a reservation changes exactly once, by a conditional UPDATE on its state.
+* Every function that moves money runs in one transaction that takes the write lock up front
+  (`BEGIN IMMEDIATE` on SQLite via the database's lock_type; row locks from the conditional
+  UPDATEs on PostgreSQL) and is retried as a whole when SQLite stays busy.
+* The same idempotency key with the same arguments replays the first result; with different
+  arguments it raises `IdempotencyConflict` and changes nothing.
+
+All amounts are positive Python ints within int64, in credits unless the name says otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from peewee import IntegrityError, OperationalError, fn
+
+import config
+from models import Balance, LedgerEntry, Payment, Reservation, User, db, is_sqlite, utcnow
+
+logger = logging.getLogger(__name__)
+
+INT64_MAX = 2**63 - 1
+MAX_TX_ATTEMPTS = 8
+
+
+class BillingError(Exception):
+    """Billing operation failed."""
+
+    def __str__(self):
+        return self.args[0] if self.args else (self.__doc__ or "").strip()
+
+
+class InvalidAmount(BillingError):
+    """Amount must be a positive whole number of credits within int64."""
+
+
+class UnknownUser(BillingError):
+    """No such user."""
+
+
+class UserBlocked(BillingError):
+    """The user is blocked by an administrator."""
+
+
+class InsufficientCredits(BillingError):
+    """Not enough credits for this operation."""
+
+
+class IdempotencyConflict(BillingError):
+    """This idempotency key was already used with different arguments."""
+
+
+class UnknownReservation(BillingError):
+    """No such reservation."""
+
+
+class ReservationClosed(BillingError):
+    """The reservation has already been resolved."""
+
+
+class AlreadyCommitted(ReservationClosed):
+    """The reservation was already committed."""
+
+
+class AlreadyReleased(ReservationClosed):
+    """The reservation was already released."""
+
+
+class ReservationExpired(ReservationClosed):
+    """The reservation expired before it was committed."""
+
+
+_CLOSED = {"committed": AlreadyCommitted, "released": AlreadyReleased, "expired": ReservationExpired}
+
+
+def _is_retryable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("database is locked", "database is busy", "deadlock", "could not serialize"))
+
+
+def money_transaction(func):
+    """Run `func` in one write transaction, retried whole while the database is busy.
+
+    Nested inside another money transaction it runs in a savepoint and is not retried
+    (the outermost caller owns the retry). `database is locked` never reaches a caller
+    unless the lock stays taken for MAX_TX_ATTEMPTS × the 30 s busy timeout.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if db.in_transaction():
+            with db.atomic():
+                return func(*args, **kwargs)
+        for attempt in range(MAX_TX_ATTEMPTS):
+            try:
+                with db.atomic():
+                    return func(*args, **kwargs)
+            except OperationalError as exc:
+                if not _is_retryable(exc) or attempt == MAX_TX_ATTEMPTS - 1:
+                    raise
+                logger.warning("%s: database busy, retrying (%s)", func.__name__, attempt + 1)
+            except IntegrityError:
+                # Two PostgreSQL transactions raced on a unique key (user, idempotency key):
+                # the loser retries once and then sees the winner's row.
+                if attempt >= 1:
+                    raise
+            time.sleep(min(0.5, 0.01 * (2 ** attempt)) * random.random())
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def check_amount(amount, *, allow_zero: bool = False) -> int:
+    """Return `amount` if it is an int in 1..int64 (0 allowed with allow_zero); else raise InvalidAmount."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidAmount("amount must be a whole number, got %r" % (amount,))
+    if amount < (0 if allow_zero else 1) or amount > INT64_MAX:
+        raise InvalidAmount("amount must be between 1 and 2^63-1, got %r" % (amount,))
+    return amount
+
+
+def _check_key(key) -> str:
+    if not isinstance(key, str) or not key or len(key) > 200:
+        raise BillingError("idempotency key must be a non-empty string of at most 200 characters")
+    return key
+
+
+# --- users -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BalanceView:
+    """A user's balances: credits and free operations, available and reserved, and free access."""
+
+    credits: int
+    credits_reserved: int
+    free_ops: int
+    free_ops_reserved: int
+    free_access: bool
+    free_access_until: datetime.datetime | None = None
+
+
+def _touch(user: User, username, first_name, language_code) -> None:
+    changes = {}
+    if username is not None and user.username != username:
+        changes["username"] = username
+    if first_name is not None and user.first_name != first_name:
+        changes["first_name"] = first_name
+    if language_code is not None and user.language_code != language_code:
+        changes["language_code"] = language_code
+    now = utcnow()
+    if changes or (now - user.last_seen_at).total_seconds() > 300:
+        changes["last_seen_at"] = now
+        User.update(**changes).where(User.id == user.id).execute()
+        for name, value in changes.items():
+            setattr(user, name, value)
+
+
+def get_or_create_user(telegram_id: int, *, username: str | None = None, first_name: str | None = None,
+                       language_code: str | None = None, free_operations: int | None = None) -> tuple[User, bool]:
+    """Return `(user, created)` for a Telegram account, creating it exactly once.
+
+    A new user gets `free_operations` free operations (default FREE_OPERATIONS_COUNT), granted
+    once per Telegram account (ledger key `free_ops:tg:<telegram_id>`), even when many first
+    updates race in several processes.
+    """
+    if isinstance(telegram_id, bool) or not isinstance(telegram_id, int) or telegram_id <= 0:
+        raise BillingError("telegram_id must be a positive integer")
+    user = User.get_or_none(User.telegram_id == telegram_id)
+    if user is not None:
+        _touch(user, username, first_name, language_code)
+        return user, False
+    if free_operations is None:
+        free_operations = config.get().free_operations_count
+    return _create_user(telegram_id, username, first_name, language_code, free_operations)
+
+
+@money_transaction
+def _create_user(telegram_id, username, first_name, language_code, free_operations):
+    now = utcnow()
+    created = False
+    user = User.get_or_none(User.telegram_id == telegram_id)
+    if user is None:
+        User.insert(telegram_id=telegram_id, username=username, first_name=first_name,
+                    language_code=language_code, created_at=now, last_seen_at=now).on_conflict_ignore().execute()
+        user = User.get(User.telegram_id == telegram_id)
+        created = True
+    Balance.insert_many([{"user": user.id, "asset": asset} for asset in ("credits", "free_ops")]
+                        ).on_conflict_ignore().execute()
+    if free_operations > 0:
+        _post(user.id, "free_ops", "grant", free_operations, free_operations, 0,
+              reference="welcome", idempotency_key="free_ops:tg:%d" % telegram_id)
+    if created:
+        logger.info("user created: user=%s telegram_id=%s free_ops=%s", user.id, telegram_id, free_operations)
+    return user, created
+
+
+def get_user(user_id: int) -> User:
+    """Return the user with this id; raise UnknownUser."""
+    user = User.get_or_none(User.id == user_id)
+    if user is None:
+        raise UnknownUser("no user with id %r" % (user_id,))
+    return user
+
+
+def has_free_access(user: User, now: datetime.datetime | None = None) -> bool:
+    """True if the user runs paid modes free now (free access set and not expired)."""
+    if not user.has_free_access:
+        return False
+    return user.free_access_until is None or user.free_access_until > (now or utcnow())
+
+
+@money_transaction
+def set_free_access(user_id: int, *, days: int | None = None, enabled: bool = True,
+                    now: datetime.datetime | None = None) -> User:
+    """Give (or with enabled=False take away) free access; `days` None means no expiry.
+
+    Granting to a user who already has free access extends it from its current end.
+    """
+    user = get_user(user_id)
+    now = now or utcnow()
+    active = has_free_access(user, now)
+    if not enabled or days is None or (active and user.free_access_until is None):
+        until = None                    # taken away, unlimited, or already unlimited
+    else:
+        check_amount(days)
+        start = user.free_access_until if active else now
+        until = start + datetime.timedelta(days=days)
+    User.update(has_free_access=enabled, free_access_until=until).where(User.id == user.id).execute()
+    logger.info("free access: user=%s enabled=%s until=%s", user.id, enabled, until)
+    return get_user(user_id)
+
+
+def get_balance(user_id: int, now: datetime.datetime | None = None) -> BalanceView:
+    """Return the user's balances (credits and free operations, available and reserved)."""
+    user = get_user(user_id)
+    rows = {b.asset: b for b in Balance.select().where(Balance.user == user.id)}
+    credits, free_ops = rows.get("credits"), rows.get("free_ops")
+    return BalanceView(
+        credits=credits.available if credits else 0,
+        credits_reserved=credits.reserved if credits else 0,
+        free_ops=free_ops.available if free_ops else 0,
+        free_ops_reserved=free_ops.reserved if free_ops else 0,
+        free_access=has_free_access(user, now),
+        free_access_until=user.free_access_until if has_free_access(user, now) else None,
+    )
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+def _replay(key: str, **expected) -> LedgerEntry | None:
+    """Return the ledger row already written under `key` if its fields match; raise on a mismatch."""
+    existing = LedgerEntry.get_or_none(LedgerEntry.idempotency_key == key)
+    if existing is None:
+        return None
+    actual = {name: (getattr(existing, name + "_id") if name == "user" else getattr(existing, name))
+              for name in expected}
+    if actual != expected:
+        logger.warning("idempotency conflict: key=%s expected=%s found=%s", key, expected, actual)
+        raise IdempotencyConflict("idempotency key %r was used for %s" % (key, actual))
+    return existing
+
+
+def _post(user_id, asset, kind, amount, d_available, d_reserved, *, reference, idempotency_key,
+          shortfall=0) -> LedgerEntry | None:
+    """Apply deltas to one balance and append the ledger row, inside the caller's transaction.
+
+    Returns the row (or the earlier row for a replayed key), or None when the conditional
+    update found too little available/reserved (nothing is changed then).
+    """
+    replay = _replay(idempotency_key, user=user_id, asset=asset, kind=kind, amount=amount, reference=reference)
+    if replay is not None:
+        return replay
+    query = (Balance.update(available=Balance.available + d_available, reserved=Balance.reserved + d_reserved)
+             .where((Balance.user == user_id) & (Balance.asset == asset)))
+    if d_available < 0:
+        query = query.where(Balance.available >= -d_available)
+    if d_reserved < 0:
+        query = query.where(Balance.reserved >= -d_reserved)
+    rows = list(query.returning(Balance.available, Balance.reserved).execute())
+    if not rows:
+        if not Balance.select().where((Balance.user == user_id) & (Balance.asset == asset)).exists():
+            raise UnknownUser("user %r has no %s balance" % (user_id, asset))
+        return None
+    entry = LedgerEntry.create(
+        user=user_id, asset=asset, kind=kind, amount=amount, delta_available=d_available,
+        delta_reserved=d_reserved, available_after=rows[0].available, reserved_after=rows[0].reserved,
+        reference=reference, idempotency_key=idempotency_key, shortfall=shortfall, created_at=utcnow())
+    logger.info("ledger: user=%s %s %s %+d/%+d -> %d/%d ref=%s", user_id, asset, kind, d_available,
+                d_reserved, entry.available_after, entry.reserved_after, reference)
+    return entry
+
+
+@money_transaction
+def credit(user_id: int, amount: int, *, kind: str = "topup", reference: str, idempotency_key: str) -> LedgerEntry:
+    """Add `amount` credits to the user's available balance; return the ledger row.
+
+    `kind` is topup (a YooKassa payment), grant (an admin), promo (a bonus) or adjust.
+    The same key with the same arguments returns the first row and credits nothing more.
+    Raises InvalidAmount, UnknownUser, IdempotencyConflict.
+    """
+    check_amount(amount)
+    _check_key(idempotency_key)
+    if kind not in ("topup", "grant", "promo", "adjust"):
+        raise BillingError("credit kind must be topup, grant, promo or adjust, got %r" % (kind,))
+    get_user(user_id)
+    entry = _post(user_id, "credits", kind, amount, amount, 0, reference=reference, idempotency_key=idempotency_key)
+    if entry is None:  # pragma: no cover - a credit never fails the condition
+        raise BillingError("credit failed")
+    return entry
+
+
+@money_transaction
+def take_back(user_id: int, amount: int, *, reference: str, idempotency_key: str) -> LedgerEntry:
+    """Take back up to `amount` credits after a payment refund; return the ledger row.
+
+    Takes at most what is available (available never goes below zero); the rest is recorded
+    as the row's `shortfall`, not lost. Replays on the same key. Raises InvalidAmount,
+    UnknownUser, IdempotencyConflict.
+    """
+    check_amount(amount)
+    _check_key(idempotency_key)
+    get_user(user_id)
+    replay = _replay(idempotency_key, user=user_id, asset="credits", kind="payment_refund",
+                     amount=amount, reference=reference)
+    if replay is not None:
+        return replay
+    # A no-op UPDATE takes the row lock on PostgreSQL (SQLite already holds the write lock).
+    rows = list(Balance.update(available=Balance.available)
+                .where((Balance.user == user_id) & (Balance.asset == "credits"))
+                .returning(Balance.available).execute())
+    if not rows:
+        raise UnknownUser("user %r has no credits balance" % (user_id,))
+    debited = min(amount, rows[0].available)
+    entry = _post(user_id, "credits", "payment_refund", amount, -debited, 0, reference=reference,
+                  idempotency_key=idempotency_key, shortfall=amount - debited)
+    if amount - debited:
+        logger.warning("refund shortfall: user=%s requested=%s debited=%s ref=%s", user_id, amount, debited, reference)
+    return entry
+
+
+# --- reservations ----------------------------------------------------------------------------
+
+def _replay_reservation(key, user_id, reference, amount) -> Reservation | None:
+    existing = Reservation.get_or_none(Reservation.idempotency_key == key)
+    if existing is None:
+        return None
+    if existing.user_id != user_id or existing.reference != reference or (
+            existing.asset == "credits" and existing.amount != amount):
+        raise IdempotencyConflict("reservation key %r was used for another reservation" % key)
+    return existing
+
+
+@money_transaction
+def reserve(user_id: int, amount: int, *, reference: str, idempotency_key: str, ttl: int,
+            now: datetime.datetime | None = None) -> Reservation:
+    """Hold the price of one paid operation; return the open Reservation.
+
+    Order: free access (holds nothing), then one free operation, then `amount` credits.
+    `ttl` is in seconds; after it the sweeper expires the reservation. The same key with the
+    same arguments returns the first reservation. Raises InvalidAmount, UnknownUser,
+    UserBlocked, InsufficientCredits, IdempotencyConflict.
+    """
+    check_amount(amount)
+    _check_key(idempotency_key)
+    check_amount(ttl)
+    replay = _replay_reservation(idempotency_key, user_id, reference, amount)
+    if replay is not None:
+        return replay
+    user = get_user(user_id)
+    if user.is_blocked:
+        raise UserBlocked()
+    now = now or utcnow()
+    expires = now + datetime.timedelta(seconds=ttl)
+    if has_free_access(user, now):
+        asset, units = "free_access", 0
+    elif _post(user.id, "free_ops", "reserve", 1, -1, 1, reference=reference,
+               idempotency_key="reserve:" + idempotency_key):
+        asset, units = "free_ops", 1
+    elif _post(user.id, "credits", "reserve", amount, -amount, amount, reference=reference,
+               idempotency_key="reserve:" + idempotency_key):
+        asset, units = "credits", amount
+    else:
+        raise InsufficientCredits()
+    reservation = Reservation.create(user=user.id, asset=asset, amount=units, state="reserved", reference=reference,
+                                     idempotency_key=idempotency_key, created_at=now, expires_at=expires)
+    logger.info("reserved: reservation=%s user=%s %s %s ref=%s", reservation.id, user.id, units, asset, reference)
+    return reservation
+
+
+def _resolve(reservation_id: int, state: str, kind: str, now=None) -> Reservation:
+    reservation = Reservation.get_or_none(Reservation.id == reservation_id)
+    if reservation is None:
+        raise UnknownReservation("no reservation %r" % (reservation_id,))
+    now = now or utcnow()
+    changed = (Reservation.update(state=state, resolved_at=now)
+               .where((Reservation.id == reservation_id) & (Reservation.state == "reserved")).execute())
+    if not changed:
+        current = Reservation.get(Reservation.id == reservation_id).state
+        raise _CLOSED[current]("reservation %s is already %s" % (reservation_id, current))
+    if reservation.asset != "free_access":
+        back = 0 if kind == "commit" else reservation.amount
+        entry = _post(reservation.user_id, reservation.asset, kind, reservation.amount, back, -reservation.amount,
+                      reference=reservation.reference, idempotency_key="%s:%s" % (kind, reservation.idempotency_key))
+        if entry is None:  # cached reserved disagrees with the open reservations: never silently
+            raise BillingError("reserved balance is smaller than reservation %s" % reservation_id)
+    reservation.state, reservation.resolved_at = state, now
+    logger.info("%s: reservation=%s user=%s %s %s", state, reservation.id, reservation.user_id,
+                reservation.amount, reservation.asset)
+    return reservation
+
+
+@money_transaction
+def commit(reservation_id: int, now: datetime.datetime | None = None) -> Reservation:
+    """Spend a reservation (the image was delivered). Raises UnknownReservation,
+    AlreadyCommitted, AlreadyReleased, ReservationExpired; none of them changes anything."""
+    return _resolve(reservation_id, "committed", "commit", now)
+
+
+@money_transaction
+def release(reservation_id: int, now: datetime.datetime | None = None) -> Reservation:
+    """Return a reservation to the user (the job failed or was cancelled). Raises
+    UnknownReservation, AlreadyCommitted, AlreadyReleased, ReservationExpired."""
+    return _resolve(reservation_id, "released", "release", now)
+
+
+@money_transaction
+def expire(reservation_id: int, now: datetime.datetime | None = None) -> Reservation:
+    """Return a reservation that outlived its time limit. Raises like `release`."""
+    return _resolve(reservation_id, "expired", "expire", now)
+
+
+def expire_stale(now: datetime.datetime | None = None, limit: int = 1000) -> list[int]:
+    """Expire every open reservation past its `expires_at`; return their ids (the sweeper)."""
+    now = now or utcnow()
+    ids = [r.id for r in Reservation.select(Reservation.id)
+           .where((Reservation.state == "reserved") & (Reservation.expires_at <= now))
+           .order_by(Reservation.id).limit(limit)]
+    done = []
+    for reservation_id in ids:
+        try:
+            expire(reservation_id, now=now)
+            done.append(reservation_id)
+        except ReservationClosed:
+            pass  # resolved by its job between our SELECT and our UPDATE
+    if done:
+        logger.warning("expired %d stale reservations: %s", len(done), done)
+    return done
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+@dataclass
+class AuditReport:
+    """What `audit()` found: `violations` (one line each) and summary figures."""
+
+    violations: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def _read_snapshot():
+    if is_sqlite():
+        return db.atomic(lock_type="DEFERRED")
+    return db.atomic(isolation_level="REPEATABLE READ")
+
+
+def _payment_for(reference: str):
+    if not reference.startswith("payment:"):
+        return None
+    try:
+        payment_id = uuid.UUID(reference.split(":", 1)[1])
+    except ValueError:
+        return None
+    return Payment.get_or_none(Payment.id == payment_id)
+
+
+def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
+          reservation_ttl: int | None = None, sweep_interval: int | None = None) -> AuditReport:
+    """Check the ledger invariants I1–I11 on a read snapshot; never writes.
+
+    Safe while the bot runs (SQLite readers never block the WAL writer). Settings default
+    to the process configuration.
+    """
+    cfg = config.get()
+    free_operations = cfg.free_operations_count if free_operations is None else free_operations
+    ttl = cfg.reservation_ttl if reservation_ttl is None else reservation_ttl
+    sweep = cfg.sweep_interval if sweep_interval is None else sweep_interval
+    now = now or utcnow()
+    report = AuditReport()
+    bad = report.violations.append
+    with _read_snapshot():
+        balances = {(b.user_id, b.asset): b for b in Balance.select()}
+        # I1, I2, I11: cached = sum of journal; continuous balance-after chain; positive amounts.
+        sums: dict = {}
+        for row in LedgerEntry.select().order_by(LedgerEntry.user, LedgerEntry.asset, LedgerEntry.id).iterator():
+            key = (row.user_id, row.asset)
+            avail, res = sums.get(key, (0, 0))
+            avail, res = avail + row.delta_available, res + row.delta_reserved
+            if (avail, res) != (row.available_after, row.reserved_after):
+                bad("I2 ledger %s (user %s %s): balance-after %s/%s does not follow from the previous row (%s/%s)"
+                    % (row.id, row.user_id, row.asset, row.available_after, row.reserved_after, avail, res))
+                avail, res = row.available_after, row.reserved_after
+            sums[key] = (avail, res)
+            if row.amount <= 0 or row.amount > INT64_MAX:
+                bad("I11 ledger %s has amount %s" % (row.id, row.amount))
+            if row.kind not in ("payment_refund",) and abs(row.delta_available) + abs(row.delta_reserved) == 0:
+                bad("I11 ledger %s (%s) changes nothing" % (row.id, row.kind))
+        for key, balance in balances.items():
+            expected = sums.get(key, (0, 0))
+            if (balance.available, balance.reserved) != expected:
+                bad("I1 user %s %s: cached %s/%s, ledger sums to %s/%s"
+                    % (key[0], key[1], balance.available, balance.reserved, expected[0], expected[1]))
+            if balance.available < 0 or balance.reserved < 0:
+                bad("I3 user %s %s: negative balance %s/%s" % (key[0], key[1], balance.available, balance.reserved))
+        for key in set(sums) - set(balances):
+            bad("I1 user %s %s: ledger rows without a balance row" % key)
+        # I4, I5, I10: reserved = open reservations; each resolved once; none too old.
+        open_sums: dict = {}
+        resolving = {}
+        for row in (LedgerEntry.select(LedgerEntry.kind, LedgerEntry.idempotency_key)
+                    .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).iterator()):
+            resolving[row.idempotency_key] = row.kind
+        deadline = now - datetime.timedelta(seconds=ttl + sweep)
+        counts = {"reserved": 0, "committed": 0, "released": 0, "expired": 0}
+        for r in Reservation.select().iterator():
+            counts[r.state] = counts.get(r.state, 0) + 1
+            if r.state == "reserved":
+                if r.asset != "free_access":
+                    k = (r.user_id, r.asset)
+                    open_sums[k] = open_sums.get(k, 0) + r.amount
+                if r.created_at < deadline:
+                    bad("I10 reservation %s is open since %s (older than TTL + sweep interval)" % (r.id, r.created_at))
+            if r.asset == "free_access":
+                if r.amount != 0:
+                    bad("I11 free-access reservation %s holds %s" % (r.id, r.amount))
+                continue
+            if ("reserve:" + r.idempotency_key) not in resolving:
+                bad("I5 reservation %s has no reserve row in the ledger" % r.id)
+            ends = [kind for kind in ("commit", "release", "expire")
+                    if "%s:%s" % (kind, r.idempotency_key) in resolving]
+            want = {"reserved": [], "committed": ["commit"], "released": ["release"], "expired": ["expire"]}[r.state]
+            if ends != want:
+                bad("I5 reservation %s is %s but the ledger resolves it by %s" % (r.id, r.state, ends or "nothing"))
+        for key, balance in balances.items():
+            if balance.reserved != open_sums.get(key, 0):
+                bad("I4 user %s %s: reserved %s, open reservations hold %s"
+                    % (key[0], key[1], balance.reserved, open_sums.get(key, 0)))
+        # I7: every top-up credit references exactly one succeeded, confirmed payment.
+        topups = list(LedgerEntry.select().where(LedgerEntry.kind == "topup"))
+        seen_refs: dict = {}
+        for row in topups:
+            seen_refs[row.reference] = seen_refs.get(row.reference, 0) + 1
+            payment = _payment_for(row.reference)
+            if payment is None:
+                bad("I7 top-up ledger %s references no payment (%s)" % (row.id, row.reference))
+            elif payment.status != "succeeded" or not payment.yookassa_payment_id:
+                bad("I7 top-up ledger %s: payment %s is %s" % (row.id, payment.id, payment.status))
+            elif payment.credits != row.amount or payment.user_id != row.user_id:
+                bad("I7 top-up ledger %s does not match payment %s" % (row.id, payment.id))
+        for ref, count in seen_refs.items():
+            if count > 1:
+                bad("I6 %s credited %d times" % (ref, count))
+        # I9: free operations granted per account.
+        for row in (LedgerEntry.select(LedgerEntry.user, fn.SUM(LedgerEntry.amount).alias("total"))
+                    .where((LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
+                    .group_by(LedgerEntry.user)):
+            if row.total > free_operations:
+                bad("I9 user %s was granted %s free operations (limit %s)" % (row.user_id, row.total, free_operations))
+        # I8: the append-only guards are in place.
+        if is_sqlite():
+            names = {r[0] for r in db.execute_sql("SELECT name FROM sqlite_master WHERE type='trigger'")}
+            wanted = {"ledger_no_update", "ledger_no_delete", "reservation_final"}
+        else:
+            names = {r[0] for r in db.execute_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
+            wanted = {"ledger_append_only", "reservation_final"}
+        for name in sorted(wanted - names):
+            bad("I8 trigger %s is missing: the ledger could be rewritten" % name)
+        report.summary = {
+            "users": User.select().count(),
+            "ledger_rows": LedgerEntry.select().count(),
+            "credits_available": sum(b.available for (u, a), b in balances.items() if a == "credits"),
+            "credits_reserved": sum(b.reserved for (u, a), b in balances.items() if a == "credits"),
+            "free_ops_available": sum(b.available for (u, a), b in balances.items() if a == "free_ops"),
+            "topups": len(topups),
+            "topup_credits": sum(r.amount for r in topups),
+            "reservations": counts,
+        }
+    return report

@@ -1,0 +1,277 @@
+"""The schema and the database handle. Nothing else lives here.
+
+One database (SQLite in WAL mode by default, PostgreSQL for scale-out) behind a
+`DatabaseProxy`; `init_db(url)` binds it. Money columns are integers: credits for
+balances and the ledger, kopecks for payments (1 credit = 1 ₽ = 100 kopecks).
+The schema itself is created by the numbered files in `migrations/`; the models here
+must match them (tests/test_migrations.py checks that on a blank database).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import uuid
+
+from peewee import (
+    BigIntegerField, BooleanField, CharField, Check, DatabaseProxy, DateTimeField, ForeignKeyField,
+    IntegerField, JSONField, Model, SqliteDatabase, TextField, UUIDField,
+)
+from playhouse.db_url import connect
+
+logger = logging.getLogger(__name__)
+
+db = DatabaseProxy()
+
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+
+# SQLite settings for money (../shared/notes/ledger.md §5): WAL so readers never block the writer,
+# synchronous=FULL so an acknowledged commit survives a power cut, a busy timeout so writers queue
+# instead of failing, and every transaction BEGIN IMMEDIATE (lock_type) so none upgrades a read lock.
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": "full",
+    "foreign_keys": 1,
+    "busy_timeout": 30000,
+    "cache_size": -16000,
+}
+
+
+def utcnow() -> datetime.datetime:
+    """Return the current UTC time as a naive datetime (how every timestamp is stored)."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def open_database(url: str):
+    """Return an unconnected peewee database for `url` (sqlite:///path or postgresql://...).
+
+    A relative SQLite path is relative to the working directory; its folder is created.
+    """
+    if url.startswith("sqlite"):
+        path = url[len("sqlite:///"):].split("?", 1)[0] if url.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return connect(url, pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", returning_clause=True, timeout=30)
+    return connect(url)
+
+
+def init_db(url: str):
+    """Bind the models to the database at `url` and return it (does not migrate)."""
+    database = open_database(url)
+    db.initialize(database)
+    return database
+
+
+def is_sqlite() -> bool:
+    """True when the bound database is SQLite (the only difference is the lock mode)."""
+    return isinstance(db.obj, SqliteDatabase)
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class User(BaseModel):
+    """A Telegram account, created on first contact."""
+
+    telegram_id = BigIntegerField(unique=True)
+    username = CharField(null=True)
+    first_name = CharField(null=True)
+    language_code = CharField(null=True)
+    email = CharField(null=True)                      # for 54-FZ receipts, asked once
+    created_at = DateTimeField(default=utcnow)
+    last_seen_at = DateTimeField(default=utcnow)
+    is_blocked = BooleanField(default=False)
+    has_free_access = BooleanField(default=False)
+    free_access_until = DateTimeField(null=True)      # None with has_free_access: no expiry
+
+
+ASSETS = ("credits", "free_ops")
+
+
+class Balance(BaseModel):
+    """Cached balance of one user in one asset; always equal to the sum of its ledger rows."""
+
+    user = ForeignKeyField(User, backref="balances", on_delete="RESTRICT")
+    asset = CharField()                               # credits | free_ops
+    available = BigIntegerField(default=0, constraints=[Check("available >= 0")])
+    reserved = BigIntegerField(default=0, constraints=[Check("reserved >= 0")])
+
+    class Meta:
+        indexes = ((("user", "asset"), True),)
+
+
+LEDGER_KINDS = ("topup", "reserve", "commit", "release", "expire", "grant", "promo",
+                "payment_refund", "adjust")
+
+
+class LedgerEntry(BaseModel):
+    """One append-only journal row per balance change (triggers reject UPDATE and DELETE)."""
+
+    user = ForeignKeyField(User, backref="ledger", on_delete="RESTRICT")
+    asset = CharField()
+    kind = CharField()
+    amount = BigIntegerField()                        # the operation's size, a positive integer
+    delta_available = BigIntegerField()
+    delta_reserved = BigIntegerField()
+    available_after = BigIntegerField()
+    reserved_after = BigIntegerField()
+    reference = CharField()                           # payment:<id>, generation:<id>, admin:<id> …
+    idempotency_key = CharField(unique=True)
+    shortfall = BigIntegerField(default=0)            # refunds: credits that could not be taken back
+    created_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        table_name = "ledger"
+
+
+RESERVATION_STATES = ("reserved", "committed", "released", "expired")
+
+
+class Reservation(BaseModel):
+    """A hold on credits, on one free operation, or (free access) on nothing; resolves exactly once."""
+
+    user = ForeignKeyField(User, backref="reservations", on_delete="RESTRICT")
+    asset = CharField()                               # credits | free_ops | free_access
+    amount = BigIntegerField()                        # credits, or 1 free op, or 0 for free access
+    state = CharField(default="reserved", index=True)
+    reference = CharField()
+    idempotency_key = CharField(unique=True)
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+    resolved_at = DateTimeField(null=True)
+
+
+GENERATION_STATES = ("queued", "running", "delivered", "failed", "canceled")
+
+
+class Generation(BaseModel):
+    """One job: what the user asked for, its reservation, the Fal request and the outcome."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    user = ForeignKeyField(User, backref="generations", on_delete="RESTRICT")
+    chat_id = BigIntegerField()
+    mode = CharField()
+    status = CharField(default="queued", index=True)
+    prompt = TextField(null=True)
+    options = JSONField(default=dict)                 # aspect_ratio, position, colour …
+    input_file_ids = JSONField(default=list)          # Telegram file ids, in order
+    cost = IntegerField(default=0)                    # credits (0 for a free op or free access)
+    reservation = ForeignKeyField(Reservation, null=True, on_delete="RESTRICT")
+    endpoint = CharField(null=True)
+    fal_request_id = CharField(null=True)
+    attempts = IntegerField(default=0)
+    status_message_id = BigIntegerField(null=True)
+    result_message_id = BigIntegerField(null=True)
+    seed = BigIntegerField(null=True)
+    error = TextField(null=True)
+    created_at = DateTimeField(default=utcnow, index=True)
+    started_at = DateTimeField(null=True)
+    heartbeat_at = DateTimeField(null=True)
+    finished_at = DateTimeField(null=True)
+
+
+class PromoCode(BaseModel):
+    """A discount code (percent off a top-up) or a free-access code."""
+
+    code = CharField(unique=True)                     # stored upper-case
+    kind = CharField()                                # discount | free_access
+    percent = IntegerField(default=0)                 # discount: 1..99
+    free_access_days = IntegerField(null=True)        # free_access: None = no expiry
+    max_uses = IntegerField(null=True)                # None = unlimited
+    uses = IntegerField(default=0)
+    expires_at = DateTimeField(null=True)
+    active = BooleanField(default=True)
+    created_at = DateTimeField(default=utcnow)
+
+
+PAYMENT_STATES = ("pending", "succeeded", "canceled")
+
+
+class Payment(BaseModel):
+    """Our top-up order; its id is the YooKassa idempotence key."""
+
+    id = UUIDField(primary_key=True, default=uuid.uuid4)
+    user = ForeignKeyField(User, backref="payments", on_delete="RESTRICT")
+    credits = BigIntegerField()                       # credited on success
+    amount_kopecks = BigIntegerField()                # what the user pays (after the discount)
+    currency = CharField(default="RUB")
+    promo = ForeignKeyField(PromoCode, null=True, on_delete="RESTRICT")
+    discount_percent = IntegerField(default=0)
+    status = CharField(default="pending", index=True)
+    yookassa_payment_id = CharField(null=True, unique=True)
+    confirmation_url = TextField(null=True)
+    test = BooleanField(default=False)
+    refunded_kopecks = BigIntegerField(default=0)
+    created_at = DateTimeField(default=utcnow, index=True)
+    updated_at = DateTimeField(default=utcnow)
+    succeeded_at = DateTimeField(null=True)
+    notified_at = DateTimeField(null=True)            # the user was told about the credit
+    cancel_reason = CharField(null=True)
+
+
+class PromoRedemption(BaseModel):
+    """A user's use of a code: reserved on a pending payment, consumed on success, once per user."""
+
+    promo = ForeignKeyField(PromoCode, backref="redemptions", on_delete="RESTRICT")
+    user = ForeignKeyField(User, backref="redemptions", on_delete="RESTRICT")
+    payment = ForeignKeyField(Payment, null=True, on_delete="RESTRICT")
+    state = CharField(default="reserved")             # reserved | consumed | released
+    created_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((("promo", "user"), True),)
+
+
+class Refund(BaseModel):
+    """A YooKassa refund, applied to the ledger exactly once."""
+
+    id = CharField(primary_key=True)                  # YooKassa refund id
+    payment = ForeignKeyField(Payment, backref="refunds", on_delete="RESTRICT")
+    amount_kopecks = BigIntegerField()
+    credits_requested = BigIntegerField()
+    credits_debited = BigIntegerField()
+    shortfall = BigIntegerField(default=0)
+    created_at = DateTimeField(default=utcnow)
+
+
+class ConversationState(BaseModel):
+    """The bot's per-chat conversation state (survives a bot restart)."""
+
+    key = CharField(primary_key=True)                 # built by the bot's state storage
+    state = CharField(null=True)
+    data = JSONField(default=dict)
+    updated_at = DateTimeField(default=utcnow)
+
+
+ALL_MODELS = [User, Balance, LedgerEntry, Reservation, Generation, PromoCode, Payment,
+              PromoRedemption, Refund, ConversationState]
+
+
+class NotMigrated(Exception):
+    """The database schema is not up to date: run `make migrate`."""
+
+
+def pending_migrations(database=None) -> list[str]:
+    """Return the names of migrations in `migrations/` not yet applied to `database`."""
+    from playhouse.migrations import Runner
+
+    runner = Runner(database or db.obj, directory=MIGRATIONS_DIR)
+    return [m.name for m in runner.status() if m.path is not None and not m.applied]
+
+
+def migrate(database=None) -> list[str]:
+    """Apply pending migrations to `database` (default: the bound one); return their names."""
+    from playhouse.migrations import Runner
+
+    return Runner(database or db.obj, directory=MIGRATIONS_DIR).up()
+
+
+def ensure_migrated(database=None) -> None:
+    """Raise `NotMigrated` naming the pending migrations, if any."""
+    pending = pending_migrations(database)
+    if pending:
+        raise NotMigrated("database is not migrated, pending: %s — run `make migrate`" % ", ".join(pending))
