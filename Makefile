@@ -1,0 +1,69 @@
+# Media Lab — a few obvious verbs. The run targets (bot, web, worker) are exactly what the
+# systemd units in deploy/ run. Every target bootstraps the virtualenv it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+WORKERS ?= 4
+ARGS ?=
+SECONDS ?= 60
+
+.PHONY: setup venv run bot web worker migrate seed-promo audit backup test demo bench soak lint clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+venv: $(STAMP)
+
+setup: venv                      ## venv, deps, .env, migrate, seed promo codes
+	@test -f .env || (cp .env.example .env && echo "created .env from .env.example: put your TELEGRAM_BOT_TOKEN there")
+	$(BIN)/python manage.py migrate
+	$(BIN)/python manage.py seed-promo
+
+run: venv                        ## all three processes, for development (Ctrl-C stops them)
+	@trap 'kill 0' INT TERM EXIT; \
+	$(MAKE) --no-print-directory worker & $(MAKE) --no-print-directory web & $(MAKE) --no-print-directory bot & wait
+
+bot: venv
+	$(BIN)/python bot.py
+
+web: venv
+	$(BIN)/gunicorn -c deploy/gunicorn.conf.py web:app
+
+worker: venv
+	$(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -f -g INT -t 60
+
+migrate: venv
+	$(BIN)/python manage.py migrate
+
+seed-promo: venv
+	$(BIN)/python manage.py seed-promo
+
+audit: venv
+	$(BIN)/python manage.py audit
+
+backup: venv
+	$(BIN)/python manage.py backup
+
+test: venv                       ## the suite; PostgreSQL/Redis tests run when TEST_POSTGRES_URL/TEST_REDIS_URL are set
+	$(BIN)/python -m pytest $(ARGS)
+
+demo: venv                       ## offline sandbox: real bot, web, worker against local fakes
+	$(BIN)/python demo.py
+
+bench: venv
+	$(BIN)/python -m bench
+
+soak: venv                       ## SIGKILL loop against the billing core for SECONDS
+	$(BIN)/python -m tests.billing_harness soak --seconds $(SECONDS)
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
