@@ -863,3 +863,597 @@ def _normalize(params: dict) -> dict:
                 value = _as_bool(value)
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP plumbing
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "nginx/1.18.0"
+    sys_version = ""
+    timeout = 120
+
+    def log_message(self, format, *args):
+        pass
+
+    def setup(self):
+        super().setup()
+        # headers and body are separate writes: avoid delayed-ACK stalls on keep-alive
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.fake._track(self.connection, add=True)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.server.fake._track(self.connection, add=False)
+
+    def do_GET(self):
+        self.server.fake._serve(self)
+
+    do_POST = do_GET
+
+    def read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+_API_PATH = re.compile(r"/bot([^/]+)/([A-Za-z0-9_]+)/?")
+_FILE_PATH = re.compile(r"/file/bot([^/]+)/(.+)")
+_FAULT_TEXT = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden: bot was blocked by the user",
+               404: "Not Found", 409: "Conflict", 500: "Internal Server Error",
+               502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+_NGINX_PAGE = ("<html>\r\n<head><title>{0} {1}</title></head>\r\n<body>\r\n<center><h1>{0} {1}</h1>"
+               "</center>\r\n<hr><center>nginx/1.18.0</center>\r\n</body>\r\n</html>\r\n")
+
+
+@dataclass
+class _Fault:
+    error: _ApiError
+    times: int
+    delay: float = 0.0
+    body: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the fake
+
+class FakeTelegram:
+    """Local fake Telegram Bot API for one bot. See the module docstring."""
+
+    # canonical method names; requests are matched case-insensitively
+    METHODS = (
+        "getMe", "logOut", "close", "getUpdates", "setWebhook", "deleteWebhook", "getWebhookInfo",
+        "setMyCommands", "getMyCommands", "deleteMyCommands", "setMyDescription",
+        "setMyShortDescription", "setChatMenuButton", "sendMessage", "sendPhoto", "sendDocument",
+        "sendMediaGroup", "copyMessage", "editMessageText", "editMessageCaption",
+        "editMessageReplyMarkup", "deleteMessage", "answerCallbackQuery", "sendChatAction", "getFile",
+    )
+
+    def __init__(self, token: str = DEFAULT_TOKEN, bot_username: str = "medialab_test_bot", *,
+                 strict_chats: bool = True, port: int = 0, webhook_retry_delay: float = 0.5):
+        """``strict_chats``: sending to a user the fake has never seen is ``chat not found``
+        (as on Telegram); False creates such users on the fly. ``port``: 0 picks a free port."""
+        self.token = token
+        self.bot_id = int(token.split(":", 1)[0])
+        self.bot_user = {"id": self.bot_id, "is_bot": True, "first_name": "Media Lab",
+                         "username": bot_username}
+        self.strict_chats = strict_chats
+        self.webhook_retry_delay = webhook_retry_delay
+        self.webhook_timeout = 10.0
+        self._methods = {name.lower(): name for name in self.METHODS}
+        self._port = port
+        self._cond = threading.Condition(threading.RLock())
+        self._server: _Server | None = None
+        self._threads: list[threading.Thread] = []
+        self._conns: set = set()
+        self._stopping = False
+        self._ids = itertools.count(1)
+        self._calls: list[Call] = []
+        self._updates: list[dict] = []
+        self._next_update_id = FIRST_UPDATE_ID
+        self._users: dict[int, dict] = {}
+        self._blocked: set[int] = set()
+        self._messages: dict[tuple[int, int], dict] = {}
+        self._bot_messages: dict[int, list[int]] = {}
+        self._next_message_id: dict[int, int] = {}
+        self._files: dict[str, dict] = {}
+        self._paths: dict[str, str] = {}
+        self._photo_sets: dict[str, list[dict]] = {}
+        self._callbacks: dict[str, dict] = {}
+        self._faults: dict[str, list[_Fault]] = {}
+        self._commands: dict[str, list] = {}
+        self._allowed_updates: list[str] | None = None
+        self._webhook: dict | None = None
+        self._webhook_error: tuple[int, str] | None = None
+        self._poll_generation = 0
+        self._polling = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FakeTelegram:
+        """Serve on 127.0.0.1 in daemon threads; returns self."""
+        if self._server is not None:
+            return self
+        self._stopping = False
+        self._server = _Server(("127.0.0.1", self._port), _Handler)
+        self._server.fake = self
+        self._threads = [
+            threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.01},
+                             name="FakeTelegram", daemon=True),
+            threading.Thread(target=self._webhook_loop, name="FakeTelegram-webhook", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: wake long polls, close keep-alive connections, join the threads."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        server.shutdown()
+        with self._cond:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> FakeTelegram:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Base URL for TELEGRAM_API_URL, e.g. ``http://127.0.0.1:54321`` (no trailing slash)."""
+        if self._server is None:
+            raise RuntimeError("FakeTelegram is not started")
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _track(self, conn, add: bool) -> None:
+        with self._cond:
+            (self._conns.add if add else self._conns.discard)(conn)
+
+    # ------------------------------------------------------------------ simulated users
+
+    def add_user(self, user_id: int, *, first_name: str = "Tester", username: str | None = None,
+                 language_code: str | None = "ru") -> dict:
+        """Register a user (as if they had opened the bot) without sending an update."""
+        with self._cond:
+            return copy.deepcopy(self._user(user_id, first_name, username, language_code))
+
+    def send_text(self, user_id: int, text: str, *, first_name: str = "Tester",
+                  username: str | None = None, language_code: str | None = "ru",
+                  reply_to_message_id: int | None = None) -> dict:
+        """The user sends ``text``; returns the pushed update. A leading ``/command`` gets a
+        ``bot_command`` entity, as Telegram adds."""
+        if not text or not text.strip():
+            raise ValueError("Telegram clients cannot send an empty message")
+        if len(text) > MAX_TEXT_LENGTH:
+            raise ValueError("Telegram clients split texts over 4096 characters")
+        with self._cond:
+            user = self._user(user_id, first_name, username, language_code)
+            content: dict = {"text": text}
+            entities = _bot_command_entities(text)
+            if entities:
+                content["entities"] = entities
+            return self._user_message(user, content, reply_to_message_id)
+
+    send_command = send_text
+
+    def send_photo(self, user_id: int, image_bytes: bytes, *, caption: str | None = None,
+                   media_group_id: str | None = None, first_name: str = "Tester",
+                   username: str | None = None, language_code: str | None = "ru",
+                   file_size: int | None = None, recompress: bool = False) -> dict:
+        """The user sends a photo; returns the update. ``message.photo`` holds 2-3 sizes, and the
+        last one is the largest: ``image_bytes`` as is, or re-encoded to JPEG (max 2560 px) with
+        ``recompress=True``. ``file_size`` overrides the reported size of the largest one."""
+        data = _recompress(image_bytes) if recompress else bytes(image_bytes)
+        info = _image_info(data)
+        if info is None:
+            raise ValueError("send_photo needs image bytes Pillow can read")
+        with self._cond:
+            user = self._user(user_id, first_name, username, language_code)
+            sizes = self._store_photo(data, info, file_size=file_size)
+            content: dict = {"photo": sizes}
+            if media_group_id is not None:
+                content["media_group_id"] = str(media_group_id)
+            if caption:
+                content["caption"] = caption
+            return self._user_message(user, content)
+
+    def send_album(self, user_id: int, images: list[bytes], *, caption: str | None = None,
+                   **kwargs) -> list[dict]:
+        """The user sends several photos as one album (caption on the first); returns the updates."""
+        group = str(10**17 + next(self._ids))
+        return [self.send_photo(user_id, data, caption=caption if n == 0 else None,
+                                media_group_id=group, **kwargs)
+                for n, data in enumerate(images)]
+
+    def send_document(self, user_id: int, data: bytes, *, file_name: str, mime_type: str,
+                      caption: str | None = None, media_group_id: str | None = None,
+                      first_name: str = "Tester", username: str | None = None,
+                      language_code: str | None = "ru", file_size: int | None = None) -> dict:
+        """The user sends a file as a document; returns the update."""
+        with self._cond:
+            user = self._user(user_id, first_name, username, language_code)
+            record = self._store_file(bytes(data), "documents", file_size=file_size,
+                                      file_name=file_name, mime_type=mime_type)
+            content: dict = {"document": self._document_json(record)}
+            if media_group_id is not None:
+                content["media_group_id"] = str(media_group_id)
+            if caption:
+                content["caption"] = caption
+            return self._user_message(user, content)
+
+    def press(self, user_id: int, message_id: int, data: str, *, force: bool = False,
+              first_name: str = "Tester", username: str | None = None,
+              language_code: str | None = "ru") -> dict:
+        """The user presses the inline button with callback ``data`` on a bot message; returns the
+        callback_query update. Without ``force`` the message must currently show that button."""
+        with self._cond:
+            message = self._messages.get((user_id, message_id))
+            if message is None or message.get("from", {}).get("id") != self.bot_id:
+                raise AssertionError(f"no bot message {message_id} in chat {user_id}")
+            if not force and data not in self.button_data(message):
+                raise AssertionError(f"message {message_id} in chat {user_id} has no button with "
+                                     f"callback_data {data!r}; it has {self.button_data(message)}")
+            user = self._user(user_id, first_name, username, language_code)
+            query_id = str(4_000_000_000_000_000_000 + next(self._ids))
+            self._callbacks[query_id] = {"answered": False, "answer": None}
+            return self._push_update("callback_query", {
+                "id": query_id, "from": copy.deepcopy(user), "message": copy.deepcopy(message),
+                "chat_instance": str(-(7 * 10**18 + user_id)), "data": data,
+            })
+
+    def block(self, user_id: int) -> None:
+        """The user blocks the bot: sends fail with 403 and a ``my_chat_member`` update is pushed."""
+        with self._cond:
+            if user_id not in self._users:
+                raise AssertionError(f"unknown user {user_id}")
+            if user_id not in self._blocked:
+                self._blocked.add(user_id)
+                self._member_update(user_id, "member", "kicked")
+
+    def unblock(self, user_id: int) -> None:
+        """The user restarts the bot (also happens when a blocked user sends anything)."""
+        with self._cond:
+            if user_id in self._blocked:
+                self._blocked.discard(user_id)
+                self._member_update(user_id, "kicked", "member")
+
+    def add_file(self, data: bytes, file_size: int | None = None) -> tuple[str, str]:
+        """Store bytes under a new file_id; returns (file_id, file_unique_id). ``file_size``
+        overrides the size getFile reports (e.g. 30 MB without allocating it)."""
+        with self._cond:
+            record = self._store_file(bytes(data), "documents", file_size=file_size)
+            return record["file_id"], record["file_unique_id"]
+
+    def file_bytes(self, file_id: str) -> bytes:
+        """The bytes stored under ``file_id`` (uploads by the bot or the users, ``add_file``)."""
+        with self._cond:
+            try:
+                return self._files[file_id]["data"]
+            except KeyError:
+                raise KeyError(f"unknown file_id {file_id!r}") from None
+
+    # ------------------------------------------------------------------ fault injection
+
+    def fail_next(self, method: str, error_code: int = 429, description: str | None = None, *,
+                  retry_after: int | None = None, times: int = 1, delay: float = 0.0,
+                  body: str | None = None, parameters: dict | None = None) -> None:
+        """Make the next ``times`` calls of ``method`` fail without side effects.
+
+        A 429 gets ``parameters.retry_after`` (default 1) and the description
+        ``Too Many Requests: retry after N``. ``delay`` holds the answer back that many seconds
+        (client timeouts). ``body`` answers that raw text instead of JSON, e.g. ``"nginx"`` for an
+        nginx 502 page. pyTelegramBotAPI raises ApiHTTPException for it.
+        """
+        if error_code == 429 and retry_after is None:
+            retry_after = 1
+        if description is None:
+            description = (f"Too Many Requests: retry after {retry_after}" if error_code == 429
+                           else _FAULT_TEXT.get(error_code, "Bad Request"))
+        params = dict(parameters or {})
+        if retry_after is not None:
+            params["retry_after"] = retry_after
+        if body == "nginx":
+            body = _NGINX_PAGE.format(error_code, _FAULT_TEXT.get(error_code, "Error"))
+        fault = _Fault(_ApiError(error_code, description, params or None), times, delay, body)
+        with self._cond:
+            self._faults.setdefault(method.lower(), []).append(fault)
+
+    # ------------------------------------------------------------------ observation
+
+    def calls(self, method: str | None = None, chat_id: int | None = None) -> list[Call]:
+        """Recorded bot calls, oldest first, optionally filtered by method and chat."""
+        with self._cond:
+            return [c for c in self._calls
+                    if (method is None or c.method.lower() == method.lower())
+                    and (chat_id is None or c.chat_id == chat_id)]
+
+    def mark(self) -> int:
+        """The number of calls so far; pass it as ``since=`` to wait only for later calls."""
+        with self._cond:
+            return len(self._calls)
+
+    def messages(self, chat_id: int) -> list[dict]:
+        """The bot's messages in ``chat_id`` in order, as they are now (edits applied, deleted
+        ones gone)."""
+        with self._cond:
+            return [copy.deepcopy(self._messages[(chat_id, mid)])
+                    for mid in self._bot_messages.get(chat_id, []) if (chat_id, mid) in self._messages]
+
+    def last_message(self, chat_id: int) -> dict | None:
+        """The bot's latest message in ``chat_id`` (current state) or None."""
+        found = self.messages(chat_id)
+        return found[-1] if found else None
+
+    def message(self, chat_id: int, message_id: int) -> dict | None:
+        """Any message (bot or user) in ``chat_id`` as it is now, or None."""
+        with self._cond:
+            found = self._messages.get((chat_id, message_id))
+            return copy.deepcopy(found) if found else None
+
+    def answers(self, callback_query_id: str | None = None) -> list[dict]:
+        """Answers given to callback queries (``{"callback_query_id", "text", ...}``)."""
+        with self._cond:
+            return [dict(c.params) for c in self._calls
+                    if c.ok and c.method == "answerCallbackQuery"
+                    and (callback_query_id is None or str(c.params.get("callback_query_id")) == callback_query_id)]
+
+    def pending_updates(self) -> int:
+        """How many pushed updates the bot has not confirmed yet."""
+        with self._cond:
+            return len(self._updates)
+
+    def wait_for(self, predicate: Callable[[Call], bool] | str, timeout: float = 10.0, *,
+                 since: int = 0) -> Call:
+        """Wait for a recorded call (index >= ``since``) for which ``predicate(call)`` is true and
+        return it. A string predicate matches the method name. On timeout, AssertionError lists
+        the recent calls."""
+        if isinstance(predicate, str):
+            name = predicate.lower()
+            predicate = lambda call: call.method.lower() == name  # noqa: E731
+        deadline = time.monotonic() + timeout
+        seen = since
+        with self._cond:
+            while True:
+                while seen < len(self._calls):
+                    call = self._calls[seen]
+                    seen += 1
+                    if predicate(call):
+                        return call
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no matching Telegram call within {timeout}s; "
+                                         f"recent calls:\n{self._dump()}")
+                self._cond.wait(remaining)
+
+    def wait_for_message(self, chat_id: int, contains: str | None = None, timeout: float = 10.0, *,
+                         since: int = 0) -> dict:
+        """Wait for a successful send/edit in ``chat_id`` whose text or caption contains
+        ``contains`` (any when None); return that message as Telegram answered it."""
+        found: list[dict] = []
+
+        def matches(call: Call) -> bool:
+            if not call.ok or call.method not in MESSAGE_METHODS or call.chat_id != chat_id:
+                return False
+            results = call.result if isinstance(call.result, list) else [call.result]
+            for result in results:
+                if isinstance(result, dict) and "chat" not in result:       # copyMessage
+                    result = self._messages.get((chat_id, result.get("message_id")), result)
+                if not isinstance(result, dict):
+                    continue
+                body = result.get("text", result.get("caption", ""))
+                if contains is None or contains in (body or ""):
+                    found.append(copy.deepcopy(result))
+                    return True
+            return False
+
+        try:
+            self.wait_for(matches, timeout, since=since)
+        except AssertionError as exc:
+            what = f"containing {contains!r}" if contains is not None else "at all"
+            raise AssertionError(f"the bot sent no message {what} to chat {chat_id} within "
+                                 f"{timeout}s; {exc}") from None
+        return found[0]
+
+    def wait_until_polling(self, timeout: float = 10.0) -> None:
+        """Wait until a getUpdates long poll is waiting for updates."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._polling == 0:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no getUpdates long poll within {timeout}s; "
+                                         f"recent calls:\n{self._dump()}")
+                self._cond.wait(remaining)
+
+    def commands(self, scope: dict | None = None, language_code: str = "") -> list[dict]:
+        """The command list set with setMyCommands for that scope and language."""
+        with self._cond:
+            return copy.deepcopy(self._commands.get(self._commands_key(scope, language_code), []))
+
+    @staticmethod
+    def buttons(message: dict) -> list[dict]:
+        """All inline keyboard buttons of ``message``, row by row."""
+        keyboard = (message or {}).get("reply_markup") or {}
+        return [dict(b) for row in keyboard.get("inline_keyboard", []) for b in row]
+
+    @classmethod
+    def button_data(cls, message: dict) -> list[str]:
+        """The ``callback_data`` of every inline button of ``message``."""
+        return [b["callback_data"] for b in cls.buttons(message) if "callback_data" in b]
+
+    @classmethod
+    def button_urls(cls, message: dict) -> list[str]:
+        """The ``url`` of every inline URL button of ``message``."""
+        return [b["url"] for b in cls.buttons(message) if "url" in b]
+
+    @classmethod
+    def find_button(cls, message: dict, text_substring: str) -> dict:
+        """The first inline button whose text contains ``text_substring`` (AssertionError if none)."""
+        for button in cls.buttons(message):
+            if text_substring in button.get("text", ""):
+                return button
+        raise AssertionError(f"no button containing {text_substring!r}; buttons: "
+                             f"{[b.get('text') for b in cls.buttons(message)]}")
+
+    def _dump(self, limit: int = 25) -> str:
+        calls = [c for c in self._calls if c.method != "getUpdates"][-limit:]
+        return "\n".join("  " + c.summary() for c in calls) or "  (none besides getUpdates)"
+
+    # ------------------------------------------------------------------ internal state (lock held)
+
+    def _user(self, user_id, first_name, username, language_code) -> dict:
+        user = {"id": int(user_id), "is_bot": False, "first_name": first_name}
+        if username:
+            user["username"] = username
+        if language_code:
+            user["language_code"] = language_code
+        self._users[int(user_id)] = user
+        return user
+
+    def _chat(self, chat_id: int) -> dict:
+        user = self._users.get(chat_id, {})
+        chat = {"id": chat_id, "type": "private", "first_name": user.get("first_name", "")}
+        if user.get("username"):
+            chat["username"] = user["username"]
+        return chat
+
+    def _alloc_message_id(self, chat_id: int) -> int:
+        message_id = self._next_message_id.get(chat_id, 1)
+        self._next_message_id[chat_id] = message_id + 1
+        return message_id
+
+    def _user_message(self, user: dict, content: dict, reply_to_message_id: int | None = None) -> dict:
+        chat_id = user["id"]
+        if chat_id in self._blocked:      # writing to a blocked bot means restarting it
+            self._blocked.discard(chat_id)
+            self._member_update(chat_id, "kicked", "member")
+        message = {"message_id": self._alloc_message_id(chat_id), "from": copy.deepcopy(user),
+                   "chat": self._chat(chat_id), "date": int(time.time())}
+        if reply_to_message_id is not None:
+            replied = self._messages.get((chat_id, reply_to_message_id))
+            if replied is None:
+                raise AssertionError(f"no message {reply_to_message_id} in chat {chat_id} to reply to")
+            message["reply_to_message"] = self._reply_copy(replied)
+        message.update(copy.deepcopy(content))
+        self._messages[(chat_id, message["message_id"])] = message
+        return self._push_update("message", message)
+
+    def _member_update(self, user_id: int, old: str, new: str) -> None:
+        user = self._users[user_id]
+        self._push_update("my_chat_member", {
+            "chat": self._chat(user_id), "from": copy.deepcopy(user), "date": int(time.time()),
+            "old_chat_member": {"user": dict(self.bot_user), "status": old},
+            "new_chat_member": dict({"user": dict(self.bot_user), "status": new},
+                                    **({"until_date": 0} if new == "kicked" else {})),
+        })
+
+    def _push_update(self, kind: str, payload: dict) -> dict:
+        update = {"update_id": self._next_update_id, kind: copy.deepcopy(payload)}
+        self._next_update_id += 1
+        allowed = self._allowed_updates
+        if (kind in allowed) if allowed else (kind not in _NOT_DEFAULT_UPDATES):
+            self._updates.append(update)
+        self._cond.notify_all()
+        return copy.deepcopy(update)
+
+    @staticmethod
+    def _reply_copy(message: dict) -> dict:
+        replied = copy.deepcopy(message)
+        replied.pop("reply_to_message", None)
+        return replied
+
+    def _new_file_id(self, kind: str) -> tuple[str, str]:
+        n = next(self._ids)
+        prefix = "AgACAgIAAxkBAAI" if kind == "photos" else "BQACAgIAAxkBAAI"
+        return f"{prefix}{n:06d}{self.bot_id % 10_000:04d}FAKE", f"AQAD{n:06d}"
+
+    def _store_file(self, data: bytes, kind: str, *, file_size: int | None = None,
+                    file_name: str | None = None, mime_type: str | None = None) -> dict:
+        file_id, unique_id = self._new_file_id(kind)
+        record = {"file_id": file_id, "file_unique_id": unique_id, "data": data,
+                  "file_size": len(data) if file_size is None else int(file_size), "kind": kind,
+                  "file_name": file_name, "mime_type": mime_type, "file_path": None}
+        self._files[file_id] = record
+        return record
+
+    @staticmethod
+    def _document_json(record: dict) -> dict:
+        document = {"file_id": record["file_id"], "file_unique_id": record["file_unique_id"],
+                    "file_size": record["file_size"]}
+        if record["file_name"]:
+            document["file_name"] = record["file_name"]
+        if record["mime_type"]:
+            document["mime_type"] = record["mime_type"]
+        return document
+
+    def _store_photo(self, data: bytes, info, *, file_size: int | None = None) -> list[dict]:
+        width, height = info[0], info[1]
+        longest = max(width, height)
+        boxes = [box for box in (90, 320) if box < longest] or [max(1, longest // 2)]
+        sizes = []
+        for box in boxes:
+            thumb = _thumbnail(data, box)
+            if thumb is None:      # undecodable but sized: refer to the same bytes
+                scale = box / longest
+                thumb = (data, max(1, round(width * scale)), max(1, round(height * scale)))
+            sizes.append(thumb)
+        sizes.append((data, width, height))
+        photo = []
+        for n, (blob, w, h) in enumerate(sizes):
+            last = n == len(sizes) - 1
+            record = self._store_file(blob, "photos", file_size=file_size if last else None)
+            photo.append({"file_id": record["file_id"], "file_unique_id": record["file_unique_id"],
+                          "file_size": record["file_size"], "width": w, "height": h})
+        for size in photo:
+            self._photo_sets[size["file_id"]] = photo
+        return copy.deepcopy(photo)
+
+    def _dispatch_allowed(self, update: dict) -> bool:
+        kind = next(k for k in update if k != "update_id")
+        allowed = self._allowed_updates
+        return (kind in allowed) if allowed else (kind not in _NOT_DEFAULT_UPDATES)
+
+    def _set_allowed_updates(self, value) -> None:
+        if isinstance(value, list):
+            self._allowed_updates = [str(v) for v in value] or None
