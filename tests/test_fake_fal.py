@@ -24,12 +24,41 @@ TG_URL = "https://api.telegram.org/file/bot123456:AAH-secret-token/photos/file_7
 # Building an httpx client costs ~25 ms (SSL context) and a SyncClient two of them, so the
 # module shares one of each, like the app shares one SyncClient per process. Tests still ask
 # for `fake_fal`, which points QUEUE_URL_FORMAT at a fresh fake for every test.
+# SyncClient has no close(); its httpx client is the cached `_client` (see notes B2), closed here
+# so no socket is left for the garbage collector (ResourceWarning).
 HTTP = httpx.Client()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_http():
+    yield
+    HTTP.close()
+
+
+def close_client(sync_client):
+    if "_client" in sync_client.__dict__:
+        sync_client._client.close()
 
 
 @pytest.fixture(scope="module")
 def client():
-    return fal_client.SyncClient(key=KEY)
+    sync_client = fal_client.SyncClient(key=KEY)
+    yield sync_client
+    close_client(sync_client)
+
+
+@pytest.fixture
+def new_client():
+    """Factory for extra SyncClients (another key, or a fresh process resuming by id)."""
+    made = []
+
+    def make(key=KEY):
+        made.append(fal_client.SyncClient(key=key))
+        return made[-1]
+
+    yield make
+    for sync_client in made:
+        close_client(sync_client)
 
 
 def png_bytes(size=(300, 200), color=(200, 30, 30)):
@@ -141,9 +170,9 @@ def test_telegram_file_url_is_rejected_with_422(fake_fal, client):
     assert fake_fal.submissions == []  # no job, nothing billed
 
 
-def test_wrong_key_is_401(fake_fal):
+def test_wrong_key_is_401(fake_fal, new_client):
     with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(fal_client.SyncClient(key="wrong"), "fal-ai/nano-banana", {"prompt": "x"})
+        sub(new_client("wrong"), "fal-ai/nano-banana", {"prompt": "x"})
     assert info.value.status_code == 401
     assert fake_fal.submissions == []
 
@@ -251,22 +280,22 @@ def test_queue_positions_decrease_per_poll(fake_fal, client):
 
 # ---------------------------------------------------------------- resume and retries
 
-def test_resume_by_request_id_with_fresh_client(fake_fal, client):
+def test_resume_by_request_id_with_fresh_client(fake_fal, client, new_client):
     ids = []
     first = sub(client, "fal-ai/nano-banana/edit",
                 {"prompt": "x", "image_urls": [fal_client.encode(png_bytes(), "image/png")]},
                 on_enqueue=ids.append)
-    fresh = fal_client.SyncClient(key=KEY)  # e.g. a huey retry after a worker crash
+    fresh = new_client()  # e.g. a huey retry in another worker after a crash
     status = fresh.status("fal-ai/nano-banana/edit", ids[0])
     assert isinstance(status, Completed) and status.error is None
     assert fresh.result("fal-ai/nano-banana/edit", ids[0]) == first
     assert len(fake_fal.submissions) == 1  # no second generation
 
 
-def test_resume_while_still_running(fake_fal, client):
+def test_resume_while_still_running(fake_fal, client, new_client):
     fake_fal.script("latency", seconds=0.3)
     handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
-    fresh = fal_client.SyncClient(key=KEY)
+    fresh = new_client()
     assert isinstance(fresh.status("fal-ai/nano-banana", handle.request_id), (Queued, InProgress))
     result = fresh.result("fal-ai/nano-banana", handle.request_id)
     assert result["images"]

@@ -8,8 +8,8 @@ Point fal-client at it by monkeypatching the queue base URL (this is what the ap
     client = fal_client.SyncClient(key="test-fal-key")
     client.subscribe("fal-ai/nano-banana", {"prompt": "cat"}, interval=0.02)
 
-or use the ``fake_fal`` pytest fixture defined at the bottom of this module
-(``from tests.fakes.fal import fake_fal``).
+or use the ``fake_fal`` pytest fixture defined at the bottom of this module (tests/conftest.py
+registers this module as a pytest plugin, so the fixture is available to every test).
 
 The server is stdlib-only (``http.server.ThreadingHTTPServer`` on 127.0.0.1, port 0, HTTP/1.1
 keep-alive); Pillow is used to decode input images and to render result images.
@@ -35,7 +35,8 @@ What is faithful (checked against ``fal_client/client.py`` 1.0.3 and the fal doc
 
   - model errors (validation, content policy, missing fields, undecodable input images):
     422 ``{"detail": [{"loc", "msg", "type", ...}]}`` + ``X-Fal-Retryable: false``
-    -> ``exc.status_code == 422``, ``exc.message`` is the *list*, ``exc.error_type is None``;
+    -> ``exc.status_code == 422``, ``exc.message`` is the *list* (the category is in its
+    ``type``), ``exc.error_type is None`` here (no ``X-Fal-Error-Type`` on model errors);
   - infra errors: e.g. 500 ``{"detail": "Internal error", "error_type": "runner_server_error"}``
     + ``X-Fal-Error-Type`` -> ``exc.error_type == "runner_server_error"``.
 
@@ -58,8 +59,9 @@ What is faithful (checked against ``fal_client/client.py`` 1.0.3 and the fal doc
 
 What is simplified / invented
 -----------------------------
-* Input validation and all run failures are reported when the run completes (as real fal does:
-  the submit is accepted, the result URL answers the error). Exception: the *test guard* below.
+* Input validation and all run failures are reported when the run completes (the submit is
+  accepted, and would be billed, then the result URL answers the error, as with fal's queue).
+  Exception: the *test guard* below.
 * Test guard: an http(s) URL containing ``/file/bot`` anywhere in the arguments (a Telegram file
   URL carries the bot token) is rejected at submit time with 422
   (``type: "telegram_file_url_leak"``), no job is created, and it is recorded in
@@ -73,6 +75,10 @@ What is simplified / invented
   and its result is 499 ``{"detail": "Request cancelled by client", "error_type":
   "client_cancelled"}`` (shape from the fal request-error table; exact real behaviour unverified).
   A result fetched before completion answers 400 ``{"detail": "Request is still in progress"}``.
+  This also ends fal-client's orphan thread: after ``subscribe(client_timeout=...)`` raises
+  ``FalClientTimeoutError`` (it cancels first), its executor thread keeps polling until it sees
+  COMPLETED. Note fal-client 1.0.3 refuses ``client_timeout <= 1`` (it becomes the
+  ``X-Fal-Request-Timeout`` start timeout, which must be > 1 s).
 * ``error``/``error_type`` in a failed COMPLETED status: infra errors carry their ``detail`` and
   ``error_type``; model errors carry the first ``msg`` and ``type`` (approximation).
 * Result images are always PNG (``output_format`` ignored), served from
@@ -90,26 +96,26 @@ Each submit takes the first queued script entry whose ``endpoint`` is unset or e
 submitted app path (e.g. ``"fal-ai/nano-banana/edit"``); with none it uses the default for that
 endpoint, then the global default (``set_default``), initially ``"ok"``. Kinds and options:
 
-=============== ===========================================================================
-``ok``          success. Every kind takes ``seconds`` (total run time, split evenly between
-                IN_QUEUE and IN_PROGRESS), or ``queue_seconds``/``run_seconds``; without them
-                ``fake.latency`` (default 0) is used.
-``latency``     ``ok`` with ``seconds`` (default 1.0).
-``queue``       ``position=N`` (default 3): the submit reports N, each status poll one less
-                (N-1 ... 0), then the run continues by time.
-``validation``  422 list detail; options ``detail`` (full list) or ``loc``/``msg``/``type``.
-``policy``      422 ``content_policy_violation`` (``msg`` mentions the content policy).
-``error500``    500 ``runner_server_error``; ``status``/``error_type``/``detail`` to imitate
-                other infra errors (e.g. ``status=504, error_type="request_timeout"``).
-``hang``        stays IN_PROGRESS until cancelled (a client timeout must fire).
-``submit_lost`` the job is created and recorded, the submit connection is closed without an
-                answer (once per entry); fal-client re-POSTs, which takes the next behaviour.
-``submit_error``the submit answers ``status`` (default 503) ``times`` times (default 1) before
-                the entry is used up; no job is created. ``ingress`` (default: True for
-                502/503/504) chooses the nginx HTML body; otherwise ``{"detail": ...}``.
-``big_result``  success with ``width``/``height`` (default 6000x6000) or ``bytes`` (a noise
-                PNG of at least that many bytes).
-=============== ===========================================================================
+================ ===========================================================================
+``ok``           success. Every kind takes ``seconds`` (total run time, split evenly between
+                 IN_QUEUE and IN_PROGRESS), or ``queue_seconds``/``run_seconds``; without them
+                 ``fake.latency`` (default 0) is used.
+``latency``      ``ok`` with ``seconds`` (default 1.0).
+``queue``        ``position=N`` (default 3): the submit reports N, each status poll one less
+                 (N-1 ... 0), then the run continues by time.
+``validation``   422 list detail; options ``detail`` (full list) or ``loc``/``msg``/``type``.
+``policy``       422 ``content_policy_violation`` (``msg`` mentions the content policy).
+``error500``     500 ``runner_server_error``; ``status``/``error_type``/``detail`` to imitate
+                 other infra errors (e.g. ``status=504, error_type="request_timeout"``).
+``hang``         stays IN_PROGRESS until cancelled (a client timeout must fire).
+``submit_lost``  the job is created and recorded, the submit connection is closed without an
+                 answer (once per entry); fal-client re-POSTs, which takes the next behaviour.
+``submit_error`` the submit answers ``status`` (default 503) ``times`` times (default 1) before
+                 the entry is used up; no job is created. ``ingress`` (default: True for
+                 502/503/504) chooses the nginx HTML body; otherwise ``{"detail": ...}``.
+``big_result``   success with ``width``/``height`` (default 6000x6000) or ``bytes`` (a noise
+                 PNG of at least that many bytes).
+================ ===========================================================================
 
 HTTP control endpoints (for a demo script in another process; no auth, not in ``requests_log``)
 ----------------------------------------------------------------------------------------------

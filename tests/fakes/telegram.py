@@ -90,9 +90,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
 DEFAULT_TOKEN = "123456:TEST-TOKEN"
@@ -1033,7 +1034,7 @@ class FakeTelegram:
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def __enter__(self) -> FakeTelegram:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -1250,7 +1251,7 @@ class FakeTelegram:
         the recent calls."""
         if isinstance(predicate, str):
             name = predicate.lower()
-            predicate = lambda call: call.method.lower() == name  # noqa: E731
+            predicate = lambda call: call.method.lower() == name
         deadline = time.monotonic() + timeout
         seen = since
         with self._cond:
@@ -1449,11 +1450,737 @@ class FakeTelegram:
             self._photo_sets[size["file_id"]] = photo
         return copy.deepcopy(photo)
 
-    def _dispatch_allowed(self, update: dict) -> bool:
-        kind = next(k for k in update if k != "update_id")
-        allowed = self._allowed_updates
-        return (kind in allowed) if allowed else (kind not in _NOT_DEFAULT_UPDATES)
-
     def _set_allowed_updates(self, value) -> None:
         if isinstance(value, list):
             self._allowed_updates = [str(v) for v in value] or None
+
+    @staticmethod
+    def _commands_key(scope, language_code) -> str:
+        return json.dumps(scope or {"type": "default"}, sort_keys=True) + "|" + (language_code or "")
+
+    # ------------------------------------------------------------------ HTTP entry points
+
+    def _serve(self, handler: _Handler) -> None:
+        try:
+            body = handler.read_body()
+        except (ValueError, OSError):
+            handler.close_connection = True
+            handler.reply(400, _json({"ok": False, "error_code": 400, "description": "Bad Request"}))
+            return
+        parts = urlsplit(handler.path)
+        match = _API_PATH.fullmatch(parts.path)
+        if match:
+            params = dict(parse_qsl(parts.query, keep_blank_values=True))
+            try:
+                body_params, uploads = _parse_body(handler.headers.get("Content-Type", ""), body)
+            except (ValueError, UnicodeDecodeError) as exc:     # approx. wording
+                error = _bad(f"can't parse request body: {exc}")
+                handler.reply(400, _json({"ok": False, **error.as_dict()}))
+                return
+            params.update(body_params)
+            status, payload, raw = self._api(match.group(1), match.group(2), params, uploads)
+            if raw is not None:
+                handler.reply(status, raw.encode("utf-8"), "text/html")
+            else:
+                handler.reply(status, _json(payload))
+            return
+        match = _FILE_PATH.fullmatch(parts.path)
+        if match:
+            self._download(handler, match.group(1), match.group(2))
+            return
+        handler.reply(404, _json({"ok": False, "error_code": 404, "description": "Not Found"}))
+
+    def _download(self, handler: _Handler, token: str, path: str) -> None:
+        if token != self.token:
+            handler.reply(401, _json({"ok": False, "error_code": 401, "description": "Unauthorized"}))
+            return
+        with self._cond:
+            file_id = self._paths.get(path)
+            record = self._files.get(file_id) if file_id else None
+            if record is not None:
+                self._calls.append(Call("download", {"file_path": path, "file_id": file_id}, {},
+                                        time.time(), result=len(record["data"])))
+                self._cond.notify_all()
+        if record is None:
+            handler.reply(404, _json({"ok": False, "error_code": 404, "description": "Not Found"}))
+        else:
+            handler.reply(200, record["data"], "application/octet-stream")
+
+    def _api(self, token: str, raw_method: str, raw_params: dict, uploads: dict):
+        """Run one Bot API request; returns (http_status, json_payload, raw_body_or_None)."""
+        if token != self.token:
+            return 401, {"ok": False, "error_code": 401, "description": "Unauthorized"}, None
+        method = self._methods.get(raw_method.lower(), raw_method)
+        call = Call(method, _normalize(raw_params), {k: u.data for k, u in uploads.items()}, time.time())
+        with self._cond:
+            queue = self._faults.get(method.lower())
+            fault = queue[0] if queue else None
+            if fault is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    queue.pop(0)
+        if fault is not None:
+            if fault.delay:
+                self._pause(fault.delay)
+            return self._finish(call, error=fault.error, raw=fault.body)
+        try:
+            if raw_method.lower() not in self._methods:
+                raise _ApiError(404, "Not Found: method not found")
+            fetched = self._fetch_urls(method, call.params)
+            with self._cond:
+                result = getattr(self, "_m_" + method)(call.params, uploads, fetched)
+                return self._finish(call, result=result)
+        except _ApiError as exc:
+            return self._finish(call, error=exc)
+
+    def _finish(self, call: Call, result=None, error: _ApiError | None = None, raw: str | None = None):
+        description = None
+        if isinstance(result, _Described):
+            result, description = result.result, result.description
+        with self._cond:
+            if error is None:
+                call.result = copy.deepcopy(result)
+            else:
+                call.error = error.as_dict()
+            self._calls.append(call)
+            self._cond.notify_all()
+        if error is not None:
+            return error.code, {"ok": False, **error.as_dict()}, raw
+        payload = {"ok": True, "result": result}
+        if description:
+            payload["description"] = description
+        return 200, payload, None
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        with self._cond:
+            while not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+    def _fetch_urls(self, method: str, params: dict) -> dict:
+        """Download http(s) inputs (outside the lock) like Telegram does."""
+        wanted = []
+        if method == "sendPhoto":
+            wanted.append((params.get("photo"), MAX_PHOTO_BY_URL))
+        elif method == "sendDocument":
+            wanted.append((params.get("document"), MAX_FILE_BY_URL))
+        elif method == "sendMediaGroup" and isinstance(params.get("media"), list):
+            for item in params["media"]:
+                if isinstance(item, dict):
+                    limit = MAX_PHOTO_BY_URL if item.get("type") == "photo" else MAX_FILE_BY_URL
+                    wanted.append((item.get("media"), limit))
+        fetched = {}
+        for url, limit in wanted:
+            if isinstance(url, str) and url.lower().startswith(("http://", "https://")):
+                fetched[url] = _fetch(url, limit)
+        return fetched
+
+    # ------------------------------------------------------------------ webhook delivery
+
+    def _webhook_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not (self._webhook and self._updates):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                hook = dict(self._webhook)
+                update = copy.deepcopy(self._updates[0])
+            ok, error, reply = self._post_webhook(hook, update)
+            with self._cond:
+                if ok:
+                    self._updates = [u for u in self._updates if u["update_id"] != update["update_id"]]
+                else:
+                    self._webhook_error = (int(time.time()), error)
+                self._cond.notify_all()
+            if ok and isinstance(reply, dict) and reply.get("method"):
+                name = str(reply["method"]).lower()
+                if not (name.startswith("get") or name in ("setwebhook", "deletewebhook", "close", "logout")):
+                    params = {k: v for k, v in reply.items() if k != "method"}
+                    self._api(self.token, str(reply["method"]), params, {})
+            if not ok:
+                self._pause(self.webhook_retry_delay)
+
+    def _post_webhook(self, hook: dict, update: dict):
+        request = urllib.request.Request(hook["url"], data=_json(update), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        if hook["secret_token"]:
+            request.add_header("X-Telegram-Bot-Api-Secret-Token", hook["secret_token"])
+        handlers = [urllib.request.ProxyHandler({}), _NoRedirect()]
+        if hook["url"].lower().startswith("https:"):
+            handlers.append(urllib.request.HTTPSHandler(context=ssl._create_unverified_context()))
+        opener = urllib.request.build_opener(*handlers)
+        try:
+            with opener.open(request, timeout=self.webhook_timeout) as response:
+                body = response.read()
+                content_type = response.headers.get_content_type()
+        except urllib.error.HTTPError as exc:
+            return False, f"Wrong response from the webhook: {exc.code} {exc.reason}", None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return False, f"Connection failed: {reason}", None      # approx. wording
+        reply = None
+        if content_type == "application/json" and body:
+            try:
+                reply = json.loads(body)
+            except ValueError:
+                reply = None
+        return True, None, reply
+
+    # ------------------------------------------------------------------ request helpers (lock held)
+
+    def _target_chat(self, p: dict, key: str = "chat_id", *, sending: bool = True) -> int:
+        raw = p.get(key)
+        if raw is None or raw == "":
+            raise _bad("chat_id is empty")
+        chat_id = _as_int(raw)
+        if chat_id is None or chat_id == self.bot_id:
+            raise _bad("chat not found")
+        if chat_id not in self._users:
+            if self.strict_chats or chat_id < 0:
+                raise _bad("chat not found")
+            self._user(chat_id, "User", None, None)
+        if sending and chat_id in self._blocked:
+            raise _ApiError(403, "Forbidden: bot was blocked by the user")
+        return chat_id
+
+    def _reply_markup(self, p: dict) -> dict | None:
+        """Validate ``reply_markup``; return what Telegram echoes (inline keyboards only)."""
+        markup = p.get("reply_markup")
+        if markup is None or markup == "":
+            return None
+        if isinstance(markup, str):
+            raise _bad("can't parse reply keyboard markup JSON object")
+        if not isinstance(markup, dict):
+            raise _bad("object expected as reply markup")
+        if "keyboard" in markup:
+            rows = markup["keyboard"]
+            if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+                raise _bad('field "keyboard" must be an Array of Arrays')
+            for row in rows:
+                for button in row:
+                    text = button if isinstance(button, str) else (
+                        button.get("text") if isinstance(button, dict) else None)
+                    if not isinstance(text, str) or not text:
+                        raise _bad("can't parse keyboard button: KeyboardButton must have a non-empty "
+                                   "text")       # approx.
+            if any(rows):
+                return None       # reply keyboards are not part of the Message object
+        rows = markup.get("inline_keyboard")
+        if rows is None:
+            return None
+        if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+            raise _bad('field "inline_keyboard" of the InlineKeyboardMarkup must be an Array of Arrays')
+        echoed = [[self._inline_button(button) for button in row] for row in rows]
+        return {"inline_keyboard": echoed} if any(echoed) else None
+
+    @staticmethod
+    def _inline_button(button) -> dict:
+        def error(message):
+            return _bad("can't parse inline keyboard button: " + message)
+
+        if not isinstance(button, dict):
+            raise error("InlineKeyboardButton must be an Object")
+        if "text" not in button:
+            raise error('Can\'t find field "text"')
+        text = button["text"]
+        if not isinstance(text, str):
+            raise error('Field "text" must be of type String')
+        out = {"text": text}
+        url, data = button.get("url"), button.get("callback_data")
+        if isinstance(url, str) and url:
+            if not _checked_link(url):
+                raise _bad(f"inline keyboard button URL '{url}' is invalid: Wrong HTTP URL")
+            out["url"] = url
+        elif isinstance(data, str) and data:
+            if len(data.encode("utf-8")) > MAX_CALLBACK_DATA_BYTES:
+                raise _bad("BUTTON_DATA_INVALID")
+            out["callback_data"] = data
+        else:
+            action = next((k for k in _INLINE_BUTTON_ACTIONS if k in button), None)
+            if action is None:
+                raise error("Text buttons are unallowed in the inline keyboard")
+            out[action] = copy.deepcopy(button[action])
+        if not text:
+            raise _bad("inline keyboard button text must be non-empty")
+        for key in ("style", "icon_custom_emoji_id"):
+            if key in button:
+                out[key] = button[key]
+        return out
+
+    def _reply_target(self, chat_id: int, p: dict) -> dict | None:
+        parameters = p.get("reply_parameters")
+        if isinstance(parameters, str) and parameters:
+            raise _bad("can't parse reply parameters JSON object")
+        if isinstance(parameters, dict):
+            message_id = _as_int(parameters.get("message_id"))
+            allow = _as_bool(parameters.get("allow_sending_without_reply", False))
+            target = _as_int(parameters.get("chat_id")) or chat_id
+        elif _as_int(p.get("reply_to_message_id")):
+            message_id = _as_int(p.get("reply_to_message_id"))
+            allow = _as_bool(p.get("allow_sending_without_reply", False))
+            target = chat_id
+        else:
+            return None
+        replied = self._messages.get((target, message_id))
+        if replied is None:
+            if allow:
+                return None
+            raise _bad("message to be replied not found")
+        return self._reply_copy(replied)
+
+    def _bot_message(self, chat_id: int, content: dict, markup: dict | None, p: dict,
+                     media_group_id: str | None = None) -> dict:
+        replied = self._reply_target(chat_id, p)
+        message = {"message_id": self._alloc_message_id(chat_id), "from": dict(self.bot_user),
+                   "chat": self._chat(chat_id), "date": int(time.time())}
+        if media_group_id:
+            message["media_group_id"] = media_group_id
+        if replied:
+            message["reply_to_message"] = replied
+        message.update(content)
+        if markup:
+            message["reply_markup"] = markup
+        self._messages[(chat_id, message["message_id"])] = message
+        self._bot_messages.setdefault(chat_id, []).append(message["message_id"])
+        return copy.deepcopy(message)
+
+    @staticmethod
+    def _text(p: dict) -> tuple[str, list]:
+        raw = p.get("text")
+        if raw is None or raw == "":
+            raise _bad("message text is empty")
+        text, entities = _format_text(raw, p.get("parse_mode"), p.get("entities"))
+        if not text:
+            raise _bad("text must be non-empty")
+        if len(text) > MAX_TEXT_LENGTH:
+            raise _bad("message is too long")
+        return text, entities
+
+    @staticmethod
+    def _caption(p: dict) -> dict:
+        text, entities = _format_text(p.get("caption"), p.get("parse_mode"), p.get("caption_entities"))
+        if len(text) > MAX_CAPTION_LENGTH:
+            raise _bad("message caption is too long")
+        content: dict = {}
+        if text:
+            content["caption"] = text
+            if entities:
+                content["caption_entities"] = entities
+        return content
+
+    def _resolve_input(self, value, uploads: dict, fetched: dict, field_name: str | None):
+        """(upload, None) for new bytes, (None, record) for a known file_id, (None, None) if absent."""
+        if value is None or value == "":
+            upload = uploads.get(field_name) if field_name else None
+            return upload, None
+        if isinstance(value, str):
+            if value.startswith("attach://"):
+                return uploads.get(value[len("attach://"):]), None
+            if value in fetched:
+                return fetched[value], None
+            record = self._files.get(value)
+            if record is None:
+                raise _bad("wrong file identifier/HTTP URL specified")
+            return None, record
+        raise _bad("wrong file identifier/HTTP URL specified")
+
+    @staticmethod
+    def _check_upload(upload: _Upload) -> None:
+        if len(upload.data) > MAX_UPLOAD:
+            raise _ApiError(413, "Request Entity Too Large")
+        if not upload.data:
+            raise _bad("file must be non-empty")
+
+    def _photo(self, upload: _Upload | None, record: dict | None) -> list[dict]:
+        if record is not None:
+            if record["file_id"] not in self._photo_sets:
+                raise _bad("type of file mismatch")
+            return copy.deepcopy(self._photo_sets[record["file_id"]])
+        self._check_upload(upload)
+        if len(upload.data) > MAX_PHOTO_UPLOAD:
+            raise _bad("file is too big")
+        info = _image_info(upload.data)
+        if info is None:
+            raise _bad("IMAGE_PROCESS_FAILED")
+        width, height = info[0], info[1]
+        if width + height > 10000 or max(width, height) > 20 * min(width, height):
+            raise _bad("PHOTO_INVALID_DIMENSIONS")
+        return self._store_photo(upload.data, info)
+
+    def _document(self, upload: _Upload | None, record: dict | None, file_name: str | None = None) -> dict:
+        if record is not None:
+            if record["kind"] != "documents":
+                raise _bad("type of file mismatch")
+            return self._document_json(record)
+        self._check_upload(upload)
+        name = file_name or upload.filename or "document"
+        mime = mimetypes.guess_type(name)[0]
+        if mime is None:
+            info = _image_info(upload.data)
+            mime = f"image/{info[2].lower()}" if info and info[2] else "application/octet-stream"
+        return self._document_json(self._store_file(upload.data, "documents", file_name=name, mime_type=mime))
+
+    def _edit_target(self, p: dict) -> dict:
+        if p.get("inline_message_id"):
+            raise _bad("MESSAGE_ID_INVALID")           # inline messages are not modelled
+        chat_id = self._target_chat(p, sending=False)
+        message_id = _as_int(p.get("message_id"))
+        message = self._messages.get((chat_id, message_id)) if message_id is not None else None
+        if message is None:
+            raise _bad("message to edit not found")
+        if message["from"]["id"] != self.bot_id:
+            raise _bad("message can't be edited")
+        return message
+
+    @staticmethod
+    def _apply(message: dict, key: str, value) -> None:
+        if value:
+            message[key] = value
+        else:
+            message.pop(key, None)
+
+    # ------------------------------------------------------------------ Bot API methods (lock held)
+
+    def _m_getMe(self, p, uploads, fetched):
+        return dict(self.bot_user, can_join_groups=True, can_read_all_group_messages=False,
+                    supports_inline_queries=False, can_connect_to_business=False,
+                    has_main_web_app=False)
+
+    def _m_logOut(self, p, uploads, fetched):
+        return True
+
+    _m_close = _m_logOut
+
+    def _m_getUpdates(self, p, uploads, fetched):
+        if self._webhook:
+            raise _ApiError(409, "Conflict: can't use getUpdates method while webhook is active; "
+                                 "use deleteWebhook to delete the webhook first")
+        offset = _as_int(p.get("offset")) or 0
+        limit = min(max(_as_int(p.get("limit")) or 100, 1), 100)
+        timeout = min(max(_as_int(p.get("timeout")) or 0, 0), LONG_POLL_MAX_TIMEOUT)
+        if "allowed_updates" in p:
+            self._set_allowed_updates(p["allowed_updates"])
+        self._poll_generation += 1
+        generation = self._poll_generation
+        if offset < 0:
+            del self._updates[:max(0, len(self._updates) + offset)]
+        elif offset > 0:
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
+        deadline = time.monotonic() + timeout
+        self._polling += 1
+        self._cond.notify_all()
+        try:
+            while True:
+                if self._updates or self._stopping:
+                    return copy.deepcopy(self._updates[:limit])
+                if generation != self._poll_generation:
+                    raise _ApiError(409, "Conflict: terminated by other getUpdates request; make sure "
+                                         "that only one bot instance is running")
+                if self._webhook:
+                    raise _ApiError(409, "Conflict: terminated by setWebhook request")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                self._cond.wait(remaining)
+        finally:
+            self._polling -= 1
+
+    def _m_setWebhook(self, p, uploads, fetched):
+        url = str(p.get("url") or "")
+        if not url:
+            return self._m_deleteWebhook(p, uploads, fetched)
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise _bad("invalid webhook URL specified")
+        if parts.scheme.lower() == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise _bad("bad webhook: An HTTPS URL must be provided for webhook")
+        secret = str(p.get("secret_token") or "")
+        if len(secret) > 256:
+            raise _bad("secret token is too long")
+        if not re.fullmatch(r"[A-Za-z0-9_-]*", secret):
+            raise _bad("secret token contains unallowed characters")
+        if p.get("drop_pending_updates"):
+            self._updates.clear()
+        if "allowed_updates" in p:
+            self._set_allowed_updates(p["allowed_updates"])
+        max_connections = min(max(_as_int(p.get("max_connections")) or 40, 1), 100)
+        hook = {"url": url, "secret_token": secret, "max_connections": max_connections}
+        already = self._webhook == hook
+        if not already:
+            self._webhook, self._webhook_error = hook, None
+        self._cond.notify_all()
+        return _Described(True, "Webhook is already set" if already else "Webhook was set")
+
+    def _m_deleteWebhook(self, p, uploads, fetched):
+        if p.get("drop_pending_updates"):
+            self._updates.clear()
+        was_set, self._webhook, self._webhook_error = self._webhook is not None, None, None
+        self._cond.notify_all()
+        return _Described(True, "Webhook was deleted" if was_set else "Webhook is already deleted")
+
+    def _m_getWebhookInfo(self, p, uploads, fetched):
+        hook = self._webhook or {}
+        info = {"url": hook.get("url", ""), "has_custom_certificate": False,
+                "pending_update_count": len(self._updates)}
+        if hook:
+            info["max_connections"] = hook["max_connections"]
+            if self._allowed_updates:
+                info["allowed_updates"] = list(self._allowed_updates)
+        if self._webhook_error:
+            info["last_error_date"], info["last_error_message"] = self._webhook_error
+        return info
+
+    def _m_setMyCommands(self, p, uploads, fetched):
+        commands = p.get("commands")
+        if isinstance(commands, str):
+            raise _bad("can't parse commands JSON object")
+        if not isinstance(commands, list):
+            raise _bad("expected an Array of BotCommand")
+        if len(commands) > 100:
+            raise _bad("BOT_COMMANDS_TOO_MUCH")
+        stored = []
+        for command in commands:
+            if not isinstance(command, dict):
+                raise _bad("can't parse BotCommand: expected an Object")          # approx.
+            name, description = str(command.get("command", "")), str(command.get("description", ""))
+            if not re.fullmatch(r"[a-z0-9_]{1,32}", name.lstrip("/")):
+                raise _bad("BOT_COMMAND_INVALID")
+            if not 1 <= len(description) <= 256:
+                raise _bad("BOT_COMMAND_DESCRIPTION_INVALID")                     # approx.
+            stored.append({"command": name.lstrip("/"), "description": description})
+        self._commands[self._commands_key(p.get("scope"), p.get("language_code"))] = stored
+        return True
+
+    def _m_getMyCommands(self, p, uploads, fetched):
+        return copy.deepcopy(self._commands.get(self._commands_key(p.get("scope"), p.get("language_code")), []))
+
+    def _m_deleteMyCommands(self, p, uploads, fetched):
+        self._commands.pop(self._commands_key(p.get("scope"), p.get("language_code")), None)
+        return True
+
+    def _m_setMyDescription(self, p, uploads, fetched):
+        return True
+
+    _m_setMyShortDescription = _m_setChatMenuButton = _m_setMyDescription
+
+    def _m_sendMessage(self, p, uploads, fetched):
+        text, entities = self._text(p)
+        markup = self._reply_markup(p)
+        chat_id = self._target_chat(p)
+        content: dict = {"text": text}
+        if entities:
+            content["entities"] = entities
+        return self._bot_message(chat_id, content, markup, p)
+
+    def _m_sendPhoto(self, p, uploads, fetched):
+        caption = self._caption(p)
+        markup = self._reply_markup(p)
+        upload, record = self._resolve_input(p.get("photo"), uploads, fetched, "photo")
+        if upload is None and record is None:
+            raise _bad("there is no photo in the request")
+        chat_id = self._target_chat(p)
+        content = {"photo": self._photo(upload, record), **caption}
+        if p.get("has_spoiler"):
+            content["has_media_spoiler"] = True
+        if p.get("show_caption_above_media"):
+            content["show_caption_above_media"] = True
+        return self._bot_message(chat_id, content, markup, p)
+
+    def _m_sendDocument(self, p, uploads, fetched):
+        caption = self._caption(p)
+        markup = self._reply_markup(p)
+        upload, record = self._resolve_input(p.get("document"), uploads, fetched, "document")
+        if upload is None and record is None:
+            raise _bad("there is no document in the request")
+        chat_id = self._target_chat(p)
+        content = {"document": self._document(upload, record), **caption}
+        return self._bot_message(chat_id, content, markup, p)
+
+    def _m_sendMediaGroup(self, p, uploads, fetched):
+        media = p.get("media")
+        if media is None or media == "":
+            raise _bad('parameter "media" is required')
+        if isinstance(media, str):
+            raise _bad("can't parse media JSON object")
+        if not isinstance(media, list):
+            raise _bad("expected an Array of InputMedia")
+        if not media:
+            raise _bad("there are no messages to send")
+        if len(media) > 10:
+            raise _bad("too many messages to send as an album")
+        items = []
+        for item in media:
+            if not isinstance(item, dict):
+                raise _bad("can't parse InputMedia: expected an Object")
+            kind = item.get("type")
+            if kind == "animation":
+                raise _bad('can\'t parse InputMedia: type "animation" can\'t be used in sendMediaGroup')
+            if kind not in ("photo", "document"):
+                raise _bad(f'can\'t parse InputMedia: type "{kind}" is unsupported')  # video/audio not modelled
+            upload, record = self._resolve_input(item.get("media"), uploads, fetched, None)
+            if upload is None and record is None:
+                raise _bad("can't parse InputMedia: media not found")
+            items.append((kind, upload, record, self._caption(item)))
+        kinds = {kind for kind, *_ in items}
+        if len(kinds) > 1:
+            raise _bad("document can't be mixed with other media types")
+        chat_id = self._target_chat(p)
+        group = str(10**17 + next(self._ids))
+        contents = []
+        for kind, upload, record, caption in items:
+            media_json = self._photo(upload, record) if kind == "photo" else self._document(upload, record)
+            contents.append({kind: media_json, **caption})
+        return [self._bot_message(chat_id, content, None, p, media_group_id=group) for content in contents]
+
+    def _m_copyMessage(self, p, uploads, fetched):
+        from_chat = _as_int(p.get("from_chat_id"))
+        source = self._messages.get((from_chat, _as_int(p.get("message_id"))))
+        if source is None:
+            raise _bad("message to copy not found")
+        markup = self._reply_markup(p)
+        chat_id = self._target_chat(p)
+        content = {k: copy.deepcopy(source[k])
+                   for k in ("text", "entities", "photo", "document", "caption", "caption_entities")
+                   if k in source}
+        if "caption" in p and "text" not in source:
+            content.pop("caption", None)
+            content.pop("caption_entities", None)
+            content.update(self._caption(p))
+        message = self._bot_message(chat_id, content, markup, p)
+        return {"message_id": message["message_id"]}
+
+    _NOT_MODIFIED = ("message is not modified: specified new message content and reply markup are "
+                     "exactly the same as a current content and reply markup of the message")
+
+    def _m_editMessageText(self, p, uploads, fetched):
+        text, entities = self._text(p)
+        markup = self._reply_markup(p)
+        message = self._edit_target(p)
+        if "text" not in message:
+            raise _bad("there is no text in the message to edit")
+        if (text, entities, markup) == (message["text"], message.get("entities", []),
+                                        message.get("reply_markup")):
+            raise _bad(self._NOT_MODIFIED)
+        message["text"] = text
+        self._apply(message, "entities", entities)
+        self._apply(message, "reply_markup", markup)
+        message["edit_date"] = int(time.time())
+        return copy.deepcopy(message)
+
+    def _m_editMessageCaption(self, p, uploads, fetched):
+        caption = self._caption(p)
+        markup = self._reply_markup(p)
+        message = self._edit_target(p)
+        if not any(k in message for k in ("photo", "document")):
+            raise _bad("there is no caption in the message to edit")
+        new = (caption.get("caption", ""), caption.get("caption_entities", []), markup)
+        if new == (message.get("caption", ""), message.get("caption_entities", []), message.get("reply_markup")):
+            raise _bad(self._NOT_MODIFIED)
+        self._apply(message, "caption", new[0])
+        self._apply(message, "caption_entities", new[1])
+        self._apply(message, "reply_markup", markup)
+        message["edit_date"] = int(time.time())
+        return copy.deepcopy(message)
+
+    def _m_editMessageReplyMarkup(self, p, uploads, fetched):
+        markup = self._reply_markup(p)
+        message = self._edit_target(p)
+        if markup == message.get("reply_markup"):
+            raise _bad(self._NOT_MODIFIED)
+        self._apply(message, "reply_markup", markup)
+        message["edit_date"] = int(time.time())
+        return copy.deepcopy(message)
+
+    def _m_deleteMessage(self, p, uploads, fetched):
+        chat_id = self._target_chat(p, sending=False)
+        key = (chat_id, _as_int(p.get("message_id")))
+        if key not in self._messages:
+            raise _bad("message to delete not found")
+        del self._messages[key]
+        return True
+
+    def _m_answerCallbackQuery(self, p, uploads, fetched):
+        state = self._callbacks.get(str(p.get("callback_query_id") or ""))
+        if state is None or state["answered"]:
+            raise _bad("query is too old and response timeout expired or query ID is invalid")
+        if len(str(p.get("text") or "")) > 200:
+            raise _bad("MESSAGE_TOO_LONG")                                            # approx.
+        state["answered"] = True
+        state["answer"] = {k: p[k] for k in ("text", "show_alert", "url", "cache_time") if k in p}
+        return True
+
+    def _m_sendChatAction(self, p, uploads, fetched):
+        if str(p.get("action") or "") not in _CHAT_ACTIONS:
+            raise _bad("wrong parameter action in request")
+        self._target_chat(p)
+        return True
+
+    def _m_getFile(self, p, uploads, fetched):
+        file_id = str(p.get("file_id") or "")
+        if not file_id:
+            raise _bad("file_id not specified")
+        record = self._files.get(file_id)
+        if record is None:
+            raise _bad("invalid file_id")
+        if record["file_size"] > MAX_DOWNLOAD:
+            raise _bad("file is too big")
+        if record["file_path"] is None:
+            if record["kind"] == "photos":
+                ext = ".jpg"
+            else:
+                name = record["file_name"] or ""
+                ext = name[name.rfind("."):] if "." in name else (
+                    mimetypes.guess_extension(record["mime_type"] or "") or "")
+            record["file_path"] = f"{record['kind']}/file_{next(self._ids)}{ext}"
+            self._paths[record["file_path"]] = file_id
+        return {"file_id": file_id, "file_unique_id": record["file_unique_id"],
+                "file_size": record["file_size"], "file_path": record["file_path"]}
+
+
+class _Described:
+    """A successful result that also carries Telegram's ``description`` (setWebhook & co)."""
+
+    def __init__(self, result, description: str):
+        self.result, self.description = result, description
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None       # Telegram treats a 3xx webhook answer as an error
+
+
+def _json(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def _fetch(url: str, limit: int) -> _Upload:
+    """Download an input URL the way Telegram's servers would (no proxies, size-limited)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=10) as response:
+            data = response.read(limit + 1)
+            content_type = response.headers.get_content_type()
+    except (urllib.error.URLError, OSError, ValueError):
+        raise _bad("failed to get HTTP URL content") from None
+    if len(data) > limit:
+        raise _bad("failed to get HTTP URL content")                               # approx.
+    name = urlsplit(url).path.rsplit("/", 1)[-1] or "file"
+    return _Upload(name, data, content_type)
+
+
+try:  # the fixture is optional so that a demo script can import this module without pytest
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def fake_telegram():
+        """A started ``FakeTelegram()`` (token ``123456:TEST-TOKEN``); stopped afterwards."""
+        with FakeTelegram() as fake:
+            yield fake

@@ -1,0 +1,1340 @@
+"""The Telegram bot: handlers, keyboards and conversation state (pyTelegramBotAPI 4.37.1).
+
+`create_bot(cfg)` builds a `TeleBot` whose handlers are all registered in `register_handlers`.
+Handlers are thin: parse the update, call one service (`worker.accept_generation`,
+`payments.create_topup`, `promo.check_discount` ...), reply. Every Telegram call goes through
+`worker.tg` (the one wrapper that honours 429 `retry_after`).
+
+Pieces:
+
+* `PeeweeStateStorage` keeps each chat's conversation state in the `ConversationState` table, so a
+  restarted bot continues a flow where the user left it. `update_data` is the locked
+  read-modify-write used when album photos (one update each, handled concurrently) add to the
+  same state.
+* `UserMiddleware` runs before every message and callback query: creates the user once
+  (`billing.get_or_create_user`, race-safe), refuses blocked users, picks the language, and hands
+  the handler a `Ctx`.
+* `_guarded` wraps every handler: domain errors become texts (`_error_reply`), anything else is
+  logged with its traceback and answered with `error_generic`; a callback query is always
+  answered.
+
+Images are checked before anything is reserved: the declared size (Bot API getFile stops at 20 MB),
+then the downloaded bytes (`media.inspect_image`). Only Telegram file ids go into the state.
+
+`main()` runs long polling. Webhook mode (TELEGRAM_WEBHOOK_URL) is not implemented here yet.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import sys
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+
+import requests
+import telebot
+from peewee import fn
+from telebot import apihelper, types
+from telebot.custom_filters import StateFilter
+from telebot.handler_backends import BaseMiddleware, CancelUpdate
+from telebot.states import State, StatesGroup
+from telebot.storage import StateStorageBase
+from telebot.storage.base_storage import StateDataContext
+
+import billing
+import config
+import media
+import models
+import payments
+import promo
+import texts
+import worker
+from models import ConversationState, Generation, Payment, User
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_UPDATES = ["message", "callback_query"]
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
+IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
+# Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
+STICKY_KEYS = ("face_swap_consent", "promo_code")
+BROADCAST_RATE = 20.0        # messages per second; Telegram allows about 30/s overall
+MODE_BUTTONS = (             # (mode, text key), in menu order (seeds: integration-examples.ru.md)
+    ("generate", "btn_generate"), ("edit", "btn_edit"), ("merge", "btn_merge"),
+    ("add_text", "btn_add_text"), ("face_swap", "btn_face_swap"), ("retouch", "btn_retouch"),
+    ("upscale", "btn_upscale"),
+)
+POSITIONS = ("top", "center", "bottom")
+COLORS = ("white", "black", "yellow", "red")
+
+
+class Step(StatesGroup):
+    """Where a chat is in a flow; `data["mode"]` says which flow."""
+
+    images = State()      # waiting for photos (data["files"])
+    prompt = State()      # waiting for the prompt / instruction
+    ratio = State()       # generate: waiting for an aspect-ratio button
+    text = State()        # add_text: waiting for the text to draw
+    position = State()    # add_text: waiting for a position button
+    color = State()       # add_text: waiting for a colour button
+    amount = State()      # top-up: waiting for a custom amount
+    promo = State()       # top-up: waiting for a promo code
+    email = State()       # top-up: waiting for an e-mail for the receipt
+
+
+# --------------------------------------------------------------------------------------------
+# Conversation state in the database
+# --------------------------------------------------------------------------------------------
+
+
+class PeeweeStateStorage(StateStorageBase):
+    """pyTelegramBotAPI state storage in the `ConversationState` table (survives restarts).
+
+    Implements every method of `telebot.storage.StateStorageBase` (notes A3). Keys are
+    ``medialab[:bot_id][:business id][:thread]:chat:user``, built by the base class's `_get_key`.
+    Writes of one key are serialised by a striped per-key thread lock and run in one transaction
+    (`BEGIN IMMEDIATE` on SQLite, `SELECT … FOR UPDATE` on PostgreSQL), so concurrent updates of
+    one chat (album photos) never lose each other's data.
+    """
+
+    STRIPES = 64
+
+    def __init__(self, prefix: str = "medialab", separator: str = ":"):
+        super().__init__()
+        self.prefix = prefix
+        self.separator = separator
+        self._locks = [threading.Lock() for _ in range(self.STRIPES)]
+
+    def key(self, chat_id, user_id, business_connection_id=None, message_thread_id=None, bot_id=None) -> str:
+        """Return the row key of one chat/user (the format telebot's storages use)."""
+        return self._get_key(chat_id, user_id, self.prefix, self.separator,
+                             business_connection_id, message_thread_id, bot_id)
+
+    def _lock(self, key: str) -> threading.Lock:
+        return self._locks[zlib.crc32(key.encode()) % self.STRIPES]
+
+    def update(self, chat_id, user_id, change, *, business_connection_id=None, message_thread_id=None,
+               bot_id=None):
+        """Apply `change(record)` to the stored record under the key's lock; return its result.
+
+        `record` is a dict ``{"state": str | None, "data": dict}`` that `change` may modify in
+        place; it is written back afterwards (the row is created when missing).
+        """
+        key = self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        with self._lock(key), models.db.atomic():
+            now = models.utcnow()
+            ConversationState.insert(key=key, state=None, data={}, updated_at=now).on_conflict_ignore().execute()
+            query = ConversationState.select().where(ConversationState.key == key)
+            if not models.is_sqlite():
+                query = query.for_update()
+            row = query.get()
+            record = {"state": row.state, "data": dict(row.data or {})}
+            result = change(record)
+            ConversationState.update(state=record["state"], data=record["data"], updated_at=now).where(
+                ConversationState.key == key).execute()
+        return result
+
+    def _read(self, chat_id, user_id, business_connection_id=None, message_thread_id=None, bot_id=None):
+        key = self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        return ConversationState.get_or_none(ConversationState.key == key)
+
+    def set_state(self, chat_id, user_id, state, business_connection_id=None, message_thread_id=None,
+                  bot_id=None) -> bool:
+        """Set the state (a `State` or its name), keeping the data; create the record if needed."""
+        name = state.name if hasattr(state, "name") else state
+
+        def change(record):
+            record["state"] = name
+
+        self.update(chat_id, user_id, change, business_connection_id=business_connection_id,
+                    message_thread_id=message_thread_id, bot_id=bot_id)
+        return True
+
+    def get_state(self, chat_id, user_id, business_connection_id=None, message_thread_id=None,
+                  bot_id=None) -> str | None:
+        """Return the state name, or None."""
+        row = self._read(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        return row.state if row is not None else None
+
+    def delete_state(self, chat_id, user_id, business_connection_id=None, message_thread_id=None,
+                     bot_id=None) -> bool:
+        """Delete the whole record (state and data); return whether there was one."""
+        key = self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        with self._lock(key):
+            return bool(ConversationState.delete().where(ConversationState.key == key).execute())
+
+    def set_data(self, chat_id, user_id, key, value, business_connection_id=None, message_thread_id=None,
+                 bot_id=None) -> bool:
+        """Set one data value (creates the record when missing, unlike the memory storage)."""
+
+        def change(record):
+            record["data"][key] = value
+
+        self.update(chat_id, user_id, change, business_connection_id=business_connection_id,
+                    message_thread_id=message_thread_id, bot_id=bot_id)
+        return True
+
+    def get_data(self, chat_id, user_id, business_connection_id=None, message_thread_id=None,
+                 bot_id=None) -> dict:
+        """Return a copy of the data dict ({} when there is no record)."""
+        row = self._read(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        return dict(row.data or {}) if row is not None else {}
+
+    def reset_data(self, chat_id, user_id, business_connection_id=None, message_thread_id=None,
+                   bot_id=None) -> bool:
+        """Empty the data, keeping the state; return whether there was a record."""
+        key = self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        with self._lock(key):
+            return bool(ConversationState.update(data={}, updated_at=models.utcnow()).where(
+                ConversationState.key == key).execute())
+
+    def get_interactive_data(self, chat_id, user_id, business_connection_id=None, message_thread_id=None,
+                             bot_id=None) -> StateDataContext:
+        """Return telebot's `with`-context over the data (saved on exit)."""
+        return StateDataContext(self, chat_id=chat_id, user_id=user_id, business_connection_id=business_connection_id,
+                                message_thread_id=message_thread_id, bot_id=bot_id)
+
+    def save(self, chat_id, user_id, data, business_connection_id=None, message_thread_id=None,
+             bot_id=None) -> bool:
+        """Replace the data dict (what `StateDataContext` calls on exit)."""
+
+        def change(record):
+            record["data"] = dict(data)
+
+        self.update(chat_id, user_id, change, business_connection_id=business_connection_id,
+                    message_thread_id=message_thread_id, bot_id=bot_id)
+        return True
+
+
+# --------------------------------------------------------------------------------------------
+# Per-update context, middleware, error handling
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    """What a handler needs besides the update: the bot, settings, the user and their chat state."""
+
+    bot: telebot.TeleBot
+    cfg: config.Config
+    user: User
+    lang: str
+    chat_id: int
+    telegram_id: int
+    update_id: int | None
+    state: str | None = None
+    data: dict = field(default_factory=dict)
+    call: types.CallbackQuery | None = None
+    answered: bool = False
+
+    def t(self, key: str, **values) -> str:
+        """Return text `key` in the user's language."""
+        return texts.t(key, self.lang, **values)
+
+    @property
+    def storage(self) -> PeeweeStateStorage:
+        return self.bot.current_states
+
+    def update(self, change):
+        """Run `change(record)` on this chat's stored state under its lock (see `PeeweeStateStorage.update`)."""
+        result = self.storage.update(self.chat_id, self.telegram_id, change, bot_id=self.bot.bot_id)
+        return result
+
+    def go(self, state: State | None, **data) -> None:
+        """Move to `state` (None ends the flow) and merge `data` into the stored data."""
+        name = state.name if state is not None else None
+
+        def change(record):
+            record["state"] = name
+            record["data"].update(data)
+
+        self.update(change)
+        self.state = name
+        self.data.update(data)
+
+    def start_flow(self, state: State | None, **data) -> None:
+        """Start a fresh flow: keep only the sticky data keys, then set `state` and `data`."""
+        name = state.name if state is not None else None
+
+        def change(record):
+            kept = {k: v for k, v in record["data"].items() if k in STICKY_KEYS}
+            kept.update(data)
+            record["state"], record["data"] = name, kept
+            return kept
+
+        self.data = dict(self.update(change))
+        self.state = name
+
+    def finish(self) -> None:
+        """End the flow (keeping the sticky keys)."""
+        self.start_flow(None)
+
+
+class UserMiddleware(BaseMiddleware):
+    """Before every message and callback query: create/refresh the user, refuse blocked users,
+    pick the language, load the chat state; the handler receives it all as `ctx`."""
+
+    def __init__(self, cfg: config.Config):
+        super().__init__()
+        self.update_types = list(ALLOWED_UPDATES)
+        self.cfg = cfg
+        self.bot = None  # set by create_bot
+
+    def pre_process(self, update, data):
+        message = update.message if isinstance(update, types.CallbackQuery) else update
+        sender = update.from_user
+        if message is None or sender is None or sender.is_bot or message.chat.type != "private":
+            return CancelUpdate()  # private chats with people only
+        call = update if isinstance(update, types.CallbackQuery) else None
+        try:
+            user, _ = billing.get_or_create_user(sender.id, username=sender.username, first_name=sender.first_name,
+                                                 language_code=sender.language_code)
+            state = self.bot.current_states.get_state(message.chat.id, sender.id, bot_id=self.bot.bot_id)
+            stored = self.bot.current_states.get_data(message.chat.id, sender.id, bot_id=self.bot.bot_id)
+        except Exception:
+            logger.exception("could not load user %s", sender.id)
+            _reply_raw(self.bot, message.chat.id, call, texts.t("error_generic", texts.lang_of(sender.language_code)))
+            return CancelUpdate()
+        ctx = Ctx(bot=self.bot, cfg=self.cfg, user=user, lang=texts.lang_of(user.language_code or sender.language_code),
+                  chat_id=message.chat.id, telegram_id=sender.id, update_id=getattr(update, "update_id", None),
+                  state=state, data=stored, call=call)
+        if user.is_blocked and sender.id not in self.cfg.admin_ids:
+            logger.info("blocked user %s refused", user.id)
+            _reply_raw(self.bot, message.chat.id, call, ctx.t("blocked"))
+            return CancelUpdate()
+        data["ctx"] = ctx
+
+    def post_process(self, update, data, exception):
+        pass
+
+
+def _reply_raw(bot, chat_id, call, text):
+    """Tell the user `text` (answering the callback query if there is one), swallowing failures."""
+    try:
+        if call is not None:
+            worker.tg(bot.answer_callback_query, call.id, text[:200], show_alert=True)
+        else:
+            worker.tg(bot.send_message, chat_id, text)
+    except Exception as exc:  # noqa: BLE001 - nothing more to do for this update
+        logger.warning("could not reply to chat %s: %s", chat_id, _redact(str(exc), bot.token))
+
+
+def _redact(text: str, token: str) -> str:
+    """Remove the bot token from `text` (requests errors quote the URL, which contains it)."""
+    if token and token in text:
+        text = text.replace(token, "<token>")
+    secret = token.split(":", 1)[-1] if token else ""
+    return text.replace(secret, "<token>") if secret else text
+
+
+class BotExceptionHandler(telebot.ExceptionHandler):
+    """Last resort for errors outside our handlers (polling, the worker pool): log, token redacted.
+
+    Returns False so pyTelegramBotAPI keeps its own back-off for polling errors.
+    """
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def handle(self, exception) -> bool:
+        logger.error("bot error: %s: %s", type(exception).__name__, _redact(str(exception), self.token))
+        return False
+
+
+def _guarded(handler):
+    """Wrap a handler: map domain errors to texts, log anything else, always answer callbacks."""
+
+    @functools.wraps(handler)
+    def run(update, ctx):
+        try:
+            handler(update, ctx)
+        except Exception as exc:  # noqa: BLE001 - the edge of the bot: every error becomes a reply
+            _report(ctx, exc)
+        finally:
+            if ctx.call is not None and not ctx.answered:
+                try:
+                    _answer(ctx)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("could not answer callback %s: %s", ctx.call.id, _redact(str(exc), ctx.bot.token))
+
+    return run
+
+
+def _report(ctx: Ctx, exc: Exception) -> None:
+    """Tell the user what went wrong with `exc`, in their language, and log it."""
+    text, markup = _error_reply(ctx, exc)
+    if text is None:
+        if isinstance(exc, (requests.RequestException, apihelper.ApiException)):
+            logger.error("telegram call failed for user %s: %s", ctx.user.id, _redact(str(exc), ctx.bot.token))
+        else:
+            logger.exception("unexpected error for user %s", ctx.user.id)
+        text, markup = ctx.t("error_generic"), _menu_button_markup(ctx)
+    else:
+        logger.info("user %s: %s (%s)", ctx.user.id, type(exc).__name__, exc)
+    try:
+        _send(ctx, text, markup)
+    except Exception as send_exc:  # noqa: BLE001
+        logger.warning("could not send an error text to %s: %s", ctx.chat_id, _redact(str(send_exc), ctx.bot.token))
+
+
+def _error_reply(ctx: Ctx, exc: Exception):
+    """Return (text, markup) for a known domain error, or (None, None)."""
+    if isinstance(exc, billing.InsufficientCredits):
+        return ctx.t("insufficient_credits", price=ctx.cfg.price_per_operation), _topup_button_markup(ctx)
+    if isinstance(exc, billing.UserBlocked):
+        return ctx.t("blocked"), None
+    if isinstance(exc, worker.TooManyJobs):
+        return ctx.t("too_many_jobs", limit=ctx.cfg.max_active_jobs_per_user), _menu_button_markup(ctx)
+    if isinstance(exc, media.InvalidInput):
+        return _invalid_input_text(ctx, exc), _cancel_markup(ctx)
+    if isinstance(exc, promo.PromoError):
+        key = PROMO_ERROR_KEYS.get(type(exc), "promo_invalid")
+        return ctx.t(key), _cancel_markup(ctx)
+    if isinstance(exc, payments.InvalidTopupAmount):
+        return ctx.t("topup_amount_" + exc.code, min=ctx.cfg.min_topup, max=ctx.cfg.max_topup), _cancel_markup(ctx)
+    if isinstance(exc, payments.PaymentsNotConfigured):
+        return ctx.t("payments_not_configured"), _menu_button_markup(ctx)
+    if isinstance(exc, payments.ProviderUnavailable):
+        return ctx.t("provider_unavailable"), _menu_button_markup(ctx)
+    if isinstance(exc, payments.UnknownPayment):
+        return ctx.t("unknown_payment"), _menu_button_markup(ctx)
+    return None, None
+
+
+PROMO_ERROR_KEYS = {
+    promo.UnknownCode: "promo_unknown",
+    promo.CodeInactive: "promo_inactive",
+    promo.CodeExpired: "promo_expired",
+    promo.CodeExhausted: "promo_exhausted",
+    promo.CodeAlreadyUsed: "promo_already_used",
+    promo.WrongCodeKind: "promo_wrong_kind",
+}
+
+
+def _invalid_input_text(ctx: Ctx, exc: media.InvalidInput) -> str:
+    limit = exc.limit
+    if exc.code == "image_too_big" and limit and limit > 10**6:
+        limit = limit // (1024 * 1024)   # bytes → MB for the text
+    return ctx.t("invalid_" + exc.code, limit=limit if limit is not None else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Sending
+# --------------------------------------------------------------------------------------------
+
+
+def _send(ctx: Ctx, text: str, markup=None) -> types.Message:
+    """Send `text` to the user's chat (no parse mode: user text is never markup)."""
+    return worker.tg(ctx.bot.send_message, ctx.chat_id, text, reply_markup=markup)
+
+
+def _answer(ctx: Ctx, text: str | None = None, alert: bool = False) -> None:
+    """Answer the callback query once (stops the client's spinner)."""
+    if ctx.call is None or ctx.answered:
+        return
+    ctx.answered = True
+    worker.tg(ctx.bot.answer_callback_query, ctx.call.id, text, show_alert=alert or None)
+
+
+def _markup(rows) -> types.InlineKeyboardMarkup:
+    """Build an inline keyboard from rows of (text, callback_data) or (text, None, url)."""
+    markup = types.InlineKeyboardMarkup()
+    for row in rows:
+        buttons = []
+        for item in row:
+            if len(item) == 3:
+                buttons.append(types.InlineKeyboardButton(item[0], url=item[2]))
+            else:
+                buttons.append(types.InlineKeyboardButton(item[0], callback_data=item[1]))
+        markup.row(*buttons)
+    return markup
+
+
+def _main_menu_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    b = {mode: ctx.t(key) for mode, key in MODE_BUTTONS}
+    return _markup([
+        [(b["generate"], "mode:generate"), (b["edit"], "mode:edit")],
+        [(b["merge"], "mode:merge"), (b["add_text"], "mode:add_text")],
+        [(b["face_swap"], "mode:face_swap"), (b["retouch"], "mode:retouch")],
+        [(b["upscale"], "mode:upscale")],
+        [(ctx.t("btn_pay"), "pay")],
+    ])
+
+
+def _cancel_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    return _markup([[(ctx.t("btn_cancel"), "cancel")]])
+
+
+def _menu_button_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    return _markup([[(ctx.t("btn_menu"), "menu")]])
+
+
+def _topup_button_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    return _markup([[(ctx.t("btn_topup"), "pay")], [(ctx.t("btn_menu"), "menu")]])
+
+
+def _rub(kopecks: int, exact: bool = True) -> str:
+    """Format kopecks as roubles: "90.00" (exact) or "90" / "90.50" (short)."""
+    whole, part = divmod(int(kopecks), 100)
+    if exact or part:
+        return "%d.%02d" % (whole, part)
+    return "%d" % whole
+
+
+# --------------------------------------------------------------------------------------------
+# Menu, help, cancel
+# --------------------------------------------------------------------------------------------
+
+
+def _status_lines(ctx: Ctx) -> str:
+    """The user's balance in a few lines (credits, reserved, free operations or free access)."""
+    view = billing.get_balance(ctx.user.id)
+    lines = [ctx.t("balance_credits", credits=view.credits)]
+    if view.credits_reserved:
+        lines.append(ctx.t("balance_reserved", reserved=view.credits_reserved))
+    if view.free_access:
+        if view.free_access_until is not None:
+            lines.append(ctx.t("free_access_until", until=view.free_access_until.strftime("%d.%m.%Y")))
+        else:
+            lines.append(ctx.t("free_access_forever"))
+    else:
+        lines.append(ctx.t("free_ops_left", left=view.free_ops, total=ctx.cfg.free_operations_count))
+    return "\n".join(lines)
+
+
+def show_menu(ctx: Ctx, *, welcome: bool = False) -> None:
+    """Send the main menu (with the welcome text on /start)."""
+    name = ctx.user.first_name or ""
+    head = ctx.t("welcome", name=name) if welcome else ctx.t("menu_title")
+    _send(ctx, "%s\n\n%s" % (head, _status_lines(ctx)), _main_menu_markup(ctx))
+
+
+def cmd_start(message: types.Message, ctx: Ctx) -> None:
+    """/start: end any flow, greet, show the menu."""
+    ctx.finish()
+    show_menu(ctx, welcome=True)
+
+
+def cmd_help(message: types.Message, ctx: Ctx) -> None:
+    """/help: what each mode does, prices and free operations."""
+    _send(ctx, ctx.t("help", price=ctx.cfg.price_per_operation, free=ctx.cfg.free_operations_count,
+                     max_mb=ctx.cfg.max_image_bytes // (1024 * 1024)), _menu_button_markup(ctx))
+
+
+def cmd_cancel(message: types.Message, ctx: Ctx) -> None:
+    """/cancel: leave the current step; queued jobs can be cancelled from their status message."""
+    had_flow = ctx.state is not None
+    ctx.finish()
+    _send(ctx, ctx.t("cancelled" if had_flow else "nothing_to_cancel"), _main_menu_markup(ctx))
+
+
+def on_menu(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """🏠 Меню."""
+    _answer(ctx)
+    ctx.finish()
+    show_menu(ctx)
+
+
+def on_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """✖ Отмена: leave the flow."""
+    _answer(ctx, ctx.t("cancelled_short"))
+    ctx.finish()
+    _send(ctx, ctx.t("cancelled"), _main_menu_markup(ctx))
+
+
+def on_unknown_command(message: types.Message, ctx: Ctx) -> None:
+    """A command we do not know (admin commands from non-admins land here too)."""
+    _send(ctx, ctx.t("unknown_command"), _main_menu_markup(ctx))
+
+
+def on_unexpected(message: types.Message, ctx: Ctx) -> None:
+    """Anything a step does not expect: say what the step wants."""
+    hint = STEP_HINTS.get(ctx.state)
+    if hint is None:
+        _send(ctx, ctx.t("choose_action"), _main_menu_markup(ctx))
+    else:
+        _send(ctx, ctx.t(hint), _cancel_markup(ctx))
+
+
+STEP_HINTS = {
+    Step.images.name: "hint_send_photo",
+    Step.prompt.name: "hint_send_text",
+    Step.ratio.name: "hint_press_button",
+    Step.text.name: "hint_send_text",
+    Step.position.name: "hint_press_button",
+    Step.color.name: "hint_press_button",
+    Step.amount.name: "hint_send_amount",
+    Step.promo.name: "hint_send_code",
+    Step.email.name: "hint_send_email",
+}
+
+
+def on_stale_button(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """A button from an old message (or an unknown callback)."""
+    _answer(ctx, ctx.t("button_outdated"), alert=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Modes
+# --------------------------------------------------------------------------------------------
+
+ASK_IMAGE_KEYS = {
+    "edit": "ask_edit_photo",
+    "merge": "ask_merge_photos",
+    "add_text": "ask_add_text_photo",
+    "face_swap": "ask_face_photo",
+    "retouch": "ask_retouch_photo",
+    "upscale": "ask_upscale_photo",
+}
+
+
+def on_mode(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """A main-menu mode button: start that mode's flow."""
+    mode = call.data.split(":", 1)[1]
+    if mode not in config.MODES:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    if mode == "generate":
+        ctx.start_flow(Step.prompt, mode=mode)
+        _send(ctx, ctx.t("ask_generate_prompt", price=_price_text(ctx, mode)), _cancel_markup(ctx))
+        return
+    if mode == "face_swap" and not ctx.data.get("face_swap_consent"):
+        ctx.start_flow(None)
+        _send(ctx, ctx.t("face_swap_consent"), _markup([[(ctx.t("btn_consent"), "consent")],
+                                                         [(ctx.t("btn_cancel"), "cancel")]]))
+        return
+    _ask_first_image(ctx, mode)
+
+
+def _ask_first_image(ctx: Ctx, mode: str) -> None:
+    ctx.start_flow(Step.images, mode=mode, files=[])
+    _send(ctx, ctx.t(ASK_IMAGE_KEYS[mode], price=_price_text(ctx, mode), max_mb=ctx.cfg.max_image_bytes // 2**20),
+          _cancel_markup(ctx))
+
+
+def on_consent(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """Face swap: the user agreed to the one-time note; remember it and ask for the face."""
+    _answer(ctx)
+    ctx.go(None, face_swap_consent=True)
+    _ask_first_image(ctx, "face_swap")
+
+
+def _price_text(ctx: Ctx, mode: str) -> str:
+    if mode not in config.PAID_MODES:
+        return ctx.t("price_free")
+    return ctx.t("price_paid", price=ctx.cfg.price(mode))
+
+
+def _incoming_image(message: types.Message):
+    """Return (file_id, declared size in bytes or None) of a photo or an image document.
+
+    Raises InvalidInput(not_an_image / unsupported_format) for other documents.
+    """
+    if message.content_type == "photo":
+        largest = message.photo[-1]   # sizes are ordered; the last one is the largest
+        return largest.file_id, largest.file_size
+    document = message.document
+    mime = (document.mime_type or "").lower()
+    if mime in IMAGE_MIME_TYPES:
+        return document.file_id, document.file_size
+    if mime.startswith("image/"):
+        raise media.InvalidInput("unsupported_format")
+    raise media.InvalidInput("not_an_image")
+
+
+def on_image(message: types.Message, ctx: Ctx) -> None:
+    """A photo or image document while a mode waits for images: check it, then keep its file id."""
+    mode = ctx.data.get("mode")
+    spec = media.mode_spec(mode)
+    if len(ctx.data.get("files", [])) >= spec.max_images:
+        return _too_many_images(ctx, spec)
+    file_id, declared = _incoming_image(message)
+    media.check_declared_size(declared, ctx.cfg)           # > 20 MB: refused before downloading
+    media.inspect_image(worker.download_file(ctx.bot, file_id, ctx.cfg), ctx.cfg)
+
+    def add(record):
+        files = record["data"].setdefault("files", [])
+        if record["state"] != Step.images.name or record["data"].get("mode") != mode:
+            return None                                    # the flow changed meanwhile
+        if len(files) >= spec.max_images:
+            return -1
+        files.append([message.message_id, file_id])
+        files.sort()                                       # album order, whatever order they arrive in
+        if len(files) >= spec.max_images and mode in NEXT_STEP:
+            record["state"] = NEXT_STEP[mode].name
+        return len(files)
+
+    count = ctx.update(add)
+    if count is None:
+        return
+    if count == -1:
+        return _too_many_images(ctx, spec)
+    ctx.data = ctx.storage.get_data(ctx.chat_id, ctx.telegram_id, bot_id=ctx.bot.bot_id)
+    _after_image(ctx, mode, count)
+
+
+# The step after the last image of a mode; other modes start the job at once (merge waits for "Готово").
+NEXT_STEP = {"edit": Step.prompt, "add_text": Step.text}
+
+
+def _too_many_images(ctx: Ctx, spec: media.ModeSpec) -> None:
+    markup = _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]]) \
+        if spec.name == "merge" else _cancel_markup(ctx)
+    _send(ctx, ctx.t("too_many_photos", limit=spec.max_images), markup)
+
+
+def _file_ids(ctx: Ctx) -> list[str]:
+    return [file_id for _, file_id in ctx.data.get("files", [])]
+
+
+def _after_image(ctx: Ctx, mode: str, count: int) -> None:
+    """Tell the user what comes next after image number `count` of `mode`."""
+    if mode == "merge":
+        if count >= 2:
+            markup = _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]])
+            _send(ctx, ctx.t("merge_photo_added", count=count, max=4), markup)
+        else:
+            _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
+    elif mode == "edit":
+        _send(ctx, ctx.t("ask_edit_instruction"), _cancel_markup(ctx))
+    elif mode == "add_text":
+        _send(ctx, ctx.t("ask_add_text_text"), _cancel_markup(ctx))
+    elif mode == "face_swap":
+        if count == 1:
+            _send(ctx, ctx.t("ask_target_photo"), _cancel_markup(ctx))
+        else:
+            _accept(ctx, mode, file_ids=_file_ids(ctx))
+    else:                                                  # retouch, upscale
+        _accept(ctx, mode, file_ids=_file_ids(ctx))
+
+
+def on_done(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """Merge: "✅ Готово" after 2–4 photos → ask for the instruction."""
+    if ctx.state != Step.images.name or ctx.data.get("mode") != "merge":
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    if len(ctx.data.get("files", [])) < 2:
+        _send(ctx, ctx.t("merge_need_more", count=len(ctx.data.get("files", []))), _cancel_markup(ctx))
+        return
+    ctx.go(Step.prompt)
+    _send(ctx, ctx.t("ask_merge_instruction"), _cancel_markup(ctx))
+
+
+def on_prompt(message: types.Message, ctx: Ctx) -> None:
+    """The prompt (generate) or the instruction (edit, merge)."""
+    mode = ctx.data.get("mode")
+    prompt = media.validate_prompt(message.text, ctx.cfg)
+    if mode == "generate":
+        ctx.go(Step.ratio, prompt=prompt)
+        rows = [[(r, "ratio:" + r) for r in ASPECT_RATIOS[:3]], [(r, "ratio:" + r) for r in ASPECT_RATIOS[3:]],
+                [(ctx.t("btn_cancel"), "cancel")]]
+        _send(ctx, ctx.t("ask_ratio"), _markup(rows))
+        return
+    _accept(ctx, mode, prompt=prompt, file_ids=_file_ids(ctx))
+
+
+def on_ratio(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """Generate: the aspect-ratio button → accept the job."""
+    ratio = call.data.split(":", 1)[1]
+    if ctx.state != Step.ratio.name or ratio not in ASPECT_RATIOS:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    _accept(ctx, "generate", prompt=ctx.data.get("prompt"), options={"aspect_ratio": ratio})
+
+
+def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> Generation:
+    """Hand a job to the worker (validates, reserves, enqueues) and end the flow."""
+    try:
+        generation = worker.accept_generation(ctx.user, ctx.chat_id, mode, prompt=prompt, options=options or {},
+                                              file_ids=list(file_ids), cfg=ctx.cfg)
+    finally:
+        ctx.finish()                                       # accepted or refused, this flow is over
+    _after_accept(ctx, generation)
+    return generation
+
+
+def _after_accept(ctx: Ctx, generation: Generation) -> None:
+    """Show the "⏳ в очереди" status message the worker then edits in place."""
+    markup = _markup([[(ctx.t("btn_cancel_job"), "jobcancel:%s" % generation.id)]])
+    sent = _send(ctx, ctx.t("job_queued"), markup)
+    Generation.update(status_message_id=sent.message_id).where(
+        (Generation.id == generation.id) & Generation.status_message_id.is_null()).execute()
+
+
+def on_again(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """🔁 Ещё раз: the same mode, prompt and inputs as a new job (a new reservation)."""
+    try:
+        generation_id = uuid.UUID(call.data.split(":", 1)[1])
+    except ValueError:
+        return on_stale_button(call, ctx)
+    old = Generation.get_or_none((Generation.id == generation_id) & (Generation.user == ctx.user.id))
+    if old is None:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    _accept(ctx, old.mode, prompt=old.prompt, options=dict(old.options or {}), file_ids=list(old.input_file_ids or []))
+
+
+def on_job_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """✖ Отменить on a queued job's status message."""
+    try:
+        generation_id = uuid.UUID(call.data.split(":", 1)[1])
+    except ValueError:
+        return on_stale_button(call, ctx)
+    if worker.cancel_generation(generation_id, ctx.user.id):
+        _answer(ctx, ctx.t("job_cancelled_short"))
+    else:
+        _answer(ctx, ctx.t("job_not_cancellable"), alert=True)
+
+
+# --- add text (free, local) ------------------------------------------------------------------
+
+POSITION_KEYS = {"top": "btn_pos_top", "center": "btn_pos_center", "bottom": "btn_pos_bottom"}
+COLOR_KEYS = {"white": "btn_color_white", "black": "btn_color_black", "yellow": "btn_color_yellow",
+              "red": "btn_color_red"}
+
+
+def on_caption_text(message: types.Message, ctx: Ctx) -> None:
+    """Add text: the text to draw → ask for the position."""
+    text = (message.text or "").strip()
+    if not text:
+        raise media.InvalidInput("text_empty")
+    if len(text) > media.MAX_TEXT_LENGTH:
+        raise media.InvalidInput("text_too_long", limit=media.MAX_TEXT_LENGTH)
+    ctx.go(Step.position, text=text)
+    rows = [[(ctx.t(POSITION_KEYS[p]), "pos:" + p) for p in POSITIONS], [(ctx.t("btn_cancel"), "cancel")]]
+    _send(ctx, ctx.t("ask_position"), _markup(rows))
+
+
+def on_position(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """Add text: the position button → ask for the colour."""
+    position = call.data.split(":", 1)[1]
+    if ctx.state != Step.position.name or position not in POSITIONS:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    ctx.go(Step.color, position=position)
+    rows = [[(ctx.t(COLOR_KEYS[c]), "color:" + c) for c in COLORS[:2]],
+            [(ctx.t(COLOR_KEYS[c]), "color:" + c) for c in COLORS[2:]], [(ctx.t("btn_cancel"), "cancel")]]
+    _send(ctx, ctx.t("ask_color"), _markup(rows))
+
+
+def on_color(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """Add text: the colour button → render locally and send the picture (free)."""
+    color = call.data.split(":", 1)[1]
+    if ctx.state != Step.color.name or color not in COLORS:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    data = ctx.data
+    png = worker.render_add_text(ctx.bot, data["files"][0][1], data["text"], position=data["position"],
+                                 color=color, cfg=ctx.cfg)
+    ctx.finish()
+    worker.tg(ctx.bot.send_photo, ctx.chat_id, ("text.png", png), caption=ctx.t("add_text_done"),
+              reply_markup=_markup([[(ctx.t("btn_add_text_again"), "mode:add_text"), (ctx.t("btn_menu"), "menu")]]))
+
+
+# --------------------------------------------------------------------------------------------
+# Balance and top-ups
+# --------------------------------------------------------------------------------------------
+
+
+def _active_discount(ctx: Ctx):
+    """Return the remembered discount code (a PromoCode) if it is still valid for this user."""
+    code = ctx.data.get("promo_code")
+    if not code:
+        return None
+    try:
+        return promo.check_discount(code, ctx.user.id)
+    except promo.PromoError as exc:
+        logger.info("user %s: remembered promo code dropped (%s)", ctx.user.id, exc)
+        ctx.update(lambda record: record["data"].pop("promo_code", None))
+        ctx.data.pop("promo_code", None)
+        return None
+
+
+def show_balance(ctx: Ctx) -> None:
+    """The balance and the top-up menu: amounts (discounted when a code is active), other amount,
+    promo code, cancel."""
+    discount = _active_discount(ctx)
+    lines = [ctx.t("balance_title"), _status_lines(ctx), ctx.t("price_line", price=ctx.cfg.price_per_operation)]
+    if discount is not None:
+        lines.append(ctx.t("promo_active", code=discount.code, percent=discount.percent))
+    rows = []
+    if ctx.cfg.yookassa_configured:
+        lines.append(ctx.t("choose_amount"))
+        buttons = []
+        for credits in ctx.cfg.topup_amounts:
+            if discount is not None:
+                price = promo.discounted_kopecks(credits, discount.percent)
+                label = ctx.t("btn_amount_discounted", credits=credits, price=_rub(price, exact=False))
+            else:
+                label = ctx.t("btn_amount", credits=credits)
+            buttons.append((label, "amount:%d" % credits))
+        rows += [buttons[i:i + 2] for i in range(0, len(buttons), 2)]
+        rows.append([(ctx.t("btn_other_amount"), "amount_custom")])
+    else:
+        lines.append(ctx.t("payments_not_configured"))
+    rows.append([(ctx.t("btn_promo"), "promo")])
+    rows.append([(ctx.t("btn_cancel"), "cancel")])
+    _send(ctx, "\n".join(lines), _markup(rows))
+
+
+def cmd_balance(message: types.Message, ctx: Ctx) -> None:
+    """/balance."""
+    ctx.finish()
+    show_balance(ctx)
+
+
+def on_pay(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """💰 Оплатить / Баланс (and "💰 Пополнить")."""
+    _answer(ctx)
+    ctx.finish()
+    show_balance(ctx)
+
+
+def on_amount(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """A top-up amount button."""
+    try:
+        credits = int(call.data.split(":", 1)[1])
+    except ValueError:
+        return on_stale_button(call, ctx)
+    if credits not in ctx.cfg.topup_amounts:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    _start_topup(ctx, credits)
+
+
+def on_amount_custom(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"Другая сумма": ask for a whole number of credits."""
+    _answer(ctx)
+    if not ctx.cfg.yookassa_configured:
+        raise payments.PaymentsNotConfigured()
+    ctx.start_flow(Step.amount)
+    _send(ctx, ctx.t("ask_amount", min=ctx.cfg.min_topup, max=ctx.cfg.max_topup), _cancel_markup(ctx))
+
+
+def on_amount_text(message: types.Message, ctx: Ctx) -> None:
+    """The custom amount the user typed."""
+    credits = payments.parse_credits(message.text or "", ctx.cfg)
+    _start_topup(ctx, credits)
+
+
+def _start_topup(ctx: Ctx, credits: int) -> None:
+    """Ask for the receipt e-mail first if needed, else create the payment."""
+    if not ctx.cfg.yookassa_configured:
+        raise payments.PaymentsNotConfigured()
+    if ctx.cfg.yookassa_receipts and not ctx.user.email:
+        ctx.start_flow(Step.email, credits=credits)
+        _send(ctx, ctx.t("ask_email"), _cancel_markup(ctx))
+        return
+    _create_topup(ctx, credits)
+
+
+def _create_topup(ctx: Ctx, credits: int) -> None:
+    discount = _active_discount(ctx)
+    payment = payments.create_topup(ctx.user.id, credits, promo_code=discount.code if discount else None, cfg=ctx.cfg)
+    ctx.finish()
+    lines = [ctx.t("topup_created", credits=payment.credits, amount=_rub(payment.amount_kopecks))]
+    if payment.discount_percent:
+        lines.append(ctx.t("topup_discount", percent=payment.discount_percent))
+    rows = [[(ctx.t("btn_pay_url", amount=_rub(payment.amount_kopecks, exact=False)), None, payment.confirmation_url)],
+            [(ctx.t("btn_check_payment"), "check:%s" % payment.id)],
+            [(ctx.t("btn_menu"), "menu")]]
+    _send(ctx, "\n".join(lines), _markup(rows))
+
+
+def on_email(message: types.Message, ctx: Ctx) -> None:
+    """The e-mail for 54-FZ receipts (asked once), then the payment."""
+    credits = ctx.data.get("credits")
+    ctx.user = payments.set_email(ctx.user.id, message.text or "")
+    if not credits:
+        ctx.finish()
+        return show_balance(ctx)
+    _create_topup(ctx, int(credits))
+
+
+def on_check(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"Проверить оплату": ask YooKassa, credit if paid, tell the user."""
+    try:
+        payment_id = uuid.UUID(call.data.split(":", 1)[1])
+    except ValueError:
+        return on_stale_button(call, ctx)
+    payment = payments.check_payment(payment_id, ctx.user.id)
+    if payment.status == "succeeded":
+        _answer(ctx)
+        payments.claim_notification(payment.id)   # the worker then does not tell them a second time
+        _send(ctx, "%s\n\n%s" % (ctx.t("payment_received", credits=payment.credits), _status_lines(ctx)),
+              _main_menu_markup(ctx))
+    elif payment.status == "canceled":
+        _answer(ctx)
+        _send(ctx, ctx.t("payment_canceled"), _menu_button_markup(ctx))
+    else:
+        _answer(ctx, ctx.t("payment_pending"), alert=True)
+
+
+def on_promo(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"🎟️ Промокод": ask for a code."""
+    _answer(ctx)
+    ctx.start_flow(Step.promo)
+    _send(ctx, ctx.t("ask_promo"), _cancel_markup(ctx))
+
+
+def on_promo_text(message: types.Message, ctx: Ctx) -> None:
+    """A promo code: free access is redeemed now; a discount is remembered for the next top-up."""
+    code = promo.normalize(message.text or "")
+    try:
+        discount = promo.check_discount(code, ctx.user.id)
+    except promo.WrongCodeKind:
+        ctx.user = promo.redeem_free_access(code, ctx.user.id)
+        ctx.finish()
+        _send(ctx, "%s\n\n%s" % (ctx.t("free_access_granted"), _status_lines(ctx)), _main_menu_markup(ctx))
+        return
+    ctx.start_flow(None, promo_code=discount.code)
+    show_balance(ctx)
+
+
+# --------------------------------------------------------------------------------------------
+# Admin commands
+# --------------------------------------------------------------------------------------------
+
+
+def _is_admin(message: types.Message, cfg: config.Config) -> bool:
+    return message.from_user is not None and message.from_user.id in cfg.admin_ids
+
+
+def _args(message: types.Message) -> list[str]:
+    return (telebot.util.extract_arguments(message.text or "") or "").split()
+
+
+def _target_user(ctx: Ctx, raw: str) -> User:
+    """Return the user with Telegram id `raw`; reply and raise LookupError when unknown."""
+    if not raw.isdigit():
+        raise AdminUsage()
+    user = User.get_or_none(User.telegram_id == int(raw))
+    if user is None:
+        _send(ctx, ctx.t("admin_no_user", telegram_id=raw))
+        raise _Handled()
+    return user
+
+
+class AdminUsage(Exception):
+    """An admin command was called with wrong arguments."""
+
+
+class _Handled(Exception):
+    """The handler already replied; stop quietly."""
+
+
+def _admin(usage_key: str):
+    """Wrap an admin handler: bad arguments → its usage text."""
+
+    def wrap(handler):
+        @functools.wraps(handler)
+        def run(message, ctx):
+            try:
+                handler(message, ctx)
+            except AdminUsage:
+                _send(ctx, ctx.t(usage_key))
+            except _Handled:
+                pass
+
+        return run
+
+    return wrap
+
+
+def collect_stats(now: datetime.datetime | None = None, days: int = 7) -> dict:
+    """Read-only figures for /stats: users, active in 24 h, generations per day (last `days`) and
+    per mode, failures, revenue (kopecks, succeeded payments minus refunds), paying users."""
+    now = now or models.utcnow()
+    day_ago = now - datetime.timedelta(hours=24)
+    since = (now - datetime.timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    users = User.select().count()
+    day = fn.DATE(Generation.created_at)
+    per_day = {str(row.day)[:10]: row.n for row in Generation.select(day.alias("day"), fn.COUNT(Generation.id).alias("n"))
+               .where(Generation.created_at >= since).group_by(day).order_by(day)}
+    per_mode = {row.mode: row.n for row in Generation.select(Generation.mode, fn.COUNT(Generation.id).alias("n"))
+                .group_by(Generation.mode).order_by(Generation.mode)}
+    succeeded = Payment.select().where(Payment.status == "succeeded")
+    revenue = (Payment.select(fn.COALESCE(fn.SUM(Payment.amount_kopecks - Payment.refunded_kopecks), 0))
+               .where(Payment.status == "succeeded").scalar())
+    payers = succeeded.select(fn.COUNT(fn.DISTINCT(Payment.user))).scalar()
+    return {
+        "users": users,
+        "active_24h": User.select().where(User.last_seen_at >= day_ago).count(),
+        "new_24h": User.select().where(User.created_at >= day_ago).count(),
+        "generations_per_day": per_day,
+        "generations_per_mode": per_mode,
+        "generations_total": Generation.select().count(),
+        "failed_24h": Generation.select().where((Generation.status == "failed") & (Generation.created_at >= day_ago)).count(),
+        "failed_total": Generation.select().where(Generation.status == "failed").count(),
+        "payments_succeeded": succeeded.count(),
+        "revenue_kopecks": int(revenue or 0),
+        "paying_users": int(payers or 0),
+        "conversion_percent": round(100.0 * (payers or 0) / users, 1) if users else 0.0,
+    }
+
+
+@_admin("admin_usage_stats")
+def cmd_stats(message: types.Message, ctx: Ctx) -> None:
+    """/stats (admins)."""
+    s = collect_stats()
+    per_day = "\n".join("  %s: %s" % item for item in s["generations_per_day"].items()) or "  —"
+    per_mode = "\n".join("  %s: %s" % item for item in s["generations_per_mode"].items()) or "  —"
+    _send(ctx, ctx.t("admin_stats", per_day_text=per_day, per_mode_text=per_mode,
+                     revenue=_rub(s["revenue_kopecks"]), **s))
+
+
+@_admin("admin_usage_user")
+def cmd_user(message: types.Message, ctx: Ctx) -> None:
+    """/user <telegram id> (admins)."""
+    args = _args(message)
+    if len(args) != 1:
+        raise AdminUsage()
+    user = _target_user(ctx, args[0])
+    view = billing.get_balance(user.id)
+    _send(ctx, ctx.t(
+        "admin_user", telegram_id=user.telegram_id, id=user.id, username=user.username or "—",
+        first_name=user.first_name or "—", created=user.created_at.strftime("%Y-%m-%d %H:%M"),
+        last_seen=user.last_seen_at.strftime("%Y-%m-%d %H:%M"), blocked=ctx.t("yes" if user.is_blocked else "no"),
+        free_access=ctx.t("yes" if view.free_access else "no"), credits=view.credits,
+        reserved=view.credits_reserved, free_ops=view.free_ops,
+        generations=Generation.select().where(Generation.user == user.id).count(),
+        payments=Payment.select().where((Payment.user == user.id) & (Payment.status == "succeeded")).count()))
+
+
+@_admin("admin_usage_grant")
+def cmd_grant(message: types.Message, ctx: Ctx) -> None:
+    """/grant <telegram id> <credits> <reason> (admins); idempotent per update."""
+    args = _args(message)
+    if len(args) < 3 or not args[1].isdigit() or int(args[1]) <= 0:
+        raise AdminUsage()
+    user = _target_user(ctx, args[0])
+    credits, reason = int(args[1]), " ".join(args[2:])[:100]
+    key = "grant:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
+    billing.credit(user.id, credits, kind="grant", reference="admin:%s:%s" % (ctx.telegram_id, reason),
+                   idempotency_key=key)
+    logger.info("admin %s granted %s credits to user %s", ctx.telegram_id, credits, user.id)
+    _send(ctx, ctx.t("admin_granted", credits=credits, telegram_id=user.telegram_id,
+                     balance=billing.get_balance(user.id).credits))
+
+
+@_admin("admin_usage_free_access")
+def cmd_free_access(message: types.Message, ctx: Ctx) -> None:
+    """/free_access <telegram id> [days] (admins)."""
+    args = _args(message)
+    if not 1 <= len(args) <= 2 or (len(args) == 2 and (not args[1].isdigit() or int(args[1]) <= 0)):
+        raise AdminUsage()
+    user = _target_user(ctx, args[0])
+    days = int(args[1]) if len(args) == 2 else None
+    user = billing.set_free_access(user.id, days=days)
+    until = user.free_access_until.strftime("%d.%m.%Y") if user.free_access_until else ctx.t("forever")
+    _send(ctx, ctx.t("admin_free_access", telegram_id=user.telegram_id, until=until))
+
+
+def _set_blocked(message: types.Message, ctx: Ctx, blocked: bool) -> None:
+    args = _args(message)
+    if len(args) != 1:
+        raise AdminUsage()
+    user = _target_user(ctx, args[0])
+    User.update(is_blocked=blocked).where(User.id == user.id).execute()
+    logger.info("admin %s set blocked=%s for user %s", ctx.telegram_id, blocked, user.id)
+    _send(ctx, ctx.t("admin_blocked" if blocked else "admin_unblocked", telegram_id=user.telegram_id))
+
+
+@_admin("admin_usage_block")
+def cmd_block(message: types.Message, ctx: Ctx) -> None:
+    """/block <telegram id> (admins)."""
+    _set_blocked(message, ctx, True)
+
+
+@_admin("admin_usage_unblock")
+def cmd_unblock(message: types.Message, ctx: Ctx) -> None:
+    """/unblock <telegram id> (admins)."""
+    _set_blocked(message, ctx, False)
+
+
+@_admin("admin_usage_promo_add")
+def cmd_promo_add(message: types.Message, ctx: Ctx) -> None:
+    """/promo_add CODE percent|free [max_uses] [days] (admins)."""
+    args = _args(message)
+    if not 2 <= len(args) <= 4 or not all(a.isdigit() for a in args[2:]):
+        raise AdminUsage()
+    code, kind = args[0], args[1].lower()
+    max_uses = int(args[2]) if len(args) > 2 and int(args[2]) > 0 else None
+    days = int(args[3]) if len(args) > 3 and int(args[3]) > 0 else None
+    if kind == "free":
+        created = promo.add_code(code, kind="free_access", max_uses=max_uses, days=days)
+    elif kind.isdigit() and 1 <= int(kind) <= 99:
+        created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=max_uses, days=days)
+    else:
+        raise AdminUsage()
+    _send(ctx, ctx.t("admin_promo_added", code=created.code))
+
+
+@_admin("admin_usage_promo_list")
+def cmd_promo_list(message: types.Message, ctx: Ctx) -> None:
+    """/promo_list (admins)."""
+    lines = []
+    for code in promo.list_codes():
+        what = ("%d%%" % code.percent) if code.kind == "discount" else ctx.t("promo_kind_free")
+        limit = "%s/%s" % (code.uses, code.max_uses if code.max_uses is not None else "∞")
+        until = code.expires_at.strftime("%d.%m.%Y") if code.expires_at else "—"
+        state = "" if code.active else " (off)"
+        lines.append("%s — %s, %s, %s%s" % (code.code, what, limit, until, state))
+    _send(ctx, ctx.t("admin_promo_list", codes="\n".join(lines) or "—"))
+
+
+@_admin("admin_usage_broadcast")
+def cmd_broadcast(message: types.Message, ctx: Ctx) -> None:
+    """/broadcast <text> (admins): send to every user not blocked, ~20 messages/s."""
+    text = (telebot.util.extract_arguments(message.text or "") or "").strip()
+    if not text:
+        raise AdminUsage()
+    sent, failed = broadcast(ctx.bot, text)
+    _send(ctx, ctx.t("admin_broadcast_done", sent=sent, failed=failed))
+
+
+def broadcast(bot: telebot.TeleBot, text: str, rate: float = BROADCAST_RATE) -> tuple[int, int]:
+    """Send `text` to every user who is not blocked, at most `rate` messages per second (through
+    `worker.tg`, which waits out 429s). Return (sent, failed)."""
+    sent = failed = 0
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    for telegram_id in User.select(User.telegram_id).where(User.is_blocked == False).tuples().iterator():  # noqa: E712
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        next_at = max(next_at, time.monotonic()) + interval
+        try:
+            worker.tg(bot.send_message, telegram_id[0], text)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - a user who blocked the bot is not an error here
+            failed += 1
+            logger.info("broadcast to %s failed: %s", telegram_id[0], _redact(str(exc), bot.token))
+    logger.info("broadcast done: sent=%s failed=%s", sent, failed)
+    return sent, failed
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring
+# --------------------------------------------------------------------------------------------
+
+
+class MediaLabBot(telebot.TeleBot):
+    """TeleBot that copies each update's `update_id` onto its message / callback query (admin
+    grants use it as their idempotency key)."""
+
+    def process_new_updates(self, updates):
+        for update in updates:
+            for part in (update.message, update.callback_query):
+                if part is not None:
+                    part.update_id = update.update_id
+        return super().process_new_updates(updates)
+
+
+def _prefix(prefix: str):
+    return lambda call: (call.data or "").startswith(prefix)
+
+
+def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
+    """Register every handler, in the order they are tried."""
+    admin = functools.partial(_is_admin, cfg=cfg)
+    msg = bot.register_message_handler
+    g = _guarded
+    # Commands work in any step.
+    msg(g(cmd_start), commands=["start"])
+    msg(g(cmd_help), commands=["help"])
+    msg(g(cmd_cancel), commands=["cancel"])
+    msg(g(cmd_balance), commands=["balance"])
+    for name, handler in (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant),
+                          ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
+                          ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
+                          ("broadcast", cmd_broadcast)):
+        msg(g(handler), commands=[name], func=admin)
+    msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))
+    # Steps.
+    msg(g(on_image), content_types=["photo", "document"], state=Step.images)
+    msg(g(on_prompt), content_types=["text"], state=Step.prompt)
+    msg(g(on_caption_text), content_types=["text"], state=Step.text)
+    msg(g(on_amount_text), content_types=["text"], state=Step.amount)
+    msg(g(on_promo_text), content_types=["text"], state=Step.promo)
+    msg(g(on_email), content_types=["text"], state=Step.email)
+    msg(g(on_unexpected), content_types=["text", "photo", "document", "sticker", "video", "voice", "audio",
+                                         "animation", "video_note", "location", "contact"])
+    # Buttons.
+    cb = bot.register_callback_query_handler
+    cb(g(on_menu), func=lambda c: c.data == "menu")
+    cb(g(on_cancel), func=lambda c: c.data == "cancel")
+    cb(g(on_mode), func=_prefix("mode:"))
+    cb(g(on_consent), func=lambda c: c.data == "consent")
+    cb(g(on_ratio), func=_prefix("ratio:"))
+    cb(g(on_done), func=lambda c: c.data == "done")
+    cb(g(on_position), func=_prefix("pos:"))
+    cb(g(on_color), func=_prefix("color:"))
+    cb(g(on_again), func=_prefix("again:"))
+    cb(g(on_job_cancel), func=_prefix("jobcancel:"))
+    cb(g(on_pay), func=lambda c: c.data == "pay")
+    cb(g(on_amount), func=_prefix("amount:"))
+    cb(g(on_amount_custom), func=lambda c: c.data == "amount_custom")
+    cb(g(on_promo), func=lambda c: c.data == "promo")
+    cb(g(on_check), func=_prefix("check:"))
+    cb(g(on_stale_button), func=lambda c: True)
+
+
+def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_threads: int = 4) -> telebot.TeleBot:
+    """Build the bot: API URL from TELEGRAM_API_URL, database-backed states, the user middleware,
+    every handler. `threaded=False` runs handlers inline in `process_new_updates` (tests)."""
+    cfg = cfg or config.get()
+    worker.configure_api_url(cfg)
+    bot = MediaLabBot(cfg.telegram_bot_token, threaded=threaded, num_threads=num_threads,
+                      state_storage=PeeweeStateStorage(), use_class_middlewares=True,
+                      exception_handler=BotExceptionHandler(cfg.telegram_bot_token))
+    bot.add_custom_filter(StateFilter(bot))
+    middleware = UserMiddleware(cfg)
+    middleware.bot = bot
+    bot.setup_middleware(middleware)
+    register_handlers(bot, cfg)
+    return bot
+
+
+COMMANDS = ("start", "help", "balance", "cancel")
+
+
+def set_commands(bot: telebot.TeleBot) -> None:
+    """Publish the command list in Russian (default) and English."""
+    for lang, code in (("ru", None), ("en", "en")):
+        commands = [types.BotCommand(name, texts.t("cmd_" + name, lang)) for name in COMMANDS]
+        worker.tg(bot.set_my_commands, commands, language_code=code)
+
+
+def main(argv=None) -> int:
+    """Run the bot with long polling (`python bot.py`)."""
+    try:
+        cfg = config.configure(config.load())
+    except config.ConfigError as exc:
+        for problem in exc.problems:
+            print("config: %s" % problem, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    models.init_db(cfg.database_url)
+    try:
+        models.ensure_migrated()
+    except models.NotMigrated as exc:
+        print("%s\nrun `make migrate`" % exc, file=sys.stderr)
+        return 2
+    if cfg.telegram_webhook_url:
+        logger.warning("TELEGRAM_WEBHOOK_URL is set, but webhook mode is not implemented yet: using long polling")
+    bot = create_bot(cfg)
+    worker.tg(bot.delete_webhook)
+    set_commands(bot)
+    logger.info("bot starting (long polling)")
+    bot.infinity_polling(skip_pending=False, allowed_updates=ALLOWED_UPDATES, timeout=30, long_polling_timeout=25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,910 @@
+"""YooKassa top-ups: create a payment, verify and apply notifications, reconcile, refunds.
+
+Money flow (SPEC §4, ../shared/notes/yookassa.md):
+
+1. ``create_topup`` writes our order (a ``Payment`` row, uuid) first, reserving a discount code on
+   it, then calls ``yookassa.Payment.create`` with the order id as the idempotence key, so a retry
+   (ours, after a timeout or a 5xx) can never create a second YooKassa payment.
+2. A notification (``handle_notification``) is only a hint: it must come from YooKassa's networks,
+   and we re-fetch the object through the API and trust only the fetched object (status, paid,
+   amount, currency, metadata, test). There is no signature on YooKassa notifications.
+3. Applying a succeeded payment is one money transaction: the conditional update of our order
+   pending → succeeded, the ledger credit (idempotency key ``topup:<order id>``) and the promo
+   consumption. Notifications, the "Проверить оплату" button and ``reconcile`` all go through the
+   same ``_apply``, so any number of them, in any order and in any process, credit once.
+
+The SDK keeps its settings in class attributes (process-global) and sets no HTTP timeout;
+``configure_sdk`` sets both. Amounts are int kopecks inside and ``"90.00"`` strings at the API.
+Money values in this module are kopecks unless a name says credits (1 credit = 1 ₽ = 100 kopecks).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import ipaddress
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+
+import requests
+import yookassa
+from yookassa.client import ApiClient
+from yookassa.domain.exceptions import ApiError
+from yookassa.domain.notification import WebhookNotificationFactory
+
+import billing
+import config
+import promo
+from models import Payment, Refund, User, utcnow
+
+logger = logging.getLogger(__name__)
+
+MAX_NOTIFICATION_BYTES = 64 * 1024      # larger bodies are refused with 413 (issue #4)
+CREATE_ATTEMPTS = 3                     # Payment.create tries, all with the same idempotence key
+CREATE_BACKOFF = (0.2, 0.6)             # seconds slept after failed attempt 1, 2
+WEBHOOK_API_TIMEOUT = 5.0               # seconds: cap on each API call made inside a webhook request
+REUSE_WINDOW = 15 * 60                  # seconds a pending order is re-used for the same tap
+ORDER_EXPIRY = 60 * 60                  # seconds after which a pending order YooKassa never confirmed ends
+DESCRIPTION = "Пополнение баланса Media Lab: {credits} кредитов"
+DESCRIPTION_MAX = 128                   # YooKassa API: description ≤ 128 characters (OAS Description)
+PAYMENT_EVENTS = ("payment.succeeded", "payment.waiting_for_capture", "payment.canceled")
+REFUND_EVENTS = ("refund.succeeded",)
+EMAIL_RE = re.compile(r"[A-Za-z0-9._%+'-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,63}", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+", re.ASCII)       # str.isdigit() would accept "９９" and "²"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+class PaymentError(Exception):
+    """The payment could not be processed."""
+
+    text_key = "payment_error"
+
+    def __str__(self):
+        return self.args[0] if self.args else (self.__doc__ or "").strip()
+
+
+class InvalidTopupAmount(PaymentError):
+    """The top-up amount must be a whole number of credits within the allowed range."""
+
+    def __init__(self, code: str, *, minimum: int, maximum: int, text: str = ""):
+        super().__init__("invalid top-up amount %r: %s" % (str(text)[:20], code))
+        self.code = code                                  # not_a_number | too_small | too_big
+        self.text_key = "topup_" + code
+        self.values = {"min": minimum, "max": maximum}    # for texts.t(exc.text_key, lang, **exc.values)
+
+
+class PaymentsNotConfigured(PaymentError):
+    """Payments are not configured (YOOKASSA_SHOP_ID / YOOKASSA_SECRET_KEY)."""
+
+    text_key = "payments_not_configured"
+
+
+class ProviderUnavailable(PaymentError):
+    """YooKassa did not answer or answered with an error; the outcome is unknown, try again later."""
+
+    text_key = "payment_provider_unavailable"
+
+
+class PaymentRejected(PaymentError):
+    """YooKassa rejected the payment request."""
+
+    text_key = "payment_rejected"
+
+
+class EmailRequired(PaymentError):
+    """An e-mail address is needed for the receipt (54-FZ)."""
+
+    text_key = "payment_email_required"
+
+
+class InvalidEmail(PaymentError):
+    """This is not a valid e-mail address."""
+
+    text_key = "payment_email_invalid"
+
+
+class UnknownPayment(PaymentError):
+    """No such payment."""
+
+    text_key = "payment_unknown"
+
+
+class NotificationRejected(PaymentError):
+    """The notification was refused (untrusted source, bad body, or it does not match our order)."""
+
+
+@dataclass(frozen=True)
+class NotificationOutcome:
+    """What the webhook answers: `http_status`, the order id newly credited by this call (or None),
+    and a short machine-readable `detail` for logs and tests."""
+
+    http_status: int
+    credited_payment_id: uuid.UUID | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Applied:
+    credited: uuid.UUID | None
+    detail: str
+
+
+# --- the SDK: configuration, timeout, error classes -------------------------------------------
+
+_default_timeout = 10.0
+_local = threading.local()
+
+
+def _current_timeout() -> float:
+    return getattr(_local, "timeout", None) or _default_timeout
+
+
+def _install_timeout_patch() -> None:
+    """Give every SDK HTTP request a (connect, read) timeout.
+
+    yookassa 3.13.0 calls ``session.request(...)`` without ``timeout=`` (its ``Configuration.timeout``
+    is a retry backoff factor), so a stalled connection hangs forever: see
+    ../shared/notes/yookassa.md §1.1 and the unmerged fix yoomoney/yandex-checkout-sdk-python#62.
+    This is the documented workaround from the notes: wrap ``ApiClient.get_session`` so the
+    session's ``request`` gets ``timeout=``. A timeout then surfaces as ``AttributeError`` (§1.4).
+    Installed once per process.
+    """
+    if getattr(ApiClient.get_session, "_medialab_timeout", False):
+        return
+    original = ApiClient.get_session
+
+    @functools.wraps(original)
+    def get_session(self):
+        session = original(self)
+        seconds = _current_timeout()
+        session.request = functools.partial(session.request, timeout=(seconds, seconds))
+        return session
+
+    get_session._medialab_timeout = True
+    ApiClient.get_session = get_session
+
+
+@contextlib.contextmanager
+def _api_timeout(seconds: float):
+    """Use `seconds` as the SDK timeout for calls made by this thread inside the block."""
+    previous = getattr(_local, "timeout", None)
+    _local.timeout = seconds
+    try:
+        yield
+    finally:
+        _local.timeout = previous
+
+
+def configure_sdk(cfg: config.Config | None = None) -> None:
+    """Point the (process-global) SDK at `cfg`'s shop and API URL, with an HTTP timeout.
+
+    Always passes ``api_url`` (every ``configure()`` without it resets the URL to production,
+    notes §1.1) and never a logger (the SDK would log the Basic-auth secret, notes §1.5).
+    Raises PaymentsNotConfigured when the shop id or secret key is missing.
+    """
+    global _default_timeout
+    cfg = cfg or config.get()
+    if not cfg.yookassa_configured:
+        raise PaymentsNotConfigured("YOOKASSA_SHOP_ID / YOOKASSA_SECRET_KEY are not set")
+    _default_timeout = float(cfg.yookassa_timeout)
+    _install_timeout_patch()
+    conf = yookassa.Configuration
+    url = cfg.yookassa_api_url.rstrip("/")
+    if (conf.account_id, conf.secret_key, conf.api_url, conf.auth_token) != (
+            cfg.yookassa_shop_id, cfg.yookassa_secret_key, url, None):
+        conf.configure(cfg.yookassa_shop_id, cfg.yookassa_secret_key, api_url=url)
+    conf.logger = None
+
+
+def _transient(exc: BaseException) -> bool:
+    """True if an SDK error leaves the outcome unknown (retry with the same idempotence key).
+
+    Per notes §1.4 / §4: 5xx, 429 and 202 answers, unknown statuses (plain ApiError), network
+    errors and timeouts (``AttributeError`` from the SDK's error handler), ``requests`` errors and
+    non-JSON error bodies (``requests.JSONDecodeError``, an HTML 502 from a proxy).
+    """
+    if isinstance(exc, ApiError):
+        code = getattr(exc, "HTTP_CODE", 0)
+        return code in (0, 202, 429) or code >= 500
+    return isinstance(exc, (AttributeError, requests.RequestException, json.JSONDecodeError))
+
+
+def _describe(exc: BaseException) -> str:
+    """A log-safe one-line description of an SDK error (never headers or credentials)."""
+    if isinstance(exc, ApiError):
+        content = getattr(exc, "content", None) or {}
+        if isinstance(content, dict):
+            return "%s %s: %s" % (type(exc).__name__, content.get("code"), str(content.get("description"))[:200])
+        return type(exc).__name__
+    cause = exc.__context__ if isinstance(exc, AttributeError) and exc.__context__ else exc
+    return "%s: %s" % (type(cause).__name__, str(cause)[:200])
+
+
+# --- amounts ----------------------------------------------------------------------------------
+
+def kopecks_to_value(kopecks: int) -> str:
+    """Return the API amount string for `kopecks`: 9000 → ``"90.00"`` (never via float)."""
+    return "%d.%02d" % divmod(int(kopecks), 100)
+
+
+def value_to_kopecks(value) -> int:
+    """Return whole kopecks for an API amount (``"90.00"``, ``Decimal('90.00')``, ``"1"``).
+
+    Raises ValueError for a value that is not a whole number of kopecks.
+    """
+    try:
+        kopecks = Decimal(str(value)) * 100
+    except InvalidOperation:
+        raise ValueError("not an amount: %r" % (value,)) from None
+    if kopecks != kopecks.to_integral_value():
+        raise ValueError("amount %r is not a whole number of kopecks" % (value,))
+    return int(kopecks)
+
+
+def parse_credits(text: str, cfg: config.Config | None = None) -> int:
+    """Return the whole number of credits the user typed for a custom top-up.
+
+    Accepts ASCII digits only, with surrounding spaces: ``"250"`` → 250. Rejects ``abc``, ``10.5``,
+    ``1e9``, full-width ``９９``, emoji and empty text (code ``not_a_number``), ``0`` / ``-5`` and
+    anything below MIN_TOPUP (``too_small``), anything above MAX_TOPUP (``too_big``): raises
+    InvalidTopupAmount with that ``.code``.
+    """
+    cfg = cfg or config.get()
+    limits = {"minimum": cfg.min_topup, "maximum": cfg.max_topup, "text": text if isinstance(text, str) else ""}
+    raw = text.strip() if isinstance(text, str) else ""
+    negative = raw.startswith("-") and _DIGITS.fullmatch(raw[1:]) is not None
+    if negative:
+        raise InvalidTopupAmount("too_small", **limits)
+    if not _DIGITS.fullmatch(raw):
+        raise InvalidTopupAmount("not_a_number", **limits)
+    if len(raw.lstrip("0")) > 12:
+        raise InvalidTopupAmount("too_big", **limits)
+    return check_credits(int(raw), cfg)
+
+
+def check_credits(credits: int, cfg: config.Config | None = None) -> int:
+    """Return `credits` if it is an int within MIN_TOPUP..MAX_TOPUP; else raise InvalidTopupAmount."""
+    cfg = cfg or config.get()
+    limits = {"minimum": cfg.min_topup, "maximum": cfg.max_topup, "text": str(credits)}
+    if isinstance(credits, bool) or not isinstance(credits, int):
+        raise InvalidTopupAmount("not_a_number", **limits)
+    if credits < cfg.min_topup:
+        raise InvalidTopupAmount("too_small", **limits)
+    if credits > cfg.max_topup:
+        raise InvalidTopupAmount("too_big", **limits)
+    return credits
+
+
+# --- creating a top-up ------------------------------------------------------------------------
+
+def set_email(user_id: int, email: str) -> User:
+    """Remember the user's e-mail for 54-FZ receipts (asked once); return the User.
+
+    The address is trimmed, its domain lower-cased, at most 254 characters. Raises InvalidEmail,
+    billing.UnknownUser.
+    """
+    value = email.strip() if isinstance(email, str) else ""
+    if len(value) > 254 or not EMAIL_RE.fullmatch(value):
+        raise InvalidEmail("invalid e-mail address")
+    local, _, domain = value.rpartition("@")
+    value = local + "@" + domain.lower()
+    billing.get_user(user_id)
+    User.update(email=value).where(User.id == user_id).execute()
+    logger.info("receipt e-mail set: user=%s", user_id)
+    return billing.get_user(user_id)
+
+
+def get_payment(payment_id, user_id: int | None = None) -> Payment:
+    """Return our order `payment_id` (uuid or its text); with `user_id`, only if it is that user's.
+
+    Raises UnknownPayment.
+    """
+    try:
+        key = payment_id if isinstance(payment_id, uuid.UUID) else uuid.UUID(str(payment_id))
+    except ValueError:
+        raise UnknownPayment("not a payment id: %r" % (str(payment_id)[:40],)) from None
+    order = Payment.get_or_none(Payment.id == key)
+    if order is None or (user_id is not None and order.user_id != user_id):
+        raise UnknownPayment("no payment %s for user %s" % (key, user_id))
+    return order
+
+
+def _reusable_order(user_id: int, credits: int, code: str | None, now: datetime.datetime) -> Payment | None:
+    """A pending order of this user for the same top-up made in the last REUSE_WINDOW seconds."""
+    query = (Payment.select().where((Payment.user == user_id) & (Payment.credits == credits)
+                                    & (Payment.status == "pending")
+                                    & (Payment.created_at >= now - datetime.timedelta(seconds=REUSE_WINDOW)))
+             .order_by(Payment.created_at.desc()))
+    for order in query:
+        order_code = order.promo.code if order.promo_id else None
+        if order_code == code:
+            return order
+    return None
+
+
+@billing.money_transaction
+def _find_or_create_order(user_id: int, credits: int, code: str | None, now: datetime.datetime) -> Payment:
+    """Re-use this tap's pending order, or validate the code and create the order with the code
+    reserved on it — in one transaction, so two racing taps (serialised by the write lock on
+    SQLite) make one order. Raises promo.PromoError subclasses before anything is written."""
+    order = _reusable_order(user_id, credits, code, now)
+    if order is not None:
+        logger.info("top-up order re-used: order=%s user=%s", order.id, user_id)
+        return order
+    discount = promo.check_discount(code, user_id, now) if code else None
+    kopecks = promo.discounted_kopecks(credits, discount.percent) if discount else credits * 100
+    order = Payment.create(id=uuid.uuid4(), user=user_id, credits=credits, amount_kopecks=kopecks, currency="RUB",
+                           promo=discount.id if discount else None,
+                           discount_percent=discount.percent if discount else 0,
+                           status="pending", created_at=now, updated_at=now)
+    if discount is not None:
+        promo.reserve_for_payment(discount, user_id, order.id, now)
+    logger.info("top-up order created: order=%s user=%s credits=%s amount=%s promo=%s",
+                order.id, user_id, credits, kopecks_to_value(kopecks), discount.code if discount else None)
+    return order
+
+
+def _payment_params(order: Payment, user: User, cfg: config.Config) -> dict:
+    """The ``Payment.create`` body for `order` (rebuilt per call: the SDK mutates ``metadata``).
+
+    Deterministic for one order, so a retry with the same idempotence key sends the same body.
+    """
+    value = kopecks_to_value(order.amount_kopecks)
+    description = DESCRIPTION.format(credits=order.credits)[:DESCRIPTION_MAX]
+    return_url = cfg.yookassa_return_url
+    if not return_url:
+        logger.warning("YOOKASSA_RETURN_URL is empty: using https://t.me/ as the return URL")
+        return_url = "https://t.me/"
+    params = {
+        "amount": {"value": value, "currency": order.currency},
+        "capture": True,                       # else the payment waits for capture and expires (notes §3)
+        "confirmation": {"type": "redirect", "return_url": return_url},
+        "description": description,
+        "metadata": {"order_id": str(order.id), "user_id": str(user.telegram_id), "credits": str(order.credits)},
+    }
+    if cfg.yookassa_receipts:
+        # 54-FZ receipt (notes §3.1): the customer's e-mail and one item; vat_code / payment_mode /
+        # payment_subject are the shop's accounting choice (YOOKASSA_VAT_CODE, ...).
+        params["receipt"] = {
+            "customer": {"email": user.email},
+            "items": [{
+                "description": description,
+                "quantity": "1.00",
+                "amount": {"value": value, "currency": order.currency},
+                "vat_code": cfg.yookassa_vat_code,
+                "payment_mode": cfg.yookassa_payment_mode,
+                "payment_subject": cfg.yookassa_payment_subject,
+            }],
+        }
+    return params
+
+
+def create_topup(user_id: int, credits: int, *, promo_code: str | None = None,
+                 cfg: config.Config | None = None) -> Payment:
+    """Create (or re-use) a top-up of `credits` credits for `user_id` (our User.id); return the order.
+
+    The returned Payment has ``amount_kopecks`` (after the discount), ``yookassa_payment_id`` and
+    ``confirmation_url`` (the pay button). Everything is validated before anything is written.
+    A pending order for the same user, credits and code from the last REUSE_WINDOW seconds is
+    re-used (a second tap never makes a second order); one without a YooKassa payment yet is sent
+    again with the same idempotence key, so YooKassa replays the first answer.
+
+    Raises InvalidTopupAmount, PaymentsNotConfigured, EmailRequired (YOOKASSA_RECEIPTS=1 and no
+    e-mail), promo.PromoError subclasses, billing.UnknownUser / UserBlocked, PaymentRejected (a 4xx
+    from YooKassa: the order is canceled and its code released) and ProviderUnavailable (no
+    answer after CREATE_ATTEMPTS tries: the order stays pending for a re-tap or reconciliation).
+    """
+    cfg = cfg or config.get()
+    if not cfg.yookassa_configured:
+        raise PaymentsNotConfigured("YOOKASSA_SHOP_ID / YOOKASSA_SECRET_KEY are not set")
+    credits = check_credits(credits, cfg)
+    user = billing.get_user(user_id)
+    if user.is_blocked:
+        raise billing.UserBlocked()
+    if cfg.yookassa_receipts and not user.email:
+        raise EmailRequired("user %s has no e-mail for the receipt" % user.id)
+    code = promo.normalize(promo_code) if promo_code else None
+    order = _find_or_create_order(user.id, credits, code, utcnow())
+    if order.yookassa_payment_id and order.confirmation_url:
+        return order
+    return _send_to_provider(order, user, cfg)
+
+
+def _send_to_provider(order: Payment, user: User, cfg: config.Config) -> Payment:
+    """``Payment.create`` for `order` with its id as the idempotence key, retried on transient errors."""
+    configure_sdk(cfg)
+    key = str(order.id)
+    response = None
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            response = yookassa.Payment.create(_payment_params(order, user, cfg), idempotency_key=key)
+            break
+        except Exception as exc:            # noqa: BLE001 - classified below, unknown errors re-raised
+            if _transient(exc):
+                logger.warning("Payment.create failed (attempt %s/%s): order=%s %s",
+                               attempt, CREATE_ATTEMPTS, order.id, _describe(exc))
+                if attempt < CREATE_ATTEMPTS:
+                    time.sleep(CREATE_BACKOFF[min(attempt, len(CREATE_BACKOFF)) - 1])
+                continue
+            if isinstance(exc, (ApiError, ValueError, TypeError)):
+                # 4xx from the API, or the SDK's own validation: this request will never succeed.
+                logger.error("Payment.create rejected: order=%s %s", order.id, _describe(exc))
+                _mark_canceled(order.id, "rejected")
+                raise PaymentRejected("YooKassa rejected order %s: %s" % (order.id, _describe(exc))) from exc
+            raise
+    if response is None:
+        raise ProviderUnavailable("YooKassa did not create order %s after %s attempts" % (order.id, CREATE_ATTEMPTS))
+    if response.status == "canceled":
+        reason = getattr(getattr(response, "cancellation_details", None), "reason", None) or "canceled"
+        logger.warning("Payment.create answered canceled: order=%s yookassa=%s reason=%s",
+                       order.id, response.id, reason)
+        _mark_canceled(order.id, str(reason)[:64])
+        raise PaymentRejected("YooKassa canceled order %s at once (%s)" % (order.id, reason))
+    confirmation = getattr(response, "confirmation", None)
+    url = getattr(confirmation, "confirmation_url", None)
+    changed = (Payment.update(yookassa_payment_id=response.id, confirmation_url=url, test=bool(response.test),
+                              updated_at=utcnow())
+               .where((Payment.id == order.id) & (Payment.yookassa_payment_id.is_null()
+                                                  | (Payment.yookassa_payment_id == response.id))).execute())
+    if not changed:
+        logger.error("order %s already has another YooKassa payment than %s", order.id, response.id)
+    logger.info("top-up sent to YooKassa: order=%s yookassa=%s amount=%s status=%s",
+                order.id, response.id, kopecks_to_value(order.amount_kopecks), response.status)
+    return Payment.get_by_id(order.id)
+
+
+# --- applying what the API says ---------------------------------------------------------------
+
+def _fetch_payment(yookassa_id: str):
+    """``Payment.find_one`` → PaymentResponse; any failure → ProviderUnavailable (we could not verify)."""
+    try:
+        return yookassa.Payment.find_one(yookassa_id)
+    except Exception as exc:                # noqa: BLE001
+        if _transient(exc) or isinstance(exc, ApiError):
+            raise ProviderUnavailable("Payment.find_one(%s) failed: %s" % (yookassa_id, _describe(exc))) from exc
+        raise
+
+
+def _fetch_refund(refund_id: str):
+    """``Refund.find_one`` → RefundResponse; any failure → ProviderUnavailable."""
+    try:
+        return yookassa.Refund.find_one(refund_id)
+    except Exception as exc:                # noqa: BLE001
+        if _transient(exc) or isinstance(exc, ApiError):
+            raise ProviderUnavailable("Refund.find_one(%s) failed: %s" % (refund_id, _describe(exc))) from exc
+        raise
+
+
+def _mismatches(order: Payment, fetched, cfg: config.Config) -> list[str]:
+    """Why the fetched API object is not the payment for `order` (empty: it is)."""
+    problems = []
+    if fetched.id != order.yookassa_payment_id:
+        problems.append("id %s != %s" % (fetched.id, order.yookassa_payment_id))
+    amount = getattr(fetched, "amount", None)
+    try:
+        kopecks = value_to_kopecks(amount.value)
+    except (AttributeError, ValueError):
+        kopecks = None
+    if kopecks != order.amount_kopecks:
+        problems.append("amount %s != %s" % (getattr(amount, "value", None), kopecks_to_value(order.amount_kopecks)))
+    if getattr(amount, "currency", None) != order.currency:
+        problems.append("currency %s != %s" % (getattr(amount, "currency", None), order.currency))
+    metadata = getattr(fetched, "metadata", None) or {}
+    if not isinstance(metadata, dict):
+        metadata = {}
+    if metadata.get("order_id") != str(order.id):
+        problems.append("metadata.order_id %r" % (metadata.get("order_id"),))
+    telegram_id = User.select(User.telegram_id).where(User.id == order.user_id).scalar()
+    if metadata.get("user_id") != str(telegram_id):
+        problems.append("metadata.user_id %r != %s" % (metadata.get("user_id"), telegram_id))
+    if getattr(fetched, "test", False) and not cfg.yookassa_allow_test:
+        problems.append("test payment while YOOKASSA_ALLOW_TEST=0")
+    return problems
+
+
+def _capture(order: Payment, fetched, cfg: config.Config):
+    """Capture a held payment with our key ``capture:<order id>``; return the API's answer.
+
+    A rejected capture (someone captured or canceled it meanwhile) is answered by a re-fetch.
+    Raises ProviderUnavailable when the outcome is unknown.
+    """
+    key = "capture:%s" % order.id
+    try:
+        captured = yookassa.Payment.capture(fetched.id, None, idempotency_key=key)
+    except Exception as exc:                # noqa: BLE001
+        if _transient(exc):
+            raise ProviderUnavailable("capture of %s failed: %s" % (fetched.id, _describe(exc))) from exc
+        if not isinstance(exc, ApiError):
+            raise
+        logger.warning("capture rejected: order=%s yookassa=%s %s — re-fetching", order.id, fetched.id, _describe(exc))
+        captured = _fetch_payment(fetched.id)
+        if captured.status == "waiting_for_capture":
+            raise ProviderUnavailable("capture of %s rejected and the payment is still held" % fetched.id) from exc
+    logger.info("payment captured: order=%s yookassa=%s status=%s", order.id, fetched.id, captured.status)
+    return captured
+
+
+def _apply(order: Payment, fetched, cfg: config.Config, source: str) -> _Applied:
+    """Bring our order to what the fetched API object says (credit once, cancel, capture, or nothing).
+
+    A fetched object that does not match our order changes nothing and is logged as a security
+    event. Raises ProviderUnavailable when a capture's outcome is unknown.
+    """
+    problems = _mismatches(order, fetched, cfg)
+    if not problems and fetched.status == "waiting_for_capture":
+        if not fetched.paid:
+            problems.append("waiting_for_capture but not paid")
+        else:
+            fetched = _capture(order, fetched, cfg)
+            problems = _mismatches(order, fetched, cfg)
+    if not problems and fetched.status == "succeeded" and not fetched.paid:
+        problems.append("succeeded but not paid")
+    if problems:
+        logger.warning("security: %s: YooKassa payment %s does not match order %s: %s — nothing changed",
+                       source, fetched.id, order.id, "; ".join(problems))
+        return _Applied(None, "mismatch")
+    if fetched.status == "succeeded":
+        if _mark_succeeded(order.id, bool(fetched.test), source):
+            return _Applied(order.id, "credited")
+        return _Applied(None, "already_applied")
+    if fetched.status == "canceled":
+        details = getattr(fetched, "cancellation_details", None)
+        reason = getattr(details, "reason", None) or "canceled"
+        if _mark_canceled(order.id, str(reason)[:64]):
+            return _Applied(None, "canceled")
+        return _Applied(None, "already_applied")
+    return _Applied(None, "status_" + str(fetched.status))
+
+
+@billing.money_transaction
+def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:
+    """pending → succeeded, the ledger credit and the promo consumption, all in one transaction.
+
+    Returns True only for the call that made the change (the conditional update decides).
+    """
+    now = utcnow()
+    order = Payment.get_by_id(order_id)
+    changed = (Payment.update(status="succeeded", succeeded_at=now, updated_at=now, test=test)
+               .where((Payment.id == order_id) & (Payment.status.in_(["pending", "canceled"]))).execute())
+    if not changed:
+        return False
+    if order.status == "canceled":
+        logger.warning("order %s was canceled here but YooKassa says succeeded: crediting (the user paid)", order_id)
+    billing.credit(order.user_id, order.credits, kind="topup", reference="payment:%s" % order_id,
+                   idempotency_key="topup:%s" % order_id)
+    promo.consume_for_payment(order_id, now)
+    logger.info("payment succeeded: order=%s yookassa=%s user=%s credits=%s amount=%s via=%s",
+                order_id, order.yookassa_payment_id, order.user_id, order.credits,
+                kopecks_to_value(order.amount_kopecks), source)
+    return True
+
+
+@billing.money_transaction
+def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
+    """pending → canceled and the promo reservation released; True if this call changed it."""
+    now = utcnow()
+    changed = (Payment.update(status="canceled", cancel_reason=reason, updated_at=now)
+               .where((Payment.id == order_id) & (Payment.status == "pending")).execute())
+    if changed:
+        promo.release_for_payment(order_id, now)
+        logger.info("payment canceled: order=%s reason=%s", order_id, reason)
+    else:
+        status = Payment.select(Payment.status).where(Payment.id == order_id).scalar()
+        logger.info("cancel ignored: order=%s is %s", order_id, status)
+    return bool(changed)
+
+
+@billing.money_transaction
+def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund | None:
+    """Record YooKassa refund `refund_id` once and take back its share of the credits.
+
+    Credits taken = order credits × refund kopecks // order kopecks (floor), capped by the
+    available balance with the shortfall recorded (billing.take_back). Returns the new Refund row,
+    or None when this refund was already applied.
+    """
+    if Refund.select().where(Refund.id == refund_id).exists():
+        return None
+    now = utcnow()
+    order = Payment.get_by_id(order_id)
+    remaining = order.amount_kopecks - order.refunded_kopecks
+    if kopecks > remaining:
+        logger.warning("security: refund %s of %s exceeds what is left of order %s (%s)",
+                       refund_id, kopecks_to_value(kopecks), order_id, kopecks_to_value(remaining))
+        kopecks = max(remaining, 0)
+    credits = order.credits * kopecks // order.amount_kopecks
+    debited = shortfall = 0
+    if credits > 0:
+        entry = billing.take_back(order.user_id, credits, reference="refund:%s" % refund_id,
+                                  idempotency_key="refund:%s" % refund_id)
+        shortfall = entry.shortfall
+        debited = credits - shortfall
+    Refund.insert(id=refund_id, payment=order_id, amount_kopecks=kopecks, credits_requested=credits,
+                  credits_debited=debited, shortfall=shortfall, created_at=now).execute()
+    Payment.update(refunded_kopecks=Payment.refunded_kopecks + kopecks, updated_at=now).where(
+        Payment.id == order_id).execute()
+    logger.info("refund applied: refund=%s order=%s user=%s amount=%s credits=%s debited=%s shortfall=%s",
+                refund_id, order_id, order.user_id, kopecks_to_value(kopecks), credits, debited, shortfall)
+    return Refund.get_by_id(refund_id)
+
+
+# --- notifications ----------------------------------------------------------------------------
+
+def normalize_ip(text: str):
+    """Return an ``ipaddress`` address for `text`, IPv4-mapped IPv6 (``::ffff:1.2.3.4``) as IPv4;
+    None when `text` is not one address (empty, a list, garbage)."""
+    try:
+        address = ipaddress.ip_address((text or "").strip())
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_trusted_source(client_ip: str, networks) -> bool:
+    """True if `client_ip` (already resolved through the trusted proxies) is in one of `networks`."""
+    address = normalize_ip(client_ip)
+    if address is None:
+        return False
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | None = None) -> NotificationOutcome:
+    """Verify and apply one YooKassa HTTP notification; return the HTTP answer for YooKassa.
+
+    `raw_body` is the request body as received; `client_ip` the real client address (web resolves
+    it through TRUSTED_PROXY_COUNT proxies with Werkzeug's ProxyFix). Answers:
+
+    * 403 — the source is not in YOOKASSA_TRUSTED_NETWORKS (logged as a security event);
+    * 413 — body over 64 KB; 400 — not JSON, not an object, not a notification, fields missing;
+    * 200 — applied and committed, or deliberately ignored: an event we do not handle, an object
+      that is not ours (security log), a fetched object that does not match our order (security
+      log; a redelivery cannot fix it, so no retry storm), a duplicate;
+    * 503 — we could not verify (the API re-fetch or capture failed or timed out, or payments are
+      not configured): YooKassa delivers again later (it retries non-200 answers for 24 h).
+
+    Each API call made here waits at most min(YOOKASSA_TIMEOUT, WEBHOOK_API_TIMEOUT) seconds.
+    """
+    cfg = cfg or config.get()
+    if not is_trusted_source(client_ip, cfg.yookassa_trusted_networks):
+        logger.warning("security: notification from untrusted source %r refused", str(client_ip)[:64])
+        return NotificationOutcome(403, None, "untrusted_source")
+    raw_body = raw_body or b""
+    if len(raw_body) > MAX_NOTIFICATION_BYTES:
+        logger.warning("notification refused: body of %s bytes", len(raw_body))
+        return NotificationOutcome(413, None, "too_large")
+    try:
+        data = json.loads(raw_body.decode("utf-8") if isinstance(raw_body, (bytes, bytearray)) else raw_body)
+    except (UnicodeDecodeError, ValueError):
+        logger.warning("notification refused: body is not JSON")
+        return NotificationOutcome(400, None, "not_json")
+    if not isinstance(data, dict):
+        return NotificationOutcome(400, None, "not_an_object")
+    event, obj = data.get("event"), data.get("object")
+    if (data.get("type") != "notification" or not isinstance(event, str) or not isinstance(obj, dict)
+            or not isinstance(obj.get("id"), str) or not obj["id"]):
+        logger.warning("notification refused: fields missing (type/event/object.id)")
+        return NotificationOutcome(400, None, "missing_fields")
+    if event not in PAYMENT_EVENTS + REFUND_EVENTS:
+        logger.info("notification ignored: event=%s object=%s", event[:64], obj["id"][:64])
+        return NotificationOutcome(200, None, "ignored_event")
+    try:
+        # Every payment.* event parses as the base WebhookNotification (notes §2.1): branch on `event`.
+        notification = WebhookNotificationFactory().create(data)
+        object_id = notification.object.id
+    except Exception as exc:                # noqa: BLE001 - any parse failure is a bad body
+        logger.warning("notification refused: unparseable %s (%s)", event, type(exc).__name__)
+        return NotificationOutcome(400, None, "unparseable")
+    if not isinstance(object_id, str) or not object_id:
+        return NotificationOutcome(400, None, "missing_fields")
+    if not cfg.yookassa_configured:
+        logger.error("notification %s for %s cannot be verified: payments are not configured", event, object_id)
+        return NotificationOutcome(503, None, "not_configured")
+    configure_sdk(cfg)
+    try:
+        with _api_timeout(min(cfg.yookassa_timeout, WEBHOOK_API_TIMEOUT)):
+            if event in REFUND_EVENTS:
+                return _refund_notification(notification, cfg)
+            return _payment_notification(event, object_id, cfg)
+    except ProviderUnavailable as exc:
+        logger.warning("notification %s for %s not verified, asking YooKassa to retry: %s", event, object_id, exc)
+        return NotificationOutcome(503, None, "provider_unavailable")
+
+
+def _payment_notification(event: str, yookassa_id: str, cfg: config.Config) -> NotificationOutcome:
+    order = Payment.get_or_none(Payment.yookassa_payment_id == yookassa_id)
+    if order is None:
+        logger.warning("security: notification %s for unknown payment %s ignored", event, yookassa_id[:64])
+        return NotificationOutcome(200, None, "unknown_payment")
+    fetched = _fetch_payment(yookassa_id)
+    result = _apply(order, fetched, cfg, "notification " + event)
+    return NotificationOutcome(200, result.credited, result.detail)
+
+
+def _refund_notification(notification, cfg: config.Config) -> NotificationOutcome:
+    refund_id = notification.object.id
+    claimed_payment = getattr(notification.object, "payment_id", None)
+    order = Payment.get_or_none(Payment.yookassa_payment_id == claimed_payment) if claimed_payment else None
+    if order is None:
+        logger.warning("security: refund notification %s for unknown payment %s ignored",
+                       refund_id[:64], str(claimed_payment)[:64])
+        return NotificationOutcome(200, None, "unknown_payment")
+    if Refund.select().where(Refund.id == refund_id).exists():
+        return NotificationOutcome(200, None, "already_applied")
+    fetched = _fetch_refund(refund_id)
+    if fetched.payment_id != order.yookassa_payment_id:
+        logger.warning("security: refund %s belongs to payment %s, not %s — nothing changed",
+                       refund_id, fetched.payment_id, order.yookassa_payment_id)
+        return NotificationOutcome(200, None, "mismatch")
+    if fetched.status != "succeeded":
+        logger.info("refund %s is %s: nothing to do yet", refund_id, fetched.status)
+        return NotificationOutcome(200, None, "refund_" + str(fetched.status))
+    if order.status != "succeeded":
+        # The refund proves the payment went through: converge on the API first.
+        _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "refund " + refund_id)
+        order = Payment.get_by_id(order.id)
+        if order.status != "succeeded":
+            logger.warning("security: refund %s for order %s which is %s — nothing changed",
+                           refund_id, order.id, order.status)
+            return NotificationOutcome(200, None, "mismatch")
+    try:
+        kopecks = value_to_kopecks(fetched.amount.value)
+    except (AttributeError, ValueError):
+        kopecks = None
+    if kopecks is None or kopecks <= 0 or fetched.amount.currency != order.currency:
+        logger.warning("security: refund %s has amount %r — nothing changed", refund_id, getattr(fetched, "amount", None))
+        return NotificationOutcome(200, None, "mismatch")
+    applied = _apply_refund(order.id, refund_id, kopecks)
+    return NotificationOutcome(200, None, "refunded" if applied else "already_applied")
+
+
+# --- the button, reconciliation, reports ------------------------------------------------------
+
+def check_payment(payment_id, user_id: int, cfg: config.Config | None = None) -> Payment:
+    """The "Проверить оплату" button: re-fetch a pending order of `user_id` and apply it; return it.
+
+    Same path as notifications, so it never credits twice. A returned order with status
+    ``succeeded`` may have been credited by this call or earlier: the caller tells the user only
+    if ``claim_notification(order.id)`` returns True. Raises UnknownPayment (not this user's),
+    ProviderUnavailable (the API did not answer), PaymentsNotConfigured.
+    """
+    cfg = cfg or config.get()
+    order = get_payment(payment_id, user_id)
+    if order.status != "pending" or not order.yookassa_payment_id:
+        return order
+    configure_sdk(cfg)
+    _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "check button")
+    return Payment.get_by_id(order.id)
+
+
+def reconcile(cfg: config.Config | None = None, now: datetime.datetime | None = None, limit: int = 500
+              ) -> list[uuid.UUID]:
+    """Re-fetch orders pending for more than RECONCILE_AFTER seconds and apply what the API says.
+
+    A lost notification therefore never loses a payment. Orders YooKassa never confirmed (no
+    YooKassa payment id) end canceled after ORDER_EXPIRY seconds; abandoned ones end canceled when
+    the API says so (``expired_on_confirmation``). API failures skip the order until the next run.
+    Returns the ids of orders credited by this run.
+    """
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    if not cfg.yookassa_configured:
+        return []
+    configure_sdk(cfg)
+    cutoff = now - datetime.timedelta(seconds=cfg.reconcile_after)
+    expiry = now - datetime.timedelta(seconds=ORDER_EXPIRY)
+    orders = list(Payment.select().where((Payment.status == "pending") & (Payment.created_at <= cutoff))
+                  .order_by(Payment.created_at).limit(limit))
+    credited, failed, canceled = [], 0, 0
+    for order in orders:
+        if not order.yookassa_payment_id:
+            if order.created_at <= expiry and _mark_canceled(order.id, "not_confirmed"):
+                canceled += 1
+            continue
+        try:
+            result = _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "reconcile")
+        except ProviderUnavailable as exc:
+            failed += 1
+            logger.warning("reconcile: order %s skipped: %s", order.id, exc)
+            continue
+        if result.credited:
+            credited.append(result.credited)
+        elif result.detail == "canceled":
+            canceled += 1
+    if orders:
+        logger.info("reconcile: checked=%s credited=%s canceled=%s failed=%s",
+                    len(orders), len(credited), canceled, failed)
+    return credited
+
+
+def claim_notification(payment_id) -> bool:
+    """Return True exactly once for a succeeded order: the caller then tells the user about the credit.
+
+    A conditional update of ``notified_at`` (NULL → now), so concurrent callers (the worker task
+    enqueued by several webhook copies, the check button) send one message.
+    """
+    changed = (Payment.update(notified_at=utcnow())
+               .where((Payment.id == payment_id) & Payment.notified_at.is_null()
+                      & (Payment.status == "succeeded")).execute())
+    return bool(changed)
+
+
+def unnotified_payments(older_than: int = 60, now: datetime.datetime | None = None, limit: int = 100
+                        ) -> list[uuid.UUID]:
+    """Ids of orders succeeded more than `older_than` seconds ago whose user was not told yet
+    (a lost enqueue): the worker's periodic task can notify them through claim_notification."""
+    now = now or utcnow()
+    return [p.id for p in Payment.select(Payment.id).where(
+        (Payment.status == "succeeded") & Payment.notified_at.is_null()
+        & (Payment.succeeded_at <= now - datetime.timedelta(seconds=older_than))).limit(limit)]
+
+
+def _iso(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def _list_all(method, params: dict, max_pages: int = 100) -> list:
+    items, cursor = [], None
+    for _ in range(max_pages):
+        page_params = dict(params, limit=100, **({"cursor": cursor} if cursor else {}))
+        try:
+            page = method(page_params)
+        except Exception as exc:            # noqa: BLE001
+            if _transient(exc) or isinstance(exc, ApiError):
+                raise ProviderUnavailable("list failed: %s" % _describe(exc)) from exc
+            raise
+        items.extend(page.items or [])
+        cursor = getattr(page, "next_cursor", None)
+        if not cursor:
+            break
+    return items
+
+
+def _compare(ours: dict, theirs: dict) -> dict:
+    return {
+        "ours_count": len(ours), "ours_kopecks": sum(ours.values()),
+        "api_count": len(theirs), "api_kopecks": sum(theirs.values()),
+        "missing_in_api": sorted(set(ours) - set(theirs)),
+        "missing_ours": sorted(set(theirs) - set(ours)),
+        "amount_mismatch": sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k]),
+    }
+
+
+def daily_report(cfg: config.Config | None = None, day: datetime.date | None = None) -> dict:
+    """Compare our succeeded top-ups and applied refunds of one UTC `day` (default yesterday) with
+    ``Payment.list`` / ``Refund.list`` (status succeeded; captured_at / created_at in that day).
+
+    Returns ``{"day", "topups": {...}, "refunds": {...}, "ok"}``; each part has our and the API's
+    count and sum in kopecks, the YooKassa ids missing on either side and those whose amounts
+    differ. Events near midnight can land on different days on the two sides. Raises
+    ProviderUnavailable, PaymentsNotConfigured.
+    """
+    cfg = cfg or config.get()
+    configure_sdk(cfg)
+    day = day or (utcnow().date() - datetime.timedelta(days=1))
+    start = datetime.datetime.combine(day, datetime.time.min)
+    end = start + datetime.timedelta(days=1)
+    ours_topups = {p.yookassa_payment_id: p.amount_kopecks for p in Payment.select().where(
+        (Payment.status == "succeeded") & (Payment.succeeded_at >= start) & (Payment.succeeded_at < end))}
+    ours_refunds = {r.id: r.amount_kopecks for r in Refund.select().where(
+        (Refund.created_at >= start) & (Refund.created_at < end))}
+    api_topups = {p.id: value_to_kopecks(p.amount.value) for p in _list_all(yookassa.Payment.list, {
+        "status": "succeeded", "captured_at.gte": _iso(start), "captured_at.lt": _iso(end)})}
+    api_refunds = {r.id: value_to_kopecks(r.amount.value) for r in _list_all(yookassa.Refund.list, {
+        "status": "succeeded", "created_at.gte": _iso(start), "created_at.lt": _iso(end)})}
+    report = {"day": day.isoformat(), "topups": _compare(ours_topups, api_topups),
+              "refunds": _compare(ours_refunds, api_refunds)}
+    report["ok"] = not any(part[name] for part in (report["topups"], report["refunds"])
+                           for name in ("missing_in_api", "missing_ours", "amount_mismatch"))
+    logger.info("daily report %s: topups ours=%s/%s api=%s/%s refunds ours=%s api=%s ok=%s", report["day"],
+                report["topups"]["ours_count"], report["topups"]["ours_kopecks"], report["topups"]["api_count"],
+                report["topups"]["api_kopecks"], report["refunds"]["ours_count"], report["refunds"]["api_count"],
+                report["ok"])
+    return report

@@ -1,0 +1,117 @@
+"""The Flask app: the YooKassa notification endpoint and a health check.
+
+Run it as ``gunicorn web:app`` from the repository root (``make web`` uses deploy/gunicorn.conf.py),
+bound to loopback behind nginx. The real client address comes from Werkzeug's ProxyFix trusting
+exactly TRUSTED_PROXY_COUNT proxies (never a raw ``X-Forwarded-For``); everything else about a
+notification is decided by ``payments.handle_notification``. After a credit the user is told by
+the worker (``worker.notify_payment``), never inside the request.
+
+``python web.py [port]`` serves the app with Werkzeug's development server, for local tries only.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+import config
+import models
+import payments
+import worker
+
+logger = logging.getLogger(__name__)
+
+
+def _bind_database(url: str):
+    """Bind the models to `url`, re-using the bound database when it is already that one."""
+    current = models.db.obj
+    wanted = models.open_database(url)
+    if current is not None and type(current) is type(wanted) and current.database == wanted.database:
+        return current
+    models.db.initialize(wanted)
+    return wanted
+
+
+def create_app(cfg: config.Config | None = None) -> Flask:
+    """Build the Flask app for `cfg` (default: the process configuration).
+
+    Routes: ``POST /yookassa/webhook`` (the body, at most 64 KB, goes to
+    payments.handle_notification with the client address; the answer is an empty body with the
+    outcome's status; after a credit ``worker.notify_payment`` is enqueued) and
+    ``GET /yookassa/health`` (JSON ``{"yookassa_configured": bool, "database": "ok"|"error"}``,
+    200 when both are fine, else 503). The database is bound on the first request and each request
+    opens and closes its own connection.
+    """
+    cfg = cfg or config.get()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = payments.MAX_NOTIFICATION_BYTES
+    app.extensions["medialab"] = {"cfg": cfg, "database": None}
+    if cfg.trusted_proxy_count > 0:
+        # Werkzeug's ProxyFix takes the client address from the last `x_for` entries of
+        # X-Forwarded-For, the ones our own proxies appended; anything a client put in front is ignored.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trusted_proxy_count)
+
+    @app.before_request
+    def _open_db():
+        state = app.extensions["medialab"]
+        if state["database"] is None or models.db.obj is not state["database"]:
+            state["database"] = _bind_database(cfg.database_url)
+        models.db.connect(reuse_if_open=True)
+        # returning None lets the request through (a value here would become the response)
+
+    @app.teardown_request
+    def _close_db(exc):
+        if models.db.obj is not None and not models.db.is_closed():
+            models.db.close()
+
+    @app.post("/yookassa/webhook")
+    def yookassa_webhook():
+        try:
+            body = request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            logger.warning("notification refused: body over %s bytes", payments.MAX_NOTIFICATION_BYTES)
+            return Response(status=413)
+        outcome = payments.handle_notification(body, request.remote_addr or "", cfg)
+        if outcome.credited_payment_id is not None:
+            try:
+                worker.notify_payment(outcome.credited_payment_id)
+            except Exception:                # noqa: BLE001 - the credit is committed; never answer 5xx for it
+                logger.exception("could not enqueue the payment message for order %s", outcome.credited_payment_id)
+        logger.info("notification answered %s (%s) from %s", outcome.http_status, outcome.detail, request.remote_addr)
+        return Response(status=outcome.http_status)
+
+    @app.get("/yookassa/health")
+    def yookassa_health():
+        try:
+            models.db.execute_sql("SELECT 1")
+            database = "ok"
+        except Exception as exc:             # noqa: BLE001 - reported, not raised
+            logger.error("health: database error: %s", type(exc).__name__)
+            database = "error"
+        body = {"yookassa_configured": cfg.yookassa_configured, "database": database}
+        ok = database == "ok" and cfg.yookassa_configured
+        return jsonify(body), 200 if ok else 503
+
+    return app
+
+
+def _app_from_environment() -> Flask:
+    try:
+        return create_app(config.get())
+    except config.ConfigError as exc:
+        print("configuration problems:", file=sys.stderr)
+        for line in exc.problems:
+            print("  - " + line, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = _app_from_environment()
+
+
+if __name__ == "__main__":
+    _cfg = config.get()
+    logging.basicConfig(level=_cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app.run(host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)

@@ -1,0 +1,1002 @@
+"""The job pipeline: the Huey instance, its tasks, and the one Telegram send wrapper.
+
+A paid job (SPEC §3), step by step:
+
+* `accept_generation` (called by the bot) validates the request, then in ONE money transaction
+  checks MAX_ACTIVE_JOBS_PER_USER, inserts the `Generation` row (status ``queued``) and reserves
+  its price. After the commit it sends "⏳ В очереди (N)" and enqueues `run_generation`.
+* `run_generation` (a consumer thread) claims the row ``queued → running`` with a conditional
+  UPDATE, edits the status message to "🎨 Генерирую…", downloads the inputs from Telegram, builds
+  the Fal request (data URIs, never a Telegram file URL), runs it — or resumes the Fal request id
+  stored by an earlier attempt, so Fal is never paid twice — downloads the result, sends it as a
+  photo (or a document), and only then commits the reservation and marks the row ``delivered``.
+* Transient failures (timeouts, 5xx, 429, network) put the row back to ``queued`` and raise
+  Huey's ``RetryTask(delay=…)``, at most MAX_ATTEMPTS runs per job; a retry after the request id
+  was stored resumes that request. Permanent failures (invalid input, content policy, other 4xx)
+  release the reservation at once and tell the user what to change.
+* `sweep` (every minute) expires stale reservations, re-enqueues jobs whose task was lost, resumes
+  jobs whose worker died (stale heartbeat) and fails jobs whose reservation expired.
+
+The `Generation` row is the source of truth, not the queue: Huey delivers a task at most once
+(the consumer deletes it before running it, notes/libraries.md C7), and every step above is a
+conditional update, so a task that runs twice, or a job that is re-enqueued by the sweeper while
+its task is still queued, delivers once and commits once.
+
+Running the consumer (the `worker` make target and systemd unit)::
+
+    huey_consumer worker.huey -w 8 -k thread -f -g INT -t 60
+
+* ``SIGINT`` (``-g INT``, systemd ``KillSignal=SIGINT``) is the graceful stop: running jobs finish,
+  for up to ``-t`` seconds.
+* ``SIGTERM`` stops at once: Huey fires ``SIGNAL_INTERRUPTED`` for every running task and we put
+  the job back to ``queued`` and re-enqueue it (huey docs/recipes.rst); the next consumer resumes
+  the stored Fal request id.
+* ``SIGKILL``/OOM/power loss: the task is gone and the row stays ``running``; its heartbeat stops,
+  and `sweep` re-queues it after HEARTBEAT_STALE seconds (it resumes the stored request id), or,
+  once its reservation expired, fails it and tells the user nothing was charged.
+* ``-f`` flushes stale Huey locks at start (SQLite locks have no TTL). Periodic tasks are crontab
+  based (minute granularity), so the effective SWEEP_INTERVAL / RECONCILE_INTERVAL is the setting
+  rounded up to whole minutes, at least 60 s.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+
+import requests
+import telebot
+from huey import MemoryHuey, RedisHuey, SqliteHuey, crontab
+from huey.api import PeriodicTask
+from huey.exceptions import RetryTask
+from huey.signals import SIGNAL_INTERRUPTED
+from peewee import OperationalError, fn
+from telebot import apihelper, types
+from telebot.apihelper import ApiException, ApiHTTPException, ApiTelegramException
+
+import billing
+import config
+import media
+import models
+import payments
+import texts
+from models import Generation, Payment, Reservation, User, utcnow
+
+logger = logging.getLogger(__name__)
+
+HUEY_NAME = "medialab"
+ACTIVE_STATES = ("queued", "running")
+
+MAX_ATTEMPTS = 4                 # runs of one job (first try + retries, crash resumes included)
+RETRY_DELAYS = (5, 30, 120)      # seconds before retry 1, 2, 3…
+HEARTBEAT_INTERVAL = 10.0        # seconds between heartbeats of a running job
+HEARTBEAT_STALE = 60             # seconds without a heartbeat after which a running job is dead
+QUEUED_STALE = 60                # seconds a queued job may wait with no task in the queue
+TG_MAX_ATTEMPTS = 5              # tries of one Telegram call under 429 flood control
+TG_MAX_WAIT = 30.0               # seconds: a longer retry_after is not slept in place
+DOWNLOAD_TIMEOUT = 60.0          # seconds for one Telegram file download
+RESULT_TIMEOUT = 60.0            # seconds for downloading the result image
+CAPTION_LIMIT = 1024             # Bot API: photo/document caption, 0-1024 characters
+
+
+# --------------------------------------------------------------------------------------------
+# Exceptions
+# --------------------------------------------------------------------------------------------
+
+
+class WorkerError(Exception):
+    """The job could not be accepted."""
+
+    def __str__(self):
+        return self.args[0] if self.args else (self.__doc__ or "").strip()
+
+
+class UnknownMode(WorkerError):
+    """This mode does not exist or is not a queued (paid) mode."""
+
+
+class InvalidOptions(WorkerError):
+    """These options are not valid for this mode."""
+
+
+class TooManyJobs(WorkerError):
+    """Too many jobs in progress; wait for one to finish."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__("the user already has %d jobs in progress" % limit)
+
+
+class TelegramUnavailable(WorkerError):
+    """Telegram could not be reached (timeout, network error, 5xx); try again later."""
+
+
+class InputUnavailable(WorkerError):
+    """The photo could not be fetched from Telegram; send it again."""
+
+
+# --------------------------------------------------------------------------------------------
+# The queue and the database
+# --------------------------------------------------------------------------------------------
+
+
+def make_huey(url: str):
+    """Return the Huey instance for QUEUE_URL `url` (results are never stored: the Generation
+    row tracks each job).
+
+    ``sqlite:///path`` → SqliteHuey (its own file, fsync on, folder created), ``redis://…`` →
+    RedisHuey, ``memory://`` → MemoryHuey (tests). Raises ValueError for anything else.
+    """
+    if url.startswith("memory://"):
+        return MemoryHuey(HUEY_NAME, results=False)
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return SqliteHuey(HUEY_NAME, filename=path, fsync=True, results=False)
+    if url.startswith(("redis://", "rediss://")):
+        return RedisHuey(HUEY_NAME, url=url, results=False)
+    raise ValueError("QUEUE_URL must be sqlite:///path, redis://host:port/db or memory://")
+
+
+huey = make_huey(config.get().queue_url)
+
+_setup_lock = threading.Lock()
+_logging_ready = False
+
+
+def _bind_db() -> None:
+    """Bind the models to DATABASE_URL once per process (entry points and tests bind their own)."""
+    if models.db.obj is not None:
+        return
+    with _setup_lock:
+        if models.db.obj is None:
+            models.init_db(config.get().database_url)
+
+
+class _DbSession:
+    """Open the thread's database connection for one task and close it afterwards."""
+
+    def __enter__(self):
+        _bind_db()
+        self._ctx = models.db.connection_context()
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+@huey.on_startup()
+def _on_startup() -> None:
+    """Consumer worker start: configure logging once, bind the database, check migrations."""
+    global _logging_ready
+    cfg = config.get()
+    with _setup_lock:
+        if not _logging_ready:
+            if not logging.getLogger().handlers:
+                logging.basicConfig(level=cfg.log_level,
+                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token.
+            logging.getLogger("urllib3").setLevel(logging.WARNING)
+            _logging_ready = True
+    _bind_db()
+    try:
+        with _DbSession():
+            models.ensure_migrated()
+    except models.NotMigrated as exc:
+        logger.error("%s", exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Telegram
+# --------------------------------------------------------------------------------------------
+
+_bots: dict = {}
+
+
+def configure_api_url(cfg: config.Config | None = None) -> None:
+    """Point pyTelegramBotAPI at ``cfg.telegram_api_url``: ``apihelper.API_URL`` and ``FILE_URL``
+    are process-wide globals (there is no constructor argument, notes/libraries.md A1)."""
+    cfg = cfg or config.get()
+    base = cfg.telegram_api_url.rstrip("/")
+    apihelper.API_URL = base + "/bot{0}/{1}"
+    apihelper.FILE_URL = base + "/file/bot{0}/{1}"
+
+
+def telegram(cfg: config.Config | None = None) -> telebot.TeleBot:
+    """Return this process's send-only TeleBot (``threaded=False``, no parse_mode).
+
+    Calls `configure_api_url` every time, so a test that swaps the configuration gets a bot
+    talking to its fake. One TeleBot per token is kept.
+    """
+    cfg = cfg or config.get()
+    configure_api_url(cfg)
+    with _setup_lock:
+        bot = _bots.get(cfg.telegram_bot_token)
+        if bot is None:
+            bot = telebot.TeleBot(cfg.telegram_bot_token, threaded=False)
+            _bots[cfg.telegram_bot_token] = bot
+    return bot
+
+
+def retry_after(exc: ApiTelegramException) -> float:
+    """Return the seconds a 429 asks to wait (``parameters.retry_after``, Bot API
+    ResponseParameters), 1 when it is missing."""
+    params = (getattr(exc, "result_json", None) or {}).get("parameters") or {}
+    try:
+        return max(0.0, float(params.get("retry_after", 1)))
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def tg(func, *args, _attempts: int = TG_MAX_ATTEMPTS, _max_wait: float = TG_MAX_WAIT, **kwargs):
+    """Call a TeleBot method (``tg(bot.send_message, chat_id, text)``), honouring flood control.
+
+    On ``ApiTelegramException`` 429 sleeps ``parameters.retry_after`` seconds and tries again, up
+    to `_attempts` tries in all. A wait longer than `_max_wait` seconds is not slept: the 429 is
+    raised so the caller can reschedule (the worker turns it into a delayed retry). Every other
+    error is raised unchanged. This is the wrapper for every Telegram call of the worker and the
+    bot (telebot's own RETRY_ON_ERROR does not handle 429, notes/libraries.md A7).
+    """
+    name = getattr(func, "__name__", "call")
+    for attempt in range(1, _attempts + 1):
+        try:
+            return func(*args, **kwargs)
+        except ApiTelegramException as exc:
+            if exc.error_code != 429 or attempt >= _attempts:
+                raise
+            wait = retry_after(exc)
+            if wait > _max_wait:
+                raise
+            logger.warning("telegram %s: 429 flood control, retrying in %.3g s (try %d of %d)",
+                           name, wait, attempt + 1, _attempts)
+            time.sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _bounded(call, timeout: float, what: str):
+    """Run `call()` in a daemon thread and wait at most `timeout` seconds for it."""
+    box: dict = {}
+    done = threading.Event()
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name="tg-download", daemon=True).start()
+    if not done.wait(timeout):
+        raise TelegramUnavailable("%s took longer than %g s" % (what, timeout))
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def download_file(file_id: str, cfg: config.Config | None = None, *, timeout: float = DOWNLOAD_TIMEOUT) -> bytes:
+    """Download a user's file from Telegram by `file_id` (getFile, then the file download).
+
+    The file URL contains the bot token: it is never built here, logged or passed on, and
+    request errors (whose text holds that URL) are replaced by a short description.
+    :param timeout: seconds for the download (telebot's own download has no timeout).
+    :raises media.InvalidInput: ``image_too_big`` (Telegram's "file is too big": getFile serves up
+        to 20 MB, Bot API getFile; or more than ``cfg.max_image_bytes``).
+    :raises InputUnavailable: Telegram does not know the file (4xx).
+    :raises TelegramUnavailable: timeouts, network errors, 5xx.
+    """
+    cfg = cfg or config.get()
+    bot = telegram(cfg)
+    try:
+        info = tg(bot.get_file, file_id)
+        media.check_declared_size(info.file_size, cfg)
+        data = _bounded(lambda: bot.download_file(info.file_path), timeout, "file download")
+    except ApiTelegramException as exc:
+        if "file is too big" in (exc.description or "").lower():
+            raise media.InvalidInput("image_too_big", limit=cfg.max_image_bytes) from None
+        if exc.error_code == 429 or exc.error_code >= 500:
+            raise TelegramUnavailable("getFile answered %s" % exc.error_code) from None
+        raise InputUnavailable("getFile answered %s: %s" % (exc.error_code, exc.description)) from None
+    except ApiHTTPException as exc:
+        status = getattr(exc.result, "status_code", 0) or 0
+        if status == 429 or status >= 500:
+            raise TelegramUnavailable("file download answered %s" % status) from None
+        raise InputUnavailable("file download answered %s" % status) from None
+    except (requests.RequestException, ApiException) as exc:
+        raise TelegramUnavailable("Telegram request failed (%s)" % type(exc).__name__) from None
+    if len(data) > cfg.max_image_bytes:
+        raise media.InvalidInput("image_too_big", limit=cfg.max_image_bytes)
+    return data
+
+
+def _describe(exc: BaseException, cfg: config.Config | None = None) -> str:
+    """A one-line, log-safe description of `exc` (the bot token masked, no request URLs)."""
+    if isinstance(exc, requests.RequestException):
+        return type(exc).__name__
+    text = "%s: %s" % (type(exc).__name__, exc)
+    token = (cfg or config.get()).telegram_bot_token
+    if token:
+        text = text.replace(token, "<token>")
+    return text[:500]
+
+
+# --------------------------------------------------------------------------------------------
+# Accepting a job
+# --------------------------------------------------------------------------------------------
+
+
+def _check_options(mode: str, options: dict | None) -> dict:
+    options = dict(options or {})
+    allowed = {"aspect_ratio"} if mode == "generate" else set()
+    unknown = set(options) - allowed
+    if unknown:
+        raise InvalidOptions("unknown option(s) for %s: %s" % (mode, ", ".join(sorted(unknown))))
+    ratio = options.get("aspect_ratio")
+    if ratio is not None and ratio not in media.ASPECT_RATIOS:
+        raise InvalidOptions("aspect_ratio must be one of %s" % ", ".join(media.ASPECT_RATIOS))
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def accept_generation(user: User, chat_id: int, mode: str, *, prompt: str | None = None,
+                      options: dict | None = None, file_ids=(), cfg: config.Config | None = None) -> Generation:
+    """Accept a paid job: validate it, reserve its price and queue it; return the Generation.
+
+    Validation happens before anything is charged: the mode must be a paid (Fal) mode, the
+    prompt is checked with `media.validate_prompt` (generate/edit/merge), the number of
+    `file_ids` (Telegram file ids of the photos, in ``MODE_SPECS[mode].image_roles`` order) with
+    `media.check_image_count`, and `options` ({"aspect_ratio": "16:9"} for generate only).
+    Then one money transaction checks MAX_ACTIVE_JOBS_PER_USER, inserts the row and reserves
+    ``cfg.price(mode)`` credits (free access → free operation → credits, billing.reserve with
+    reference/key ``generation:<uuid>``). `run_generation` is enqueued after the commit
+    (``Database.after_commit``; dropped on rollback). The caller (the bot) shows the "⏳ в очереди"
+    message and stores its id in ``Generation.status_message_id``; the worker edits it in place.
+
+    :raises UnknownMode: unknown mode, or add_text (use `render_add_text`).
+    :raises InvalidOptions: options the mode does not take.
+    :raises media.InvalidInput: empty/too long prompt, wrong number of images.
+    :raises TooManyJobs: the user has ``cfg.max_active_jobs_per_user`` jobs queued or running.
+    :raises billing.InsufficientCredits, billing.UserBlocked: from the reservation.
+    """
+    cfg = cfg or config.get()
+    spec = media.MODE_SPECS.get(mode)
+    if spec is None or not spec.paid or spec.local:
+        raise UnknownMode("%r is not a queued mode (paid modes: %s)" % (mode, ", ".join(config.PAID_MODES)))
+    prompt = media.validate_prompt(prompt, cfg) if spec.needs_prompt else None
+    file_ids = [str(f) for f in file_ids]
+    media.check_image_count(mode, len(file_ids))
+    options = _check_options(mode, options)
+    gen = _create_generation(user.id, int(chat_id), mode, prompt, options, file_ids, cfg)
+    return gen
+
+
+@billing.money_transaction
+def _create_generation(user_id, chat_id, mode, prompt, options, file_ids, cfg) -> Generation:
+    # Serialise concurrent accepts of one user: SQLite's BEGIN IMMEDIATE already does; on
+    # PostgreSQL this takes the user's row lock (SQLite ignores FOR UPDATE).
+    User.select(User.id).where(User.id == user_id).for_update().get()
+    active = (Generation.select()
+              .where((Generation.user == user_id) & (Generation.status.in_(ACTIVE_STATES))).count())
+    if active >= cfg.max_active_jobs_per_user:
+        raise TooManyJobs(cfg.max_active_jobs_per_user)
+    gid = uuid.uuid4()
+    key = "generation:%s" % gid
+    reservation = billing.reserve(user_id, cfg.price(mode), reference=key, idempotency_key=key,
+                                  ttl=cfg.reservation_ttl)
+    cost = reservation.amount if reservation.asset == "credits" else 0
+    gen = Generation.create(
+        id=gid, user=user_id, chat_id=chat_id, mode=mode, status="queued", prompt=prompt,
+        options=options, input_file_ids=file_ids, cost=cost, reservation=reservation.id,
+        endpoint=cfg.fal_endpoints.get(mode) or config.DEFAULT_ENDPOINTS[mode], created_at=utcnow())
+    models.db.after_commit(functools.partial(_after_accept, str(gid), cfg))
+    logger.info("generation %s: accepted as queued, user=%s mode=%s reservation=%s %s %s",
+                gid, user_id, mode, reservation.id, reservation.amount, reservation.asset)
+    return gen
+
+
+def _after_accept(generation_id: str, cfg: config.Config) -> None:
+    """After the accept commits: enqueue the job. A failed enqueue must not fail the (already
+    committed) accept: `sweep` enqueues queued jobs that have no task."""
+    try:
+        run_generation(generation_id)
+    except Exception as exc:
+        logger.error("generation %s: enqueue failed (%s); the sweeper will enqueue it again",
+                     generation_id, _describe(exc, cfg))
+
+
+def queue_position(generation_id) -> int:
+    """Return the job's place in the queue (1 = next), counting queued jobs of every user created
+    no later than it; 0 when it is no longer queued. For the bot's "⏳ в очереди (N)" message."""
+    gen = Generation.get_or_none(Generation.id == generation_id)
+    if gen is None or gen.status != "queued":
+        return 0
+    return (Generation.select()
+            .where((Generation.status == "queued") & (Generation.created_at <= gen.created_at)).count())
+
+
+def render_add_text(image_bytes: bytes, text: str, position: str = "bottom", color: str = "white",
+                    cfg: config.Config | None = None) -> bytes:
+    """The free local mode: draw `text` on the picture and return PNG bytes (the bot sends them).
+
+    Never touches billing or the queue. `position` is top|center|bottom, `color`
+    white|black|yellow|red (`media.TEXT_POSITIONS`, `media.TEXT_COLORS`).
+    :raises media.InvalidInput: not a usable picture (`media.inspect_image`), empty or too long text.
+    :raises ValueError: unknown position or colour.
+    """
+    cfg = cfg or config.get()
+    media.inspect_image(image_bytes, cfg)
+    return media.add_text(image_bytes, text, position=position, color=color, cfg=cfg)
+
+
+def cancel_generation(generation_id, user_id: int) -> bool:
+    """Cancel a job of user `user_id` that is still queued and release its reservation.
+
+    Returns True if it was cancelled; False when it is not this user's, unknown, or no longer
+    queued (a running job cannot be cancelled: Fal may already be working on it).
+    """
+    try:
+        gid = uuid.UUID(str(generation_id))
+    except ValueError:
+        return False
+    return _cancel(gid, user_id)
+
+
+@billing.money_transaction
+def _cancel(gid: uuid.UUID, user_id: int) -> bool:
+    changed = (Generation.update(status="canceled", finished_at=utcnow())
+               .where((Generation.id == gid) & (Generation.user == user_id) & (Generation.status == "queued"))
+               .execute())
+    if not changed:
+        return False
+    gen = Generation.get_by_id(gid)
+    try:
+        billing.release(gen.reservation_id)
+    except billing.ReservationClosed:
+        pass  # expired by the sweeper already: nothing is held any more
+    logger.info("generation %s: queued → canceled by user=%s, reservation %s released", gid, user_id,
+                gen.reservation_id)
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Running a job
+# --------------------------------------------------------------------------------------------
+
+
+class _Heartbeat:
+    """Touch ``Generation.heartbeat_at`` every `interval` seconds from a daemon thread while a job
+    runs, so `sweep` can tell a live job from one whose worker died."""
+
+    def __init__(self, generation_id: str, interval: float = HEARTBEAT_INTERVAL):
+        self.generation_id = generation_id
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(self.interval + 5)
+        return False
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            try:
+                with models.db.connection_context():
+                    (Generation.update(heartbeat_at=utcnow())
+                     .where((Generation.id == self.generation_id) & (Generation.status == "running")).execute())
+            except Exception as exc:
+                logger.warning("generation %s: heartbeat failed (%s)", self.generation_id, _describe(exc))
+
+
+@huey.task()
+def run_generation(generation_id: str):
+    """Run (or resume) one queued job; safe to run more than once for the same id."""
+    with _DbSession():
+        _run_generation(str(generation_id), config.get())
+
+
+def _claim(gid: str) -> Generation | None:
+    now = utcnow()
+    claimed = (Generation.update(status="running", started_at=fn.COALESCE(Generation.started_at, now),
+                                 heartbeat_at=now, attempts=Generation.attempts + 1)
+               .where((Generation.id == gid) & (Generation.status == "queued")).execute())
+    gen = Generation.get_or_none(Generation.id == gid)
+    if not claimed:
+        logger.info("generation %s: not run, status is %s", gid, gen.status if gen else "unknown")
+        return None
+    logger.info("generation %s: queued → running (attempt %d of %d) user=%s mode=%s request=%s",
+                gid, gen.attempts, MAX_ATTEMPTS, gen.user_id, gen.mode, gen.fal_request_id)
+    return gen
+
+
+def _run_generation(gid: str, cfg: config.Config) -> None:
+    gen = _claim(gid)
+    if gen is None:
+        return
+    lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
+    reservation = Reservation.get_by_id(gen.reservation_id)
+    if reservation.state != "reserved" and not gen.fal_request_id and not gen.result_message_id:
+        # The sweeper expired it while the job waited: do not start paying Fal for it now.
+        _fail(gen, lang, "expired", "reservation %s is %s" % (reservation.id, reservation.state), cfg)
+        return
+    with _Heartbeat(gid):
+        try:
+            _execute(gen, lang, cfg)
+        except RetryTask:
+            raise
+        except Exception as exc:
+            _handle_failure(gid, lang, exc, cfg)
+
+
+def _execute(gen: Generation, lang: str, cfg: config.Config) -> None:
+    bot = telegram(cfg)
+    if gen.result_message_id is None:
+        _show_running(bot, gen, lang)
+        data, seed = _produce(gen, cfg)
+        message = _deliver(bot, gen, lang, data, seed, cfg)
+        (Generation.update(result_message_id=message.message_id, seed=seed)
+         .where(Generation.id == gen.id).execute())
+        gen.result_message_id, gen.seed = message.message_id, seed
+        logger.info("generation %s: result sent as message %s (%d bytes)", gen.id, message.message_id, len(data))
+    outcome = _finish_delivered(gen.id, gen.reservation_id)
+    if outcome in ("expired", "released"):
+        logger.warning("generation %s: delivered FREE, reservation %s was already %s", gen.id,
+                       gen.reservation_id, outcome)
+        _best_effort(bot.edit_message_caption, _caption_free(gen, lang), chat_id=gen.chat_id,
+                     message_id=gen.result_message_id, reply_markup=_result_buttons(gen, lang))
+    logger.info("generation %s: running → delivered, reservation %s %s", gen.id, gen.reservation_id, outcome)
+    status_message_id = _status_message_id(gen.id)
+    if status_message_id:
+        _best_effort(bot.delete_message, gen.chat_id, status_message_id)
+
+
+def _status_message_id(gid) -> int | None:
+    """The status message id as stored now (the bot may store it after the job started)."""
+    row = Generation.select(Generation.status_message_id).where(Generation.id == gid).first()
+    return row.status_message_id if row else None
+
+
+def _best_effort(func, *args, **kwargs):
+    """A Telegram call whose failure must not fail the job (status edits, chat actions)."""
+    try:
+        return tg(func, *args, **kwargs)
+    except Exception as exc:
+        logger.info("telegram %s failed (%s)", getattr(func, "__name__", "call"), _describe(exc))
+        return None
+
+
+def _show_running(bot, gen: Generation, lang: str) -> None:
+    """Edit the bot's "⏳ в очереди" message into "🎨 Генерирую…" (removing its cancel button) and
+    send the upload_photo chat action. With no status message yet (the bot has not stored it),
+    only the chat action is sent: no second status message."""
+    if gen.status_message_id:
+        _best_effort(bot.edit_message_text, texts.t("job_running", lang), chat_id=gen.chat_id,
+                     message_id=gen.status_message_id)
+    _best_effort(bot.send_chat_action, gen.chat_id, "upload_photo")
+
+
+def _store_request_id(gid, endpoint: str, request_id: str) -> None:
+    """on_enqueue: persist the Fal request id at once, in its own short transaction."""
+    with models.db.atomic():
+        Generation.update(fal_request_id=request_id, endpoint=endpoint).where(Generation.id == gid).execute()
+    logger.info("generation %s: Fal request %s stored (%s)", gid, request_id, endpoint)
+
+
+def _produce(gen: Generation, cfg: config.Config) -> tuple[bytes, int | None]:
+    """Build (or resume) the provider request and return (result image bytes, seed or None)."""
+    backend = media.backend(cfg)
+    if gen.fal_request_id and isinstance(backend, media.FalGateway):
+        # Resuming: Fal only needs the endpoint and the id; nothing is submitted again.
+        request = media.FalRequest(endpoint=gen.endpoint, arguments={}, mode=gen.mode)
+    else:
+        images = []
+        for file_id in gen.input_file_ids or []:
+            data = download_file(file_id, cfg)
+            media.inspect_image(data, cfg)
+            images.append(data)
+        request = media.build_request(gen.mode, gen.prompt, images, cfg, gen.options or None,
+                                      media.mode_extra_args(gen.mode))
+    reservation = Reservation.get_by_id(gen.reservation_id)
+    final = not _may_retry(gen, reservation, cfg, _retry_delay(gen), utcnow())
+    result = backend.run(request, request_id=gen.fal_request_id,
+                         on_enqueue=functools.partial(_store_request_id, gen.id, request.endpoint),
+                         timeout=cfg.fal_timeout, cancel_on_timeout=final)
+    urls = media.parse_result(result)
+    seed = media.parse_seed(result)
+    return media.download_result(urls[0], cfg, timeout=RESULT_TIMEOUT), seed
+
+
+def _result_buttons(gen: Generation, lang: str) -> types.InlineKeyboardMarkup:
+    markup = types.InlineKeyboardMarkup()
+    markup.row(types.InlineKeyboardButton(texts.t("job_again_button", lang), callback_data="again:%s" % gen.id),
+               types.InlineKeyboardButton(texts.t("job_menu_button", lang), callback_data="menu"))
+    return markup
+
+
+def _caption(gen: Generation, lang: str, seed: int | None, cfg: config.Config) -> str:
+    """Mode, seed, what the job costs and what is left (≤ 1024 characters, plain text)."""
+    lines = [texts.t("job_done", lang, mode=texts.t("job_mode_" + gen.mode, lang))]
+    if seed is not None:
+        lines.append(texts.t("job_seed", lang, seed=seed))
+    reservation = Reservation.get_by_id(gen.reservation_id)
+    balance = billing.get_balance(gen.user_id)
+    if reservation.state not in ("reserved", "committed"):
+        lines.append(texts.t("job_cost_free", lang))
+    elif reservation.asset == "credits":
+        lines.append(texts.t("job_cost_credits", lang, cost=reservation.amount, balance=balance.credits))
+    elif reservation.asset == "free_ops":
+        lines.append(texts.t("job_cost_free_op", lang, left=balance.free_ops, total=cfg.free_operations_count,
+                             balance=balance.credits))
+    else:
+        lines.append(texts.t("job_cost_free_access", lang))
+    return "\n".join(lines)[:CAPTION_LIMIT]
+
+
+def _caption_free(gen: Generation, lang: str) -> str:
+    lines = [texts.t("job_done", lang, mode=texts.t("job_mode_" + gen.mode, lang))]
+    if gen.seed is not None:
+        lines.append(texts.t("job_seed", lang, seed=gen.seed))
+    lines.append(texts.t("job_cost_free", lang))
+    return "\n".join(lines)[:CAPTION_LIMIT]
+
+
+def _photo_refused(exc: ApiTelegramException) -> bool:
+    """True when Telegram refuses bytes as a photo that it would take as a document (sendPhoto:
+    ≤ 10 MB, width + height ≤ 10000, ratio ≤ 20)."""
+    text = (exc.description or "").upper()
+    return exc.error_code == 413 or (exc.error_code == 400 and any(
+        word in text for word in ("PHOTO_INVALID_DIMENSIONS", "TOO BIG", "PHOTO_SAVE_FILE_INVALID",
+                                  "IMAGE_PROCESS_FAILED", "PHOTO_EXT_INVALID")))
+
+
+def _deliver(bot, gen: Generation, lang: str, data: bytes, seed: int | None, cfg: config.Config):
+    """Send the result with caption and buttons: as a photo when Telegram takes it, else as a
+    document (lossless). No parse_mode: nothing the user typed is parsed as markup."""
+    caption = _caption(gen, lang, seed, cfg)
+    markup = _result_buttons(gen, lang)
+    ext = {"image/jpeg": "jpg", "image/webp": "webp"}.get(media.sniff_content_type(data), "png")
+    name = "medialab-%s.%s" % (gen.mode, ext)
+    if media.fits_telegram_photo(data):
+        try:
+            return tg(bot.send_photo, gen.chat_id, (name, data), caption=caption, reply_markup=markup)
+        except ApiTelegramException as exc:
+            if not _photo_refused(exc):
+                raise
+            logger.info("generation %s: Telegram refused the photo (%s); sending a document", gen.id,
+                        exc.description)
+    return tg(bot.send_document, gen.chat_id, (name, data), caption=caption, reply_markup=markup,
+              visible_file_name=name)
+
+
+@billing.money_transaction
+def _finish_delivered(gid, reservation_id: int) -> str:
+    """Mark the job delivered and commit its reservation in one transaction; return
+    "committed", or "expired"/"released"/"already" when the reservation was closed before."""
+    (Generation.update(status="delivered", finished_at=utcnow(), error=None)
+     .where((Generation.id == gid) & (Generation.status.in_(ACTIVE_STATES))).execute())
+    try:
+        billing.commit(reservation_id)
+        return "committed"
+    except billing.AlreadyCommitted:
+        return "already"
+    except billing.ReservationExpired:
+        return "expired"
+    except billing.AlreadyReleased:
+        return "released"
+
+
+# --- failures --------------------------------------------------------------------------------
+
+_INPUT_REASONS = ("not_an_image", "unsupported_format", "image_too_big", "image_too_small")
+
+
+def _classify(exc: BaseException) -> tuple[str, bool, float]:
+    """Return (kind, retryable, minimum delay in seconds) for a failure of a job."""
+    if isinstance(exc, media.InvalidInput):
+        return "input", False, 0
+    if isinstance(exc, media.ContentPolicyError):
+        return "policy", False, 0
+    if isinstance(exc, media.PermanentProviderError):
+        return "rejected", False, 0
+    if isinstance(exc, media.ProviderTimeout):
+        return "timeout", True, 0
+    if isinstance(exc, media.TransientProviderError):
+        return "unavailable", True, 0
+    if isinstance(exc, media.ResultError):
+        return ("unavailable", True, 0) if exc.transient else ("rejected", False, 0)
+    if isinstance(exc, TelegramUnavailable):
+        return "unavailable", True, 0
+    if isinstance(exc, InputUnavailable):
+        return "input_missing", False, 0
+    if isinstance(exc, ApiTelegramException):
+        if exc.error_code == 429:
+            return "unavailable", True, retry_after(exc)
+        return ("unavailable", True, 0) if exc.error_code >= 500 else ("generic", False, 0)
+    if isinstance(exc, (ApiHTTPException, requests.ConnectionError, requests.Timeout, OperationalError)):
+        return "unavailable", True, 0
+    return "generic", False, 0
+
+
+def _retry_delay(gen: Generation, at_least: float = 0) -> float:
+    return max(at_least, RETRY_DELAYS[min(max(gen.attempts, 1) - 1, len(RETRY_DELAYS) - 1)])
+
+
+def _may_retry(gen: Generation, reservation: Reservation | None, cfg: config.Config, delay: float,
+               now: datetime.datetime) -> bool:
+    """True if one more run fits: attempts left, and the reservation is open long enough for the
+    delay plus a whole provider timeout."""
+    if gen.attempts >= MAX_ATTEMPTS or reservation is None or reservation.state != "reserved":
+        return False
+    return now + datetime.timedelta(seconds=delay + cfg.fal_timeout) < reservation.expires_at
+
+
+def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config) -> None:
+    """Retry a transient failure later (RetryTask) or fail the job for good."""
+    kind, retryable, at_least = _classify(exc)
+    gen = Generation.get_by_id(gid)  # fresh: the request id may have been stored meanwhile
+    reservation = Reservation.get_or_none(Reservation.id == gen.reservation_id)
+    delay = _retry_delay(gen, at_least)
+    now = utcnow()
+    if gen.result_message_id and reservation is not None and reservation.state == "reserved":
+        retryable = True  # the image is out; only the bookkeeping failed: always finish it
+    if retryable and (_may_retry(gen, reservation, cfg, delay, now) or gen.result_message_id):
+        requeued = (Generation.update(status="queued", heartbeat_at=now + datetime.timedelta(seconds=delay),
+                                      error=_describe(exc, cfg))
+                    .where((Generation.id == gid) & (Generation.status == "running")).execute())
+        logger.warning("generation %s: running → queued, retry in %g s after attempt %d of %d (%s: %s), "
+                       "request=%s", gid, delay, gen.attempts, MAX_ATTEMPTS, kind, _describe(exc, cfg),
+                       gen.fal_request_id)
+        if requeued:
+            raise RetryTask(delay=delay)
+        return
+    if kind == "generic":
+        logger.error("generation %s: unexpected failure: %s", gid, _describe(exc, cfg),
+                     exc_info=not isinstance(exc, (requests.RequestException, ApiException)))
+    _fail(gen, lang, kind, _describe(exc, cfg), cfg, exc=exc)
+
+
+@billing.money_transaction
+def _finish_failed(gid, reservation_id: int, error: str) -> bool:
+    changed = (Generation.update(status="failed", finished_at=utcnow(), error=error[:1000])
+               .where((Generation.id == gid) & (Generation.status.in_(ACTIVE_STATES))).execute())
+    if not changed:
+        return False
+    try:
+        billing.release(reservation_id)
+    except billing.ReservationClosed:
+        pass  # expired by the sweeper: already back with the user
+    return True
+
+
+def _failure_text(kind: str, lang: str, exc: BaseException | None) -> str:
+    if kind == "input":
+        code = getattr(exc, "code", "")
+        reason = texts.t("job_input_" + code if code in _INPUT_REASONS else "job_input_other", lang)
+        return texts.t("job_failed_input", lang, reason=reason)
+    key = "job_failed_" + kind
+    return texts.t(key if key in texts.TEXTS else "job_failed_generic", lang)
+
+
+def _fail(gen: Generation, lang: str, kind: str, error: str, cfg: config.Config, *, exc=None) -> None:
+    """Fail the job for good: release its reservation and tell the user nothing was charged."""
+    if not _finish_failed(gen.id, gen.reservation_id, "%s: %s" % (kind, error)):
+        logger.info("generation %s: already finished, failure (%s) not recorded", gen.id, kind)
+        return
+    logger.warning("generation %s: → failed (%s: %s), reservation %s released, request=%s", gen.id, kind,
+                   error, gen.reservation_id, gen.fal_request_id)
+    _tell(gen, _failure_text(kind, lang, exc), cfg)
+
+
+def _tell(gen: Generation, text: str, cfg: config.Config) -> None:
+    """Show `text` in place of the status message (or as a new message); never raises."""
+    bot = telegram(cfg)
+    status_message_id = _status_message_id(gen.id)
+    if status_message_id and _best_effort(bot.edit_message_text, text, chat_id=gen.chat_id,
+                                          message_id=status_message_id):
+        return
+    _best_effort(bot.send_message, gen.chat_id, text)
+
+
+@huey.signal(SIGNAL_INTERRUPTED)
+def _on_interrupted(signal_name, task, *args, **kwargs):
+    """SIGTERM stopped a running task: put its job back to queued and re-enqueue it (huey
+    docs/recipes.rst); the next run resumes the stored Fal request id."""
+    if isinstance(task, PeriodicTask):
+        return
+    try:
+        if isinstance(task, run_generation.task_class) and task.args:
+            with _DbSession():
+                (Generation.update(status="queued", heartbeat_at=utcnow())
+                 .where((Generation.id == str(task.args[0])) & (Generation.status == "running")).execute())
+            logger.warning("generation %s: interrupted by shutdown, re-enqueued", task.args[0])
+        huey.enqueue(task)
+    except Exception as exc:
+        logger.error("could not re-enqueue interrupted task %s (%s); the sweeper will", task.id, _describe(exc))
+
+
+# --------------------------------------------------------------------------------------------
+# Payments
+# --------------------------------------------------------------------------------------------
+
+
+@huey.task()
+def notify_payment(payment_id: str):
+    """Tell the user a top-up was credited: "✅ Оплата получена! Начислено N кредитов." + balance.
+
+    Sends once per payment however often it runs (`payments.claim_notification`)."""
+    with _DbSession():
+        return _notify_payment(str(payment_id), config.get())
+
+
+def _notify_payment(payment_id: str, cfg: config.Config) -> bool:
+    if not payments.claim_notification(payment_id):
+        logger.info("payment %s: notification already sent or not due", payment_id)
+        return False
+    payment = Payment.get_by_id(payment_id)
+    user = User.get_by_id(payment.user_id)
+    balance = billing.get_balance(user.id)
+    text = texts.t("notify_payment_received", texts.lang_of(user.language_code), credits=payment.credits,
+                   balance=balance.credits)
+    try:
+        tg(telegram(cfg).send_message, user.telegram_id, text)
+        logger.info("payment %s: user=%s told about %s credits", payment_id, user.id, payment.credits)
+    except Exception as exc:
+        logger.warning("payment %s: could not tell user=%s (%s)", payment_id, user.id, _describe(exc, cfg))
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Periodic tasks
+# --------------------------------------------------------------------------------------------
+
+_last_run: dict = {}
+_periodic_lock = threading.Lock()
+
+
+def _due(name: str, interval: float) -> bool:
+    """True when periodic job `name` last ran at least `interval` seconds ago in this process
+    (5 s of slack for the scheduler's jitter); records the run."""
+    now = time.monotonic()
+    with _periodic_lock:
+        last = _last_run.get(name)
+        if last is not None and now - last < interval - 5:
+            return False
+        _last_run[name] = now
+        return True
+
+
+def _queued_task_ids(limit: int = 10000) -> set:
+    """Generation ids that have a run_generation task waiting in the queue or the schedule."""
+    ids = set()
+    try:
+        for task in list(huey.pending(limit)) + list(huey.scheduled(limit)):
+            if isinstance(task, run_generation.task_class) and task.args:
+                ids.add(str(task.args[0]))
+    except Exception as exc:
+        logger.warning("could not read the queue (%s)", _describe(exc))
+    return ids
+
+
+def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None = None) -> dict:
+    """One pass of the sweeper; return {"expired": [reservation ids], "failed", "resumed",
+    "requeued": [generation ids]}.
+
+    1. `billing.expire_stale(now)`: reservations past their TTL go back to the users.
+    2. Jobs whose reservation is closed and that are not alive (queued, or running with a stale
+       heartbeat) fail; the user is told nothing was charged. A live job keeps running and
+       delivers free.
+    3. ``running`` jobs without a heartbeat for HEARTBEAT_STALE s (worker killed) go back to
+       ``queued`` and are enqueued: they resume their stored Fal request id.
+    4. ``queued`` jobs untouched for QUEUED_STALE s with no task in the queue (an enqueue lost
+       by a crash between commit and enqueue) are enqueued again.
+    """
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    stale = now - datetime.timedelta(seconds=HEARTBEAT_STALE)
+    report = {"expired": billing.expire_stale(now), "failed": [], "resumed": [], "requeued": []}
+
+    closed = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
+              .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state != "reserved")))
+    for gen in closed:
+        if gen.status == "running" and gen.heartbeat_at is not None and gen.heartbeat_at > stale:
+            continue
+        if gen.result_message_id:  # the image was sent; its bookkeeping never finished
+            _finish_delivered(gen.id, gen.reservation_id)
+            logger.warning("generation %s: marked delivered (free) by the sweeper", gen.id)
+            continue
+        lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
+        _fail(gen, lang, "expired", "reservation expired before the job finished", cfg)
+        report["failed"].append(str(gen.id))
+
+    dead = (Generation.select().where((Generation.status == "running")
+                                      & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))))
+    for gen in dead:
+        moved = (Generation.update(status="queued", heartbeat_at=now)
+                 .where((Generation.id == gen.id) & (Generation.status == "running")
+                        & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))).execute())
+        if moved:
+            logger.warning("generation %s: running → queued by the sweeper (no heartbeat since %s), "
+                           "resumes request %s", gen.id, gen.heartbeat_at, gen.fal_request_id)
+            _enqueue(str(gen.id))
+            report["resumed"].append(str(gen.id))
+
+    waiting = now - datetime.timedelta(seconds=QUEUED_STALE)
+    lost = list(Generation.select().where(
+        (Generation.status == "queued")
+        & (fn.COALESCE(Generation.heartbeat_at, Generation.created_at) < waiting)))
+    if lost:
+        in_queue = _queued_task_ids()
+        for gen in lost:
+            if str(gen.id) in in_queue:
+                continue
+            Generation.update(heartbeat_at=now).where((Generation.id == gen.id)
+                                                      & (Generation.status == "queued")).execute()
+            logger.warning("generation %s: queued with no task in the queue, enqueued again", gen.id)
+            _enqueue(str(gen.id))
+            report["requeued"].append(str(gen.id))
+    return report
+
+
+def _enqueue(generation_id: str) -> None:
+    try:
+        run_generation(generation_id)
+    except Exception as exc:
+        logger.error("generation %s: enqueue failed (%s)", generation_id, _describe(exc))
+
+
+@huey.periodic_task(crontab(minute="*"))
+def sweep():
+    """Every minute (effective interval: SWEEP_INTERVAL rounded up to whole minutes): `sweep_once`."""
+    cfg = config.get()
+    if not _due("sweep", cfg.sweep_interval):
+        return None
+    with _DbSession():
+        report = sweep_once(cfg=cfg)
+    if any(report.values()):
+        logger.info("sweep: %s", {k: len(v) for k, v in report.items()})
+    return report
+
+
+def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list:
+    """Reconcile pending top-ups with YooKassa (`payments.reconcile`), then enqueue
+    `notify_payment` for each credited payment and for succeeded payments whose user was never
+    told (older than a minute, so the webhook's own notification goes first). Returns the
+    payment ids notified."""
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    credited = []
+    if cfg.yookassa_configured:
+        try:
+            credited = payments.reconcile(cfg, now)
+        except payments.PaymentError as exc:
+            logger.warning("reconcile failed (%s)", _describe(exc, cfg))
+    quiet = now - datetime.timedelta(seconds=60)
+    unnotified = [str(p.id) for p in Payment.select(Payment.id).where(
+        (Payment.status == "succeeded") & Payment.notified_at.is_null()
+        & (Payment.succeeded_at.is_null() | (Payment.succeeded_at < quiet)))]
+    ids = list(dict.fromkeys([str(p) for p in credited] + unnotified))
+    for payment_id in ids:
+        try:
+            notify_payment(payment_id)
+        except Exception as exc:
+            logger.error("payment %s: could not enqueue the notification (%s)", payment_id, _describe(exc, cfg))
+    return ids
+
+
+@huey.periodic_task(crontab(minute="*"))
+def reconcile_payments():
+    """Every minute (effective interval: RECONCILE_INTERVAL rounded up to whole minutes):
+    `reconcile_once`."""
+    cfg = config.get()
+    if not _due("reconcile", cfg.reconcile_interval):
+        return None
+    with _DbSession():
+        return reconcile_once(cfg)
