@@ -382,37 +382,30 @@ def _report(ctx: Ctx, exc: Exception) -> None:
 
 
 def _error_reply(ctx: Ctx, exc: Exception):
-    """Return (text, markup) for a known domain error, or (None, None)."""
+    """Return (text, markup) for a known domain error, or (None, None).
+
+    Promo and payment errors name their own text (`exc.text_key`, with `exc.values` for
+    InvalidTopupAmount); a step that can be retried keeps its "✖ Отмена" button.
+    """
     if isinstance(exc, billing.InsufficientCredits):
-        return ctx.t("insufficient_credits", price=ctx.cfg.price_per_operation), _topup_button_markup(ctx)
+        return ctx.t("insufficient_credits"), _topup_button_markup(ctx)
     if isinstance(exc, billing.UserBlocked):
         return ctx.t("blocked"), None
     if isinstance(exc, worker.TooManyJobs):
-        return ctx.t("too_many_jobs", limit=ctx.cfg.max_active_jobs_per_user), _menu_button_markup(ctx)
+        return ctx.t("too_many_jobs", limit=exc.limit), _menu_button_markup(ctx)
     if isinstance(exc, media.InvalidInput):
-        return _invalid_input_text(ctx, exc), _cancel_markup(ctx)
-    if isinstance(exc, promo.PromoError):
-        key = PROMO_ERROR_KEYS.get(type(exc), "promo_invalid")
-        return ctx.t(key), _cancel_markup(ctx)
-    if isinstance(exc, payments.InvalidTopupAmount):
-        return ctx.t("topup_amount_" + exc.code, min=ctx.cfg.min_topup, max=ctx.cfg.max_topup), _cancel_markup(ctx)
-    if isinstance(exc, payments.PaymentsNotConfigured):
-        return ctx.t("payments_not_configured"), _menu_button_markup(ctx)
-    if isinstance(exc, payments.ProviderUnavailable):
-        return ctx.t("provider_unavailable"), _menu_button_markup(ctx)
-    if isinstance(exc, payments.UnknownPayment):
-        return ctx.t("unknown_payment"), _menu_button_markup(ctx)
+        return _invalid_input_text(ctx, exc), _retry_markup(ctx)
+    if isinstance(exc, (promo.PromoError, payments.PaymentError)):
+        key = getattr(exc, "text_key", None)
+        if key not in texts.TEXTS:
+            return None, None
+        return ctx.t(key, **getattr(exc, "values", {})), _retry_markup(ctx)
     return None, None
 
 
-PROMO_ERROR_KEYS = {
-    promo.UnknownCode: "promo_unknown",
-    promo.CodeInactive: "promo_inactive",
-    promo.CodeExpired: "promo_expired",
-    promo.CodeExhausted: "promo_exhausted",
-    promo.CodeAlreadyUsed: "promo_already_used",
-    promo.WrongCodeKind: "promo_wrong_kind",
-}
+def _retry_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    """"✖ Отмена" while a step waits for another try, else "🏠 Меню"."""
+    return _cancel_markup(ctx) if ctx.state is not None else _menu_button_markup(ctx)
 
 
 def _invalid_input_text(ctx: Ctx, exc: media.InvalidInput) -> str:
@@ -654,7 +647,7 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
         return _too_many_images(ctx, spec)
     file_id, declared = _incoming_image(message)
     media.check_declared_size(declared, ctx.cfg)           # > 20 MB: refused before downloading
-    media.inspect_image(worker.download_file(ctx.bot, file_id, ctx.cfg), ctx.cfg)
+    media.inspect_image(worker.download_file(file_id, ctx.cfg), ctx.cfg)
 
     def add(record):
         files = record["data"].setdefault("files", [])
@@ -760,7 +753,7 @@ def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> G
 def _after_accept(ctx: Ctx, generation: Generation) -> None:
     """Show the "⏳ в очереди" status message the worker then edits in place."""
     markup = _markup([[(ctx.t("btn_cancel_job"), "jobcancel:%s" % generation.id)]])
-    sent = _send(ctx, ctx.t("job_queued"), markup)
+    sent = _send(ctx, ctx.t("job_queued", position=worker.queue_position(generation.id) or 1), markup)
     Generation.update(status_message_id=sent.message_id).where(
         (Generation.id == generation.id) & Generation.status_message_id.is_null()).execute()
 
@@ -786,6 +779,8 @@ def on_job_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
         return on_stale_button(call, ctx)
     if worker.cancel_generation(generation_id, ctx.user.id):
         _answer(ctx, ctx.t("job_cancelled_short"))
+        worker.tg(ctx.bot.edit_message_text, ctx.t("job_cancelled"), chat_id=ctx.chat_id,
+                  message_id=call.message.message_id, reply_markup=_main_menu_markup(ctx))
     else:
         _answer(ctx, ctx.t("job_not_cancellable"), alert=True)
 
@@ -828,8 +823,8 @@ def on_color(call: types.CallbackQuery, ctx: Ctx) -> None:
         return on_stale_button(call, ctx)
     _answer(ctx)
     data = ctx.data
-    png = worker.render_add_text(ctx.bot, data["files"][0][1], data["text"], position=data["position"],
-                                 color=color, cfg=ctx.cfg)
+    image = worker.download_file(data["files"][0][1], ctx.cfg)
+    png = worker.render_add_text(image, data["text"], position=data["position"], color=color, cfg=ctx.cfg)
     ctx.finish()
     worker.tg(ctx.bot.send_photo, ctx.chat_id, ("text.png", png), caption=ctx.t("add_text_done"),
               reply_markup=_markup([[(ctx.t("btn_add_text_again"), "mode:add_text"), (ctx.t("btn_menu"), "menu")]]))
@@ -927,14 +922,20 @@ def _start_topup(ctx: Ctx, credits: int) -> None:
         raise payments.PaymentsNotConfigured()
     if ctx.cfg.yookassa_receipts and not ctx.user.email:
         ctx.start_flow(Step.email, credits=credits)
-        _send(ctx, ctx.t("ask_email"), _cancel_markup(ctx))
+        _send(ctx, ctx.t("payment_email_required"), _cancel_markup(ctx))
         return
     _create_topup(ctx, credits)
 
 
 def _create_topup(ctx: Ctx, credits: int) -> None:
     discount = _active_discount(ctx)
-    payment = payments.create_topup(ctx.user.id, credits, promo_code=discount.code if discount else None, cfg=ctx.cfg)
+    try:
+        payment = payments.create_topup(ctx.user.id, credits, promo_code=discount.code if discount else None,
+                                        cfg=ctx.cfg)
+    except payments.EmailRequired:
+        ctx.start_flow(Step.email, credits=credits)
+        _send(ctx, ctx.t("payment_email_required"), _cancel_markup(ctx))
+        return
     ctx.finish()
     lines = [ctx.t("topup_created", credits=payment.credits, amount=_rub(payment.amount_kopecks))]
     if payment.discount_percent:
@@ -961,12 +962,12 @@ def on_check(call: types.CallbackQuery, ctx: Ctx) -> None:
         payment_id = uuid.UUID(call.data.split(":", 1)[1])
     except ValueError:
         return on_stale_button(call, ctx)
-    payment = payments.check_payment(payment_id, ctx.user.id)
+    payment = payments.check_payment(payment_id, ctx.user.id, cfg=ctx.cfg)
     if payment.status == "succeeded":
         _answer(ctx)
-        payments.claim_notification(payment.id)   # the worker then does not tell them a second time
-        _send(ctx, "%s\n\n%s" % (ctx.t("payment_received", credits=payment.credits), _status_lines(ctx)),
-              _main_menu_markup(ctx))
+        # Told once: whoever claims first (this button or the worker after a webhook) says it.
+        key = "payment_received" if payments.claim_notification(payment.id) else "payment_already_credited"
+        _send(ctx, "%s\n\n%s" % (ctx.t(key, credits=payment.credits), _status_lines(ctx)), _main_menu_markup(ctx))
     elif payment.status == "canceled":
         _answer(ctx)
         _send(ctx, ctx.t("payment_canceled"), _menu_button_markup(ctx))
@@ -1288,7 +1289,7 @@ def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_t
     """Build the bot: API URL from TELEGRAM_API_URL, database-backed states, the user middleware,
     every handler. `threaded=False` runs handlers inline in `process_new_updates` (tests)."""
     cfg = cfg or config.get()
-    worker.configure_api_url(cfg)
+    worker.telegram(cfg)           # points apihelper.API_URL / FILE_URL at cfg.telegram_api_url
     bot = MediaLabBot(cfg.telegram_bot_token, threaded=threaded, num_threads=num_threads,
                       state_storage=PeeweeStateStorage(), use_class_middlewares=True,
                       exception_handler=BotExceptionHandler(cfg.telegram_bot_token))

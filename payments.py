@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 MAX_NOTIFICATION_BYTES = 64 * 1024      # larger bodies are refused with 413 (issue #4)
 CREATE_ATTEMPTS = 3                     # Payment.create tries, all with the same idempotence key
-CREATE_BACKOFF = (0.2, 0.6)             # seconds slept after failed attempt 1, 2
+CREATE_BACKOFF = (0.1, 0.4)             # seconds slept after failed attempt 1, 2
 WEBHOOK_API_TIMEOUT = 5.0               # seconds: cap on each API call made inside a webhook request
 REUSE_WINDOW = 15 * 60                  # seconds a pending order is re-used for the same tap
 ORDER_EXPIRY = 60 * 60                  # seconds after which a pending order YooKassa never confirmed ends
@@ -723,6 +723,10 @@ def _payment_notification(event: str, yookassa_id: str, cfg: config.Config) -> N
     if order is None:
         logger.warning("security: notification %s for unknown payment %s ignored", event, yookassa_id[:64])
         return NotificationOutcome(200, None, "unknown_payment")
+    if order.status == "succeeded":
+        # Final for payment events (refunds come as refund.* events): a duplicate or a late
+        # "canceled" changes nothing, so spare the API a re-fetch during a duplicate storm.
+        return NotificationOutcome(200, None, "already_applied")
     fetched = _fetch_payment(yookassa_id)
     result = _apply(order, fetched, cfg, "notification " + event)
     return NotificationOutcome(200, result.credited, result.detail)

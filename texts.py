@@ -16,6 +16,224 @@ TEXTS = {
         "en": "⛔ Access to this bot has been restricted by the administrator.",
     },
     # --- bot (owned by bot.py) ------------------------------------------------------------
+    "welcome": {
+        "ru": "👋 Привет, {name}! Я Media Lab: создаю и редактирую изображения с помощью нейросетей.",
+        "en": "👋 Hi, {name}! I am Media Lab: I create and edit images with neural networks.",
+    },
+    "menu_title": {"ru": "🏠 Главное меню", "en": "🏠 Main menu"},
+    "balance_title": {"ru": "💰 Баланс", "en": "💰 Balance"},
+    "balance_credits": {"ru": "💳 Кредиты: {credits} (1 кредит = 1 ₽)", "en": "💳 Credits: {credits} (1 credit = 1 ₽)"},
+    "balance_reserved": {"ru": "🔒 В резерве за задачи в работе: {reserved}", "en": "🔒 Held for jobs in progress: {reserved}"},
+    "free_ops_left": {"ru": "🎁 Бесплатных операций: {left} из {total}", "en": "🎁 Free operations: {left} of {total}"},
+    "free_access_forever": {"ru": "♾ Бесплатный доступ: без ограничения срока", "en": "♾ Free access: no end date"},
+    "free_access_until": {"ru": "♾ Бесплатный доступ до {until}", "en": "♾ Free access until {until}"},
+    "price_line": {"ru": "Цена операции: {price} кредитов. «Добавить текст» — бесплатно.",
+                   "en": "One operation costs {price} credits. “Add text” is free."},
+    "price_paid": {"ru": "Стоимость: {price} кредитов (или бесплатная операция).",
+                   "en": "Cost: {price} credits (or a free operation)."},
+    "price_free": {"ru": "Это бесплатно.", "en": "This is free."},
+    "choose_amount": {"ru": "Выберите сумму пополнения:", "en": "Choose a top-up amount:"},
+    "choose_action": {"ru": "Выберите действие в меню 👇", "en": "Choose an action from the menu 👇"},
+    "help": {
+        "ru": "ℹ️ Что умеет Media Lab\n\n"
+              "🎨 Создать — картинка по текстовому описанию, в выбранном формате.\n"
+              "✏️ Редактировать — одно фото и что в нём изменить.\n"
+              "🔗 Объединить — 2–4 фото (альбомом или по одному) и что из них сделать.\n"
+              "📝 Добавить текст — надпись на фото. Бесплатно.\n"
+              "🔄 Заменить лицо — фото лица, затем фото, на которое его перенести.\n"
+              "✨ Ретушь — аккуратная ретушь портрета.\n"
+              "⬆️ Улучшить — увеличение и повышение чёткости.\n\n"
+              "💰 Операция стоит {price} кредитов (1 кредит = 1 ₽). Новым пользователям — {free} бесплатные "
+              "операции. Если задача не удалась, ничего не списывается.\n"
+              "🖼 Фото: JPEG, PNG или WEBP, до {max_mb} МБ.\n\n"
+              "/start — меню, /balance — баланс и пополнение, /cancel — отменить текущий шаг, /help — справка.",
+        "en": "ℹ️ What Media Lab does\n\n"
+              "🎨 Create — a picture from a text description, in the format you choose.\n"
+              "✏️ Edit — one photo and what to change in it.\n"
+              "🔗 Merge — 2–4 photos (as an album or one by one) and what to make of them.\n"
+              "📝 Add text — a caption drawn on a photo. Free.\n"
+              "🔄 Face swap — a photo of a face, then the photo to put it on.\n"
+              "✨ Retouch — gentle portrait retouching.\n"
+              "⬆️ Upscale — enlarge and sharpen.\n\n"
+              "💰 One operation costs {price} credits (1 credit = 1 ₽). New users get {free} free operations. "
+              "If a job fails, nothing is charged.\n"
+              "🖼 Photos: JPEG, PNG or WEBP, up to {max_mb} MB.\n\n"
+              "/start — menu, /balance — balance and top-up, /cancel — cancel the current step, /help — help.",
+    },
+    "cancelled": {"ru": "✖ Отменено. Выберите действие:", "en": "✖ Cancelled. Choose an action:"},
+    "cancelled_short": {"ru": "Отменено", "en": "Cancelled"},
+    "nothing_to_cancel": {"ru": "Сейчас нечего отменять. Выберите действие:",
+                          "en": "There is nothing to cancel. Choose an action:"},
+    "unknown_command": {"ru": "Такой команды нет. Выберите действие в меню или отправьте /help.",
+                        "en": "Unknown command. Choose an action from the menu or send /help."},
+    "button_outdated": {"ru": "Эта кнопка уже не действует. Откройте меню: /start",
+                        "en": "This button is no longer active. Open the menu: /start"},
+    "hint_send_photo": {"ru": "📷 Сейчас нужно фото (как фото или файл JPEG/PNG/WEBP).",
+                        "en": "📷 A photo is needed now (as a photo or a JPEG/PNG/WEBP file)."},
+    "hint_send_text": {"ru": "✍️ Сейчас нужен текст одним сообщением.", "en": "✍️ Please send the text in one message."},
+    "hint_press_button": {"ru": "👆 Выберите вариант кнопкой выше.", "en": "👆 Please choose an option with the buttons above."},
+    "hint_send_amount": {"ru": "Отправьте сумму целым числом, например 250.",
+                         "en": "Send the amount as a whole number, e.g. 250."},
+    "hint_send_code": {"ru": "🎟️ Отправьте промокод одним сообщением.", "en": "🎟️ Send the promo code in one message."},
+    "hint_send_email": {"ru": "📧 Отправьте адрес электронной почты для чека.",
+                        "en": "📧 Send an e-mail address for the receipt."},
+    # buttons
+    "btn_generate": {"ru": "🎨 Создать", "en": "🎨 Create"},
+    "btn_edit": {"ru": "✏️ Редактировать", "en": "✏️ Edit"},
+    "btn_merge": {"ru": "🔗 Объединить", "en": "🔗 Merge"},
+    "btn_add_text": {"ru": "📝 Добавить текст", "en": "📝 Add text"},
+    "btn_face_swap": {"ru": "🔄 Заменить лицо", "en": "🔄 Face swap"},
+    "btn_retouch": {"ru": "✨ Ретушь", "en": "✨ Retouch"},
+    "btn_upscale": {"ru": "⬆️ Улучшить", "en": "⬆️ Upscale"},
+    "btn_pay": {"ru": "💰 Оплатить / Баланс", "en": "💰 Pay / Balance"},
+    "btn_topup": {"ru": "💰 Пополнить", "en": "💰 Top up"},
+    "btn_menu": {"ru": "🏠 Меню", "en": "🏠 Menu"},
+    "btn_cancel": {"ru": "✖ Отмена", "en": "✖ Cancel"},
+    "btn_cancel_job": {"ru": "✖ Отменить", "en": "✖ Cancel job"},
+    "btn_consent": {"ru": "✅ Согласен", "en": "✅ I agree"},
+    "btn_done": {"ru": "✅ Готово", "en": "✅ Done"},
+    "btn_add_text_again": {"ru": "📝 Ещё надпись", "en": "📝 Another caption"},
+    "btn_pos_top": {"ru": "⬆️ Сверху", "en": "⬆️ Top"},
+    "btn_pos_center": {"ru": "⏺ По центру", "en": "⏺ Center"},
+    "btn_pos_bottom": {"ru": "⬇️ Снизу", "en": "⬇️ Bottom"},
+    "btn_color_white": {"ru": "⚪ Белый", "en": "⚪ White"},
+    "btn_color_black": {"ru": "⚫ Чёрный", "en": "⚫ Black"},
+    "btn_color_yellow": {"ru": "🟡 Жёлтый", "en": "🟡 Yellow"},
+    "btn_color_red": {"ru": "🔴 Красный", "en": "🔴 Red"},
+    "btn_amount": {"ru": "{credits} ₽", "en": "{credits} ₽"},
+    "btn_amount_discounted": {"ru": "{credits} кр. за {price} ₽", "en": "{credits} cr. for {price} ₽"},
+    "btn_other_amount": {"ru": "Другая сумма", "en": "Other amount"},
+    "btn_promo": {"ru": "🎟️ Промокод", "en": "🎟️ Promo code"},
+    "btn_pay_url": {"ru": "Оплатить {amount} ₽", "en": "Pay {amount} ₽"},
+    "btn_check_payment": {"ru": "Проверить оплату", "en": "Check payment"},
+    # modes
+    "ask_generate_prompt": {"ru": "🎨 Опишите, что нарисовать (до 1000 символов). {price}",
+                            "en": "🎨 Describe what to draw (up to 1000 characters). {price}"},
+    "ask_ratio": {"ru": "Выберите формат изображения:", "en": "Choose the image format:"},
+    "ask_edit_photo": {"ru": "✏️ Отправьте фото, которое нужно отредактировать. {price}",
+                       "en": "✏️ Send the photo to edit. {price}"},
+    "ask_edit_instruction": {"ru": "✍️ Что изменить на фото? Опишите одним сообщением.",
+                             "en": "✍️ What should change in the photo? Describe it in one message."},
+    "ask_merge_photos": {"ru": "🔗 Отправьте от 2 до 4 фото — альбомом или по одному. {price}",
+                         "en": "🔗 Send 2 to 4 photos — as an album or one by one. {price}"},
+    "merge_need_more": {"ru": "📷 Фото получено ({count}). Нужно ещё хотя бы одно.",
+                        "en": "📷 Photo received ({count}). At least one more is needed."},
+    "merge_photo_added": {"ru": "📷 Фото получено ({count} из {max}). Отправьте ещё или нажмите «✅ Готово».",
+                          "en": "📷 Photo received ({count} of {max}). Send more or tap “✅ Done”."},
+    "too_many_photos": {"ru": "⚠️ В этом режиме можно не больше {limit} фото. Это фото не добавлено.",
+                        "en": "⚠️ This mode takes at most {limit} photos. This photo was not added."},
+    "ask_merge_instruction": {"ru": "✍️ Что сделать из этих фото? Опишите одним сообщением.",
+                              "en": "✍️ What should be made of these photos? Describe it in one message."},
+    "face_swap_consent": {
+        "ru": "🔄 Замена лица. Загружайте только свои фото или фото людей, которые на это согласились. "
+              "Не используйте результат, чтобы выдавать себя за другого человека или вводить в заблуждение.",
+        "en": "🔄 Face swap. Upload only your own photos or photos of people who agreed to it. "
+              "Do not use the result to impersonate anyone or to mislead.",
+    },
+    "ask_face_photo": {"ru": "🔄 Отправьте фото лица, которое нужно перенести. {price}",
+                       "en": "🔄 Send a photo of the face to transfer. {price}"},
+    "ask_target_photo": {"ru": "📷 Теперь отправьте фото, на которое поставить это лицо.",
+                         "en": "📷 Now send the photo to put this face on."},
+    "ask_retouch_photo": {"ru": "✨ Отправьте портрет для ретуши. {price}", "en": "✨ Send a portrait to retouch. {price}"},
+    "ask_upscale_photo": {"ru": "⬆️ Отправьте фото, которое нужно улучшить. {price}",
+                          "en": "⬆️ Send the photo to upscale. {price}"},
+    "ask_add_text_photo": {"ru": "📝 Отправьте фото, на которое добавить надпись. {price}",
+                           "en": "📝 Send the photo to put a caption on. {price}"},
+    "ask_add_text_text": {"ru": "✍️ Какой текст написать? (до 200 символов)",
+                          "en": "✍️ What text should I write? (up to 200 characters)"},
+    "ask_position": {"ru": "Где разместить текст?", "en": "Where should the text go?"},
+    "ask_color": {"ru": "Какого цвета текст?", "en": "What colour should the text be?"},
+    "add_text_done": {"ru": "📝 Готово! Это бесплатно.", "en": "📝 Done! This was free."},
+    "job_queued": {"ru": "⏳ В очереди ({position})", "en": "⏳ Queued ({position})"},
+    "job_cancelled": {"ru": "✖ Задача отменена. Кредиты не списаны.", "en": "✖ Job cancelled. No credits were charged."},
+    "job_cancelled_short": {"ru": "Задача отменена", "en": "Job cancelled"},
+    "job_not_cancellable": {"ru": "Эту задачу уже нельзя отменить: она выполняется или завершена.",
+                            "en": "This job can no longer be cancelled: it is running or finished."},
+    "insufficient_credits": {"ru": "Недостаточно кредитов для этой операции. Пополните баланс 👇",
+                             "en": "Not enough credits for this operation. Please top up 👇"},
+    "too_many_jobs": {"ru": "⏳ У вас уже {limit} задачи в работе. Дождитесь результата и попробуйте снова.",
+                      "en": "⏳ You already have {limit} jobs in progress. Wait for a result and try again."},
+    "invalid_prompt_empty": {"ru": "✍️ Описание пустое. Напишите, что нужно сделать.",
+                             "en": "✍️ The description is empty. Write what should be done."},
+    "invalid_prompt_too_long": {"ru": "✍️ Слишком длинное описание: не больше {limit} символов. Сократите и отправьте снова.",
+                                "en": "✍️ The description is too long: {limit} characters at most. Shorten it and send again."},
+    "invalid_not_an_image": {"ru": "⚠️ Это не изображение. Отправьте фото или файл JPEG, PNG или WEBP.",
+                             "en": "⚠️ This is not an image. Send a photo or a JPEG, PNG or WEBP file."},
+    "invalid_unsupported_format": {"ru": "⚠️ Этот формат не подходит: нужен JPEG, PNG или WEBP.",
+                                   "en": "⚠️ This format is not supported: JPEG, PNG or WEBP is needed."},
+    "invalid_image_too_big": {"ru": "⚠️ Файл слишком большой: Telegram даёт ботам скачивать файлы до {limit} МБ. "
+                                    "Отправьте фото поменьше.",
+                              "en": "⚠️ The file is too big: Telegram lets bots download files up to {limit} MB. "
+                                    "Please send a smaller one."},
+    "invalid_image_too_small": {"ru": "⚠️ Изображение слишком маленькое: нужно хотя бы {limit} пикселей по короткой стороне.",
+                                "en": "⚠️ The picture is too small: at least {limit} pixels on the short side."},
+    "invalid_too_many_images": {"ru": "⚠️ Слишком много фото для этого режима (не больше {limit}).",
+                                "en": "⚠️ Too many photos for this mode ({limit} at most)."},
+    "invalid_too_few_images": {"ru": "⚠️ Не хватает фото для этого режима (нужно хотя бы {limit}).",
+                               "en": "⚠️ Not enough photos for this mode (at least {limit})."},
+    "invalid_text_empty": {"ru": "✍️ Текст пустой. Напишите, что добавить на фото.",
+                           "en": "✍️ The text is empty. Write what to put on the photo."},
+    "invalid_text_too_long": {"ru": "✍️ Слишком длинный текст: не больше {limit} символов.",
+                              "en": "✍️ The text is too long: {limit} characters at most."},
+    "cmd_start": {"ru": "Главное меню", "en": "Main menu"},
+    "cmd_help": {"ru": "Что умеет бот и цены", "en": "What the bot does and prices"},
+    "cmd_balance": {"ru": "Баланс и пополнение", "en": "Balance and top-up"},
+    "cmd_cancel": {"ru": "Отменить текущий шаг", "en": "Cancel the current step"},
+    # admin
+    "yes": {"ru": "да", "en": "yes"},
+    "no": {"ru": "нет", "en": "no"},
+    "forever": {"ru": "бессрочно", "en": "no end date"},
+    "admin_stats": {
+        "ru": "📊 Статистика\nПользователи: {users} (новых за 24 ч: {new_24h}, активных за 24 ч: {active_24h})\n"
+              "Генерации: {generations_total}, неудачных за 24 ч: {failed_24h} (всего {failed_total})\n"
+              "По дням:\n{per_day_text}\nПо режимам:\n{per_mode_text}\n"
+              "Оплат: {payments_succeeded}, выручка: {revenue} ₽\n"
+              "Платящих: {paying_users}, конверсия в оплату: {conversion_percent}%",
+        "en": "📊 Statistics\nUsers: {users} (new in 24 h: {new_24h}, active in 24 h: {active_24h})\n"
+              "Generations: {generations_total}, failed in 24 h: {failed_24h} ({failed_total} in all)\n"
+              "Per day:\n{per_day_text}\nPer mode:\n{per_mode_text}\n"
+              "Payments: {payments_succeeded}, revenue: {revenue} ₽\n"
+              "Paying users: {paying_users}, conversion to payment: {conversion_percent}%",
+    },
+    "admin_user": {
+        "ru": "👤 {telegram_id} (id {id}) @{username} {first_name}\nСоздан: {created}, был: {last_seen}\n"
+              "Заблокирован: {blocked}, бесплатный доступ: {free_access}\n"
+              "Кредиты: {credits} (в резерве {reserved}), бесплатных операций: {free_ops}\n"
+              "Генераций: {generations}, оплат: {payments}",
+        "en": "👤 {telegram_id} (id {id}) @{username} {first_name}\nCreated: {created}, last seen: {last_seen}\n"
+              "Blocked: {blocked}, free access: {free_access}\n"
+              "Credits: {credits} ({reserved} held), free operations: {free_ops}\n"
+              "Generations: {generations}, payments: {payments}",
+    },
+    "admin_no_user": {"ru": "Пользователь {telegram_id} не найден.", "en": "User {telegram_id} not found."},
+    "admin_granted": {"ru": "✅ Начислено {credits} кредитов пользователю {telegram_id}. Баланс: {balance}.",
+                      "en": "✅ Granted {credits} credits to user {telegram_id}. Balance: {balance}."},
+    "admin_free_access": {"ru": "✅ Бесплатный доступ для {telegram_id}: {until}.",
+                          "en": "✅ Free access for {telegram_id}: {until}."},
+    "admin_blocked": {"ru": "⛔ Пользователь {telegram_id} заблокирован.", "en": "⛔ User {telegram_id} is blocked."},
+    "admin_unblocked": {"ru": "✅ Пользователь {telegram_id} разблокирован.", "en": "✅ User {telegram_id} is unblocked."},
+    "admin_promo_added": {"ru": "✅ Промокод {code} создан.", "en": "✅ Promo code {code} created."},
+    "admin_promo_list": {"ru": "🎟️ Промокоды (код — скидка, использовано/лимит, до):\n{codes}",
+                         "en": "🎟️ Promo codes (code — discount, used/limit, until):\n{codes}"},
+    "promo_kind_free": {"ru": "бесплатный доступ", "en": "free access"},
+    "admin_broadcast_done": {"ru": "📣 Рассылка завершена: отправлено {sent}, не доставлено {failed}.",
+                             "en": "📣 Broadcast finished: {sent} sent, {failed} failed."},
+    "admin_usage_stats": {"ru": "Использование: /stats", "en": "Usage: /stats"},
+    "admin_usage_user": {"ru": "Использование: /user <telegram id>", "en": "Usage: /user <telegram id>"},
+    "admin_usage_grant": {"ru": "Использование: /grant <telegram id> <кредиты> <причина>",
+                          "en": "Usage: /grant <telegram id> <credits> <reason>"},
+    "admin_usage_free_access": {"ru": "Использование: /free_access <telegram id> [дни]",
+                                "en": "Usage: /free_access <telegram id> [days]"},
+    "admin_usage_block": {"ru": "Использование: /block <telegram id>", "en": "Usage: /block <telegram id>"},
+    "admin_usage_unblock": {"ru": "Использование: /unblock <telegram id>", "en": "Usage: /unblock <telegram id>"},
+    "admin_usage_promo_add": {
+        "ru": "Использование: /promo_add КОД <процент 1–99 | free> [лимит активаций] [дни]\n"
+              "Дни: для скидки — срок действия кода, для free — длительность бесплатного доступа.",
+        "en": "Usage: /promo_add CODE <percent 1–99 | free> [max uses] [days]\n"
+              "Days: for a discount, how long the code is valid; for free, how long free access lasts.",
+    },
+    "admin_usage_promo_list": {"ru": "Использование: /promo_list", "en": "Usage: /promo_list"},
+    "admin_usage_broadcast": {"ru": "Использование: /broadcast <текст>", "en": "Usage: /broadcast <text>"},
     # --- worker (owned by worker.py) ------------------------------------------------------
     "job_running": {
         "ru": "🎨 Генерирую…",
@@ -106,6 +324,20 @@ TEXTS = {
         "en": "✅ Payment received! {credits} credits added. Balance: {balance} credits.",
     },
     # --- payments / promo (owned by payments.py, promo.py via bot.py) -----------------------
+    "promo_active": {"ru": "🎟️ Промокод {code}: скидка {percent}% на следующее пополнение.",
+                     "en": "🎟️ Promo code {code}: {percent}% off your next top-up."},
+    "ask_promo": {"ru": "🎟️ Введите промокод:", "en": "🎟️ Enter a promo code:"},
+    "free_access_granted": {"ru": "🎉 Промокод принят: бесплатный доступ включён!",
+                            "en": "🎉 Code accepted: free access is on!"},
+    "ask_amount": {"ru": "Введите сумму пополнения целым числом рублей (от {min} до {max}):",
+                   "en": "Enter the top-up amount as a whole number of rubles ({min} to {max}):"},
+    "topup_created": {"ru": "Пополнение на {credits} кредитов. К оплате: {amount} ₽",
+                      "en": "Top-up of {credits} credits. To pay: {amount} ₽"},
+    "topup_discount": {"ru": "🎟️ Скидка {percent}% по промокоду.", "en": "🎟️ {percent}% off with the promo code."},
+    "payment_received": {"ru": "✅ Оплата получена! Начислено {credits} кредитов.",
+                         "en": "✅ Payment received! {credits} credits added."},
+    "payment_already_credited": {"ru": "✅ Эта оплата уже зачислена ({credits} кредитов).",
+                                 "en": "✅ This payment has already been credited ({credits} credits)."},
     "promo_error": {
         "ru": "🎟️ Этот промокод сейчас нельзя использовать.",
         "en": "🎟️ This promo code cannot be used right now.",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -57,9 +57,14 @@ def create_app(cfg: config.Config | None = None) -> Flask:
     @app.before_request
     def _open_db():
         state = app.extensions["medialab"]
-        if state["database"] is None or models.db.obj is not state["database"]:
-            state["database"] = _bind_database(cfg.database_url)
-        models.db.connect(reuse_if_open=True)
+        g.db_error = False
+        try:
+            if state["database"] is None or models.db.obj is not state["database"]:
+                state["database"] = _bind_database(cfg.database_url)
+            models.db.connect(reuse_if_open=True)
+        except Exception as exc:             # noqa: BLE001 - the routes answer 503 for it
+            logger.error("database unavailable: %s: %s", type(exc).__name__, exc)
+            g.db_error = True
         # returning None lets the request through (a value here would become the response)
 
     @app.teardown_request
@@ -74,6 +79,8 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         except RequestEntityTooLarge:
             logger.warning("notification refused: body over %s bytes", payments.MAX_NOTIFICATION_BYTES)
             return Response(status=413)
+        if g.db_error:
+            return Response(status=503)          # YooKassa delivers it again later
         outcome = payments.handle_notification(body, request.remote_addr or "", cfg)
         if outcome.credited_payment_id is not None:
             try:
@@ -85,12 +92,13 @@ def create_app(cfg: config.Config | None = None) -> Flask:
 
     @app.get("/yookassa/health")
     def yookassa_health():
-        try:
-            models.db.execute_sql("SELECT 1")
-            database = "ok"
-        except Exception as exc:             # noqa: BLE001 - reported, not raised
-            logger.error("health: database error: %s", type(exc).__name__)
-            database = "error"
+        database = "error"
+        if not g.db_error:
+            try:
+                models.db.execute_sql("SELECT 1")
+                database = "ok"
+            except Exception as exc:         # noqa: BLE001 - reported, not raised
+                logger.error("health: database error: %s", type(exc).__name__)
         body = {"yookassa_configured": cfg.yookassa_configured, "database": database}
         ok = database == "ok" and cfg.yookassa_configured
         return jsonify(body), 200 if ok else 503

@@ -180,8 +180,12 @@ def _on_startup() -> None:
             if not logging.getLogger().handlers:
                 logging.basicConfig(level=cfg.log_level,
                                     format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token.
+                if logging.getLogger("huey").handlers:  # huey_consumer gave it its own handler
+                    logging.getLogger("huey").propagate = False
+            # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token;
+            # httpx logs every Fal status poll at INFO.
             logging.getLogger("urllib3").setLevel(logging.WARNING)
+            logging.getLogger("httpx").setLevel(logging.WARNING)
             _logging_ready = True
     _bind_db()
     try:
@@ -378,7 +382,8 @@ def accept_generation(user: User, chat_id: int, mode: str, *, prompt: str | None
 def _create_generation(user_id, chat_id, mode, prompt, options, file_ids, cfg) -> Generation:
     # Serialise concurrent accepts of one user: SQLite's BEGIN IMMEDIATE already does; on
     # PostgreSQL this takes the user's row lock (SQLite ignores FOR UPDATE).
-    User.select(User.id).where(User.id == user_id).for_update().get()
+    if not models.is_sqlite():
+        User.select(User.id).where(User.id == user_id).for_update().get()
     active = (Generation.select()
               .where((Generation.user == user_id) & (Generation.status.in_(ACTIVE_STATES))).count())
     if active >= cfg.max_active_jobs_per_user:
@@ -672,7 +677,7 @@ def _deliver(bot, gen: Generation, lang: str, data: bytes, seed: int | None, cfg
                 raise
             logger.info("generation %s: Telegram refused the photo (%s); sending a document", gen.id,
                         exc.description)
-    return tg(bot.send_document, gen.chat_id, (name, data), caption=caption, reply_markup=markup,
+    return tg(bot.send_document, gen.chat_id, data, caption=caption, reply_markup=markup,
               visible_file_name=name)
 
 

@@ -13,6 +13,7 @@ import pytest
 from peewee import DatabaseError
 
 import billing
+import config
 import models
 from models import Balance, LedgerEntry, Payment, Reservation, User
 from tests import billing_harness
@@ -109,7 +110,7 @@ def test_ten_threads_racing_a_first_contact_make_one_user_and_one_grant(any_data
 
 
 def test_ten_processes_racing_a_first_contact_make_one_user_and_one_grant(any_database, cfg):
-    results = billing_harness.user_race(cfg.database_url, telegram_id=78, processes=10)
+    results = billing_harness.user_race(config.get().database_url, telegram_id=78, processes=10)
     assert [r["error"] for r in results if r["error"]] == []
     assert len({r["user_id"] for r in results}) == 1
     assert User.select().count() == 1
@@ -376,6 +377,31 @@ def test_the_same_key_from_eight_threads_reserves_once(any_database):
     assert errors == [] and len(ids) == 8 and len(set(ids)) == 1
     assert balance(user_id) == (90, 10, 0, 0)
     assert Reservation.select().count() == 1
+    assert_audit_ok()
+
+
+@pytest.mark.parametrize("operation", ["credit", "take_back"])
+def test_the_same_ledger_key_from_eight_threads_applies_once(any_database, operation):
+    user_id = make_user(credits=100)
+    barrier, ids, errors = threading.Barrier(8), [], []
+
+    def go():
+        try:
+            barrier.wait(10)
+            call = billing.credit if operation == "credit" else billing.take_back
+            ids.append(call(user_id, 30, reference="refund:dup", idempotency_key="refund:dup").id)
+        except Exception as exc:
+            errors.append(exc)
+        finally:
+            models.db.close()
+
+    threads = [threading.Thread(target=go) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and len(ids) == 8 and len(set(ids)) == 1
+    assert balance(user_id)[0] == (130 if operation == "credit" else 70)
     assert_audit_ok()
 
 

@@ -11,9 +11,11 @@ bottom yields a started fake. The server is stdlib only (``http.server.Threading
 127.0.0.1, HTTP/1.1 keep-alive). Pillow, which is a runtime dependency anyway, reads image sizes
 and makes thumbnails.
 
-What is faithful. Error texts and limits come from the Bot API server source
-(tdlib/telegram-bot-api ``Client.cpp``) and TDLib (``MessageEntity.cpp``, ``MessageContent.cpp``).
------------------------------------------------------------------------------------------------
+What is faithful
+----------------
+Error texts and limits come from the Bot API server source (tdlib/telegram-bot-api ``Client.cpp``)
+and TDLib (``MessageEntity.cpp``, ``MessageContent.cpp``, ``MessagesManager.cpp``).
+
 * Routes ``/bot<token>/<method>`` (method names are case-insensitive) and
   ``/file/bot<token>/<file_path>``. Parameters come from the query string (where
   pyTelegramBotAPI puts them) and from urlencoded, JSON or multipart bodies. Multipart parts that
@@ -41,20 +43,21 @@ What is faithful. Error texts and limits come from the Bot API server source
   ``text must be non-empty``.
 * Keyboards: inline keyboards are checked (text buttons -> ``can't parse inline keyboard button:
   Text buttons are unallowed in the inline keyboard``, callback_data > 64 bytes ->
-  ``BUTTON_DATA_INVALID``, bad URLs -> ``BUTTON_URL_INVALID``). Only inline keyboards are echoed in
-  ``reply_markup``. An edit without ``reply_markup`` removes the keyboard, as on Telegram.
-  Editing to identical content -> ``message is not modified: ...``.
+  ``BUTTON_DATA_INVALID``, bad URLs -> ``inline keyboard button URL '...' is invalid``). Only
+  inline keyboards are echoed in ``reply_markup``. An edit without ``reply_markup`` removes the
+  keyboard, as on Telegram. Editing to identical content -> ``message is not modified: ...``.
 * Chats: private chats only (chat id == user id). ``message_id`` is one counter per chat, shared
   by user and bot messages. Sending to a user who never wrote to the bot -> 400 ``chat not found``
-  (pass ``strict_chats=False`` to allow it). A user who ``block``\\ s the bot -> 403
-  ``Forbidden: bot was blocked by the user``, with ``my_chat_member`` updates.
+  (pass ``strict_chats=False`` to allow it). After ``block(user_id)`` sends get 403
+  ``Forbidden: bot was blocked by the user``, and ``my_chat_member`` updates are pushed.
 * Files: an uploaded photo gets a ``photo`` array of PhotoSize (real JPEG thumbnails, and the
   last entry is the uploaded bytes with their real width/height). Photos > 10 MB -> ``file is too
   big``. Width+height > 10000 or aspect ratio > 20 -> ``PHOTO_INVALID_DIMENSIONS``. Bytes that are
   not an image -> ``IMAGE_PROCESS_FAILED``. Any upload > 50 MB -> 413. Re-sending by file_id works,
   and an unknown file_id -> ``wrong file identifier/HTTP URL specified``. HTTP(S) URLs are really
-  downloaded (photo 5 MB, other 20 MB). getFile over 20 MiB -> ``file is too big``. Downloads
-  serve the bytes, and an unknown path -> 404.
+  downloaded (photo 5 MB, other 20 MB; unreachable -> ``failed to get HTTP URL content``, not an
+  image -> ``wrong type of the web page content``). getFile over 20 MiB -> ``file is too big``.
+  Downloads serve the bytes, and an unknown path -> 404.
 * Callback queries can be answered once. A second answer or an unknown id ->
   ``query is too old and response timeout expired or query ID is invalid``.
 
@@ -62,8 +65,8 @@ What is simplified
 ------------------
 * One bot, private chats only: no groups, channels, inline mode, payments or business features.
 * The largest PhotoSize is the uploaded file as is. Telegram would re-encode it to JPEG and cap it
-  at 2560 px; ``send_photo(..., recompress=True)`` imitates that for user photos. Thumbnails are
-  only generated, never checked.
+  at 2560 px; ``send_photo(..., recompress=True)`` imitates that for user photos. Only photo
+  and document media exist (no video, audio, stickers, animations or document thumbnails).
 * No automatic flood control: use ``fail_next``. No 48-hour edit/delete window, no callback
   answer deadline, no 24-hour update expiry.
 * Webhook delivery is one connection in order, to ``https://`` *or* ``http://127.0.0.1`` /
@@ -86,6 +89,7 @@ import mimetypes
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.error
@@ -805,6 +809,7 @@ class _Upload:
     filename: str
     data: bytes
     content_type: str = "application/octet-stream"
+    from_url: bool = False
 
 
 def _parse_body(content_type: str, body: bytes):
@@ -873,6 +878,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return        # a client hung up or the fake closed the socket at stop()
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -1805,7 +1815,7 @@ class FakeTelegram:
             raise _bad("file is too big")
         info = _image_info(upload.data)
         if info is None:
-            raise _bad("IMAGE_PROCESS_FAILED")
+            raise _bad("wrong type of the web page content" if upload.from_url else "IMAGE_PROCESS_FAILED")
         width, height = info[0], info[1]
         if width + height > 10000 or max(width, height) > 20 * min(width, height):
             raise _bad("PHOTO_INVALID_DIMENSIONS")
@@ -2169,7 +2179,7 @@ def _fetch(url: str, limit: int) -> _Upload:
     if len(data) > limit:
         raise _bad("failed to get HTTP URL content")                               # approx.
     name = urlsplit(url).path.rsplit("/", 1)[-1] or "file"
-    return _Upload(name, data, content_type)
+    return _Upload(name, data, content_type, from_url=True)
 
 
 try:  # the fixture is optional so that a demo script can import this module without pytest

@@ -1,0 +1,555 @@
+"""The job pipeline end to end: accept_generation → run_generation → photo in the chat → commit.
+
+Everything real but the outside world: the real fal-client against tests/fakes/fal.py, the real
+pyTelegramBotAPI against tests/fakes/telegram.py, a real SQLite database, and `worker.huey` (a
+MemoryHuey in tests) driven by dequeuing and executing its tasks. The last test runs real
+`huey_consumer worker.huey` processes on a SQLite queue and SIGKILLs one mid-job.
+"""
+import datetime
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+import billing
+import config
+import worker
+from models import Generation, LedgerEntry, Reservation, utcnow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+FAR_FUTURE = datetime.datetime(2100, 1, 1)
+TELEGRAM_ID = 555001
+
+
+# --------------------------------------------------------------------------------------------
+# helpers (also used by tests/test_worker.py)
+# --------------------------------------------------------------------------------------------
+
+
+def photo(color=(200, 60, 60), size=(320, 240), fmt="JPEG") -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format=fmt)
+    return out.getvalue()
+
+
+def configure(fake_telegram, fake_fal=None, **overrides) -> config.Config:
+    """Install the current config pointed at the fakes (Fal only when `fake_fal` is given)."""
+    changes = dict(telegram_api_url=fake_telegram.url, fal_poll_interval=0.02)
+    if fake_fal is not None:
+        changes.update(fal_queue_url=fake_fal.url, fal_key="test-fal-key")
+    else:
+        changes.update(fal_key="")
+    changes.update(overrides)
+    return config.configure(config.get().replace(**changes))
+
+
+def make_user(fake_telegram, telegram_id=TELEGRAM_ID, *, credits=0, free_ops=None, language_code="ru"):
+    fake_telegram.add_user(telegram_id, language_code=language_code)
+    user, _ = billing.get_or_create_user(telegram_id, first_name="Tester", language_code=language_code,
+                                         free_operations=free_ops)
+    if credits:
+        billing.credit(user.id, credits, kind="grant", reference="test", idempotency_key="grant:%s" % telegram_id)
+    return user
+
+
+def drain(huey=None, rounds=20) -> int:
+    """Run every queued task, then every scheduled one (retries), until both are empty.
+
+    Returns how many tasks ran. A retry's delay is not waited for: its eta is treated as due."""
+    huey = huey or worker.huey
+    ran = 0
+    for _ in range(rounds):
+        task = huey.dequeue()
+        if task is not None:
+            huey.execute(task, timestamp=FAR_FUTURE)
+            ran += 1
+            continue
+        scheduled = huey.read_schedule(FAR_FUTURE)
+        if not scheduled:
+            return ran
+        for task in scheduled:
+            huey.execute(task, timestamp=FAR_FUTURE)
+            ran += 1
+    raise AssertionError("the queue did not drain in %d rounds" % rounds)
+
+
+def assert_audit_ok():
+    report = billing.audit()
+    assert report.ok, "\n".join(report.violations)
+
+
+def ledger_kinds(gen) -> list:
+    reference = "generation:%s" % gen.id
+    return [row.kind for row in LedgerEntry.select().where(LedgerEntry.reference == reference).order_by(LedgerEntry.id)]
+
+
+def reload(gen) -> Generation:
+    return Generation.get_by_id(gen.id)
+
+
+def strings_of(value):
+    return json.dumps(value, ensure_ascii=False)
+
+
+@pytest.fixture
+def pipeline(database, fake_telegram, fake_fal):
+    """The test config pointed at both fakes, an empty in-memory queue."""
+    cfg = configure(fake_telegram, fake_fal)
+    worker.huey.flush()
+    yield cfg
+    worker.huey.flush()
+
+
+# --------------------------------------------------------------------------------------------
+# every paid mode, end to end
+# --------------------------------------------------------------------------------------------
+
+MODE_INPUTS = {
+    "generate": ("a red fox in the snow", 0),
+    "edit": ("make it blue", 1),
+    "merge": ("put them side by side", 3),
+    "face_swap": (None, 2),
+    "retouch": (None, 1),
+    "upscale": (None, 1),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODE_INPUTS))
+def test_each_paid_mode_is_delivered_with_caption_and_buttons_and_committed(pipeline, fake_telegram, fake_fal, mode):
+    user = make_user(fake_telegram)
+    prompt, count = MODE_INPUTS[mode]
+    images = [photo((40 * i, 100, 200 - 40 * i)) for i in range(count)]
+    file_ids = [fake_telegram.add_file(data)[0] for data in images]
+
+    gen = worker.accept_generation(user, TELEGRAM_ID, mode, prompt=prompt, file_ids=file_ids)
+    assert reload(gen).status == "queued"
+    assert Reservation.get_by_id(gen.reservation_id).state == "reserved"
+    assert drain() == 1
+
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.finished_at is not None and gen.attempts == 1
+    (submission,) = fake_fal.submissions
+    assert submission["app"] == pipeline.fal_endpoints[mode] == gen.endpoint
+    assert gen.fal_request_id == submission["request_id"]
+    # images travel as data URIs, never as a (token-bearing) Telegram file URL
+    assert fake_fal.token_leaks == [] and "/file/bot" not in strings_of(submission["arguments"])
+    uris = [v for v in json.loads(strings_of(submission["arguments"])).values() if isinstance(v, dict)]
+    uris += [v for v in submission["arguments"].get("image_urls", [])]
+    assert len(uris) == count and all(u.get("data_uri") for u in uris)
+    if prompt:
+        assert submission["arguments"]["prompt"] == prompt
+
+    (sent,) = [c for c in fake_telegram.calls("sendPhoto") if c.ok]
+    assert sent.chat_id == TELEGRAM_ID and gen.result_message_id == sent.result["message_id"]
+    caption = sent.result["caption"]
+    assert caption.startswith("✅ Готово") and "Бесплатная операция (осталось 3 из 4)" in caption
+    assert "parse_mode" not in sent.params
+    assert fake_telegram.button_data(sent.result) == ["again:%s" % gen.id, "menu"]
+    assert fake_telegram.calls("sendChatAction")[0].params["action"] == "upload_photo"
+
+    assert Reservation.get_by_id(gen.reservation_id).state == "committed"
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert billing.get_balance(user.id).free_ops == 3
+    assert_audit_ok()
+
+
+def test_credits_are_charged_and_the_caption_says_so(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram, credits=100, free_ops=0)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat", options={"aspect_ratio": "16:9"})
+    assert gen.cost == 10
+    drain()
+    (sent,) = fake_telegram.calls("sendPhoto")
+    assert "Списано 10 кредитов, осталось 90." in sent.result["caption"]
+    assert fake_fal.submissions[0]["arguments"]["aspect_ratio"] == "16:9"
+    assert billing.get_balance(user.id).credits == 90
+    assert_audit_ok()
+
+
+def test_english_user_gets_english_texts(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram, language_code="en-GB")
+    worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    drain()
+    (sent,) = fake_telegram.calls("sendPhoto")
+    assert sent.result["caption"].startswith("✅ Done: 🎨 Create")
+    assert "Free operation (3 of 4 left)" in sent.result["caption"]
+
+
+def test_status_message_is_edited_to_running_then_removed(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    # the bot shows "⏳ в очереди" and stores the message id (bot._after_accept)
+    status = worker.telegram().send_message(TELEGRAM_ID, "⏳ в очереди (%d)" % worker.queue_position(gen.id))
+    Generation.update(status_message_id=status.message_id).where(Generation.id == gen.id).execute()
+    assert status.text == "⏳ в очереди (1)"
+    drain()
+    (edit,) = fake_telegram.calls("editMessageText")
+    assert edit.params["message_id"] == status.message_id and edit.result["text"] == "🎨 Генерирую…"
+    assert fake_telegram.message(TELEGRAM_ID, status.message_id) is None          # deleted after delivery
+    assert worker.queue_position(gen.id) == 0
+
+
+def test_demo_backend_without_fal_key_also_delivers(database, fake_telegram, fake_fal):
+    configure(fake_telegram)                                   # no FAL_KEY: the local demo backend
+    worker.huey.flush()
+    user = make_user(fake_telegram)
+    file_id = fake_telegram.add_file(photo())[0]
+    gen = worker.accept_generation(user, TELEGRAM_ID, "edit", prompt="make it warmer", file_ids=[file_id])
+    drain()
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.fal_request_id.startswith("demo-")
+    assert fake_fal.submissions == []
+    (sent,) = fake_telegram.calls("sendPhoto")
+    assert sent.ok and sent.files["photo"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert Reservation.get_by_id(gen.reservation_id).state == "committed"
+    assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# permanent failures: released at once, one submission, a message saying what to change
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("validation", "Модель не приняла запрос. Измените описание или фото"),
+    ("policy", "правилам контента. Измените запрос или фото"),
+])
+def test_permanent_provider_errors_release_at_once(pipeline, fake_telegram, fake_fal, kind, text):
+    user = make_user(fake_telegram)
+    fake_fal.script(kind)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="something")
+    assert drain() == 1                                        # no retry was scheduled
+    gen = reload(gen)
+    assert gen.status == "failed" and gen.finished_at is not None and gen.attempts == 1
+    assert len(fake_fal.submissions) == 1
+    assert Reservation.get_by_id(gen.reservation_id).state == "released"
+    assert ledger_kinds(gen) == ["reserve", "release"]
+    assert billing.get_balance(user.id).free_ops == 4
+    message = fake_telegram.last_message(TELEGRAM_ID)
+    assert text in message["text"] and message["text"].endswith("Кредиты не списаны.")
+    assert fake_telegram.calls("sendPhoto") == []
+    assert_audit_ok()
+
+
+def test_an_unusable_input_photo_is_refused_before_fal(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    file_id = fake_telegram.add_file(b"GIF89a not really a picture")[0]
+    gen = worker.accept_generation(user, TELEGRAM_ID, "retouch", file_ids=[file_id])
+    drain()
+    assert reload(gen).status == "failed" and fake_fal.submissions == []
+    assert "Фото не подходит: это не изображение." in fake_telegram.last_message(TELEGRAM_ID)["text"]
+    assert Reservation.get_by_id(gen.reservation_id).state == "released"
+    assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# transient failures: retried with the same request id, released after the cap
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_500_at_submit_is_retried_and_then_succeeds(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.script("submit_error", status=500, ingress=False)      # no job, no request id
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    assert drain() == 2
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.attempts == 2
+    assert len(fake_fal.submissions) == 1 and gen.fal_request_id == fake_fal.submissions[0]["request_id"]
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert_audit_ok()
+
+
+def test_a_500_after_the_request_id_is_stored_never_submits_again_and_is_released_after_the_cap(
+        pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.script("error500")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    assert drain() == worker.MAX_ATTEMPTS
+    gen = reload(gen)
+    assert gen.status == "failed" and gen.attempts == worker.MAX_ATTEMPTS
+    (submission,) = fake_fal.submissions                          # every retry resumed this one
+    resumed = [e for e in fake_fal.requests_log if submission["request_id"] in e["path"] and e["method"] == "GET"]
+    assert len([e for e in resumed if e["path"].endswith("/status")]) >= worker.MAX_ATTEMPTS
+    assert Reservation.get_by_id(gen.reservation_id).state == "released"
+    assert "Сервис генерации сейчас недоступен" in fake_telegram.last_message(TELEGRAM_ID)["text"]
+    assert_audit_ok()
+
+
+def test_a_retry_is_scheduled_with_backoff_and_the_job_waits_in_queued(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.script("error500")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    task = worker.huey.dequeue()
+    before = utcnow()
+    worker.huey.execute(task)
+    (retry,) = worker.huey.scheduled()
+    assert retry.args == (str(gen.id),)
+    delay = (retry.eta - before).total_seconds()
+    assert worker.RETRY_DELAYS[0] - 1 <= delay <= worker.RETRY_DELAYS[0] + 2
+    gen = reload(gen)
+    assert gen.status == "queued" and gen.heartbeat_at > utcnow()   # the sweeper leaves it alone
+    assert worker.sweep_once()["requeued"] == []
+
+
+def test_timeout_then_retry_resumes_the_same_request(pipeline, fake_telegram, fake_fal):
+    configure(fake_telegram, fake_fal, fal_timeout=0.4)
+    user = make_user(fake_telegram)
+    fake_fal.script("latency", seconds=0.6)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="slow")
+    assert drain() == 2
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.attempts == 2
+    (submission,) = fake_fal.submissions
+    assert gen.fal_request_id == submission["request_id"] and fake_fal.cancelled == []
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert_audit_ok()
+
+
+def test_a_hanging_request_times_out_every_attempt_is_cancelled_at_the_end_and_released(
+        pipeline, fake_telegram, fake_fal):
+    configure(fake_telegram, fake_fal, fal_timeout=0.15)
+    user = make_user(fake_telegram)
+    fake_fal.script("hang")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="never")
+    assert drain() == worker.MAX_ATTEMPTS
+    gen = reload(gen)
+    (submission,) = fake_fal.submissions
+    assert gen.status == "failed" and gen.fal_request_id == submission["request_id"]
+    assert fake_fal.wait_until(lambda: fake_fal.cancelled) == [submission["request_id"]]   # only the last
+    assert "Модель не успела ответить" in fake_telegram.last_message(TELEGRAM_ID)["text"]
+    assert Reservation.get_by_id(gen.reservation_id).state == "released"
+    assert_audit_ok()
+
+
+def test_submit_lost_is_a_known_duplicate_that_we_deliver_once(pipeline, fake_telegram, fake_fal):
+    """Documents the hazard in media.FalGateway: fal-client re-POSTs a submit whose answer was
+    lost, so Fal holds two requests (the first may be billed by Fal). We know only the second id,
+    persist it, and deliver and commit once."""
+    user = make_user(fake_telegram)
+    fake_fal.script("submit_lost")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    drain()
+    gen = reload(gen)
+    first, second = fake_fal.submissions
+    assert first["response_dropped"] and gen.fal_request_id == second["request_id"]
+    assert gen.status == "delivered" and len(fake_telegram.calls("sendPhoto")) == 1
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# Telegram side of delivery
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_result_telegram_would_refuse_as_a_photo_is_sent_as_a_document(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.script("big_result", width=12000, height=200)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a panorama")
+    drain()
+    assert fake_telegram.calls("sendPhoto") == []
+    (sent,) = fake_telegram.calls("sendDocument")
+    assert sent.ok and sent.result["document"]["file_name"] == "medialab-generate.png"
+    assert Image.open(io.BytesIO(sent.files["document"])).size == (12000, 200)
+    assert sent.result["caption"].startswith("✅ Готово")
+    assert fake_telegram.button_data(sent.result) == ["again:%s" % gen.id, "menu"]
+    assert reload(gen).status == "delivered"
+    assert_audit_ok()
+
+
+def test_a_photo_refused_by_telegram_falls_back_to_a_document(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_telegram.fail_next("sendPhoto", 400, "Bad Request: PHOTO_INVALID_DIMENSIONS")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    drain()
+    assert [c.ok for c in fake_telegram.calls("sendPhoto")] == [False]
+    assert [c.ok for c in fake_telegram.calls("sendDocument")] == [True]
+    assert reload(gen).status == "delivered"
+    assert Reservation.get_by_id(gen.reservation_id).state == "committed"
+
+
+def test_telegram_429_on_send_photo_is_honoured(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_telegram.fail_next("sendPhoto", 429, retry_after=1)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    drain()
+    first, second = fake_telegram.calls("sendPhoto")
+    assert first.error["error_code"] == 429 and first.error["parameters"]["retry_after"] == 1
+    assert second.ok and 0.95 <= second.time - first.time < 2.0
+    assert reload(gen).status == "delivered"
+    assert_audit_ok()
+
+
+def test_a_long_429_becomes_a_delayed_retry_that_resumes_the_request(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_telegram.fail_next("sendPhoto", 429, retry_after=90)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    worker.huey.execute(worker.huey.dequeue())
+    (retry,) = worker.huey.scheduled()
+    assert (retry.eta - utcnow()).total_seconds() > 85              # retry_after, not the short backoff
+    drain()
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.attempts == 2 and len(fake_fal.submissions) == 1
+    assert [c.ok for c in fake_telegram.calls("sendPhoto")] == [False, True]
+    assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# reservations and at-least-once
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_reservation_expired_mid_job_still_delivers_free_and_logs_it(pipeline, fake_telegram, fake_fal, caplog):
+    user = make_user(fake_telegram, credits=50, free_ops=0)
+    fake_fal.script("latency", seconds=0.4)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    task = worker.huey.dequeue()
+    runner = threading.Thread(target=worker.huey.execute, args=(task,))
+    with caplog.at_level("WARNING", logger="worker"):
+        runner.start()
+        fake_fal.wait_for_submissions(1)
+        # the sweeper decides the reservation is too old while Fal is still working
+        later = utcnow() + datetime.timedelta(seconds=pipeline.reservation_ttl + 1)
+        assert billing.expire_stale(later) == [gen.reservation_id]
+        runner.join(10)
+    gen = reload(gen)
+    assert gen.status == "delivered"
+    (sent,) = fake_telegram.calls("sendPhoto")
+    assert "Бесплатно: время резерва истекло" in sent.result["caption"]
+    assert Reservation.get_by_id(gen.reservation_id).state == "expired"
+    assert ledger_kinds(gen) == ["reserve", "expire"]
+    assert billing.get_balance(user.id).credits == 50
+    assert any("delivered FREE" in r.getMessage() and str(gen.id) in r.getMessage() for r in caplog.records)
+    assert_audit_ok()
+
+
+def test_running_the_task_twice_delivers_once_and_commits_once(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    worker.run_generation.call_local(str(gen.id))
+    worker.run_generation.call_local(str(gen.id))
+    worker.run_generation(str(gen.id))                              # and a third copy via the queue
+    drain()
+    assert len(fake_fal.submissions) == 1 and len(fake_telegram.calls("sendPhoto")) == 1
+    assert ledger_kinds(gen) == ["reserve", "commit"] and reload(gen).attempts == 1
+    assert_audit_ok()
+
+
+def test_two_workers_racing_on_one_job_deliver_once(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.script("latency", seconds=0.2)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    start = threading.Barrier(2)
+
+    def run():
+        start.wait()
+        worker.run_generation.call_local(str(gen.id))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(fake_fal.submissions) == 1 and len(fake_telegram.calls("sendPhoto")) == 1
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# a real consumer, SIGKILLed mid-job
+# --------------------------------------------------------------------------------------------
+
+
+def consumer_env(db_url, queue_path, fake_telegram, fake_fal) -> dict:
+    env = dict(os.environ)
+    env.update(DATABASE_URL=db_url, QUEUE_URL="sqlite:///" + queue_path, TELEGRAM_API_URL=fake_telegram.url,
+               FAL_KEY="test-fal-key", FAL_QUEUE_URL=fake_fal.url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="INFO",
+               PYTHONPATH=ROOT)
+    return env
+
+
+def start_consumer(env, log_path, workers=2) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen(
+        [os.path.join(BIN, "huey_consumer"), "worker.huey", "-w", str(workers), "-k", "thread", "-f",
+         "-n", "-d", "0.02", "-m", "0.1", "-C"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def forward(source, target) -> int:
+    """Move every serialized task from `source` (worker.huey here) to `target` (the consumer's
+    SQLite queue): the sweeper ran in this process, the consumer runs elsewhere."""
+    moved = 0
+    while (data := source.storage.dequeue()) is not None:
+        target.storage.enqueue(data, 0)
+        moved += 1
+    return moved
+
+
+def poll(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError("%s not reached within %s s" % (what, timeout))
+
+
+def stop(proc, sig=signal.SIGINT, timeout=10):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
+        pipeline, db_url, fake_telegram, fake_fal, tmp_path):
+    queue_path = str(tmp_path / "queue.db")
+    queue = worker.make_huey("sqlite:///" + queue_path)
+    env = consumer_env(db_url, queue_path, fake_telegram, fake_fal)
+    user = make_user(fake_telegram, credits=30, free_ops=0)
+    fake_fal.script("latency", seconds=1.5)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="survive a crash")
+    assert forward(worker.huey, queue) == 1
+
+    first = start_consumer(env, tmp_path / "consumer-1.log")
+    try:
+        fake_fal.wait_for_submissions(1, timeout=20)
+        stored = poll(lambda: reload(gen).fal_request_id, what="request id stored")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        stop(first)
+    gen = reload(gen)
+    assert gen.status == "running" and gen.fal_request_id == stored
+    assert fake_telegram.calls("sendPhoto") == []
+
+    second = start_consumer(env, tmp_path / "consumer-2.log")
+    try:
+        later = utcnow() + datetime.timedelta(seconds=worker.HEARTBEAT_STALE + 5)
+        report = worker.sweep_once(now=later)
+        assert report["resumed"] == [str(gen.id)] and report["expired"] == []
+        assert forward(worker.huey, queue) == 1
+        poll(lambda: reload(gen).status == "delivered", timeout=20, what="delivery after resume")
+    finally:
+        stop(second)
+    log = (tmp_path / "consumer-2.log").read_text(errors="replace")
+    gen = reload(gen)
+    assert len(fake_fal.submissions) == 1 and gen.fal_request_id == stored, log
+    assert gen.attempts == 2
+    assert len([c for c in fake_telegram.calls("sendPhoto") if c.ok]) == 1
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    assert billing.get_balance(user.id).credits == 20
+    assert "resuming" in log and stored in log
+    assert_audit_ok()
