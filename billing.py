@@ -358,8 +358,7 @@ def _replay_reservation(key, user_id, reference, amount) -> Reservation | None:
     existing = Reservation.get_or_none(Reservation.idempotency_key == key)
     if existing is None:
         return None
-    if existing.user_id != user_id or existing.reference != reference or (
-            existing.asset == "credits" and existing.amount != amount):
+    if existing.user_id != user_id or existing.reference != reference or existing.price != amount:
         raise IdempotencyConflict("reservation key %r was used for another reservation" % key)
     return existing
 
@@ -395,7 +394,8 @@ def reserve(user_id: int, amount: int, *, reference: str, idempotency_key: str, 
         asset, units = "credits", amount
     else:
         raise InsufficientCredits()
-    reservation = Reservation.create(user=user.id, asset=asset, amount=units, state="reserved", reference=reference,
+    reservation = Reservation.create(user=user.id, asset=asset, amount=units, price=amount, state="reserved",
+                                     reference=reference,
                                      idempotency_key=idempotency_key, created_at=now, expires_at=expires)
     logger.info("reserved: reservation=%s user=%s %s %s ref=%s", reservation.id, user.id, units, asset, reference)
     return reservation

@@ -136,6 +136,7 @@ class Reservation(BaseModel):
     user = ForeignKeyField(User, backref="reservations", on_delete="RESTRICT")
     asset = CharField()                               # credits | free_ops | free_access
     amount = BigIntegerField()                        # credits, or 1 free op, or 0 for free access
+    price = BigIntegerField()                         # credits asked for (the idempotency check)
     state = CharField(default="reserved", index=True)
     reference = CharField()
     idempotency_key = CharField(unique=True)

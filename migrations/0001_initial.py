@@ -79,6 +79,7 @@ def up(migrator, db):
         user = ForeignKeyField(User, on_delete='RESTRICT')
         asset = CharField()
         amount = BigIntegerField()
+        price = BigIntegerField()
         state = CharField(index=True, default='reserved')
         reference = CharField()
         idempotency_key = CharField(unique=True)

@@ -38,7 +38,7 @@ PROFILES = {
     "default": dict(max_examples=60, stateful_step_count=30),
     "ci-long": dict(max_examples=2000, stateful_step_count=60),
 }
-PG_PROFILES = {"default": dict(max_examples=12, stateful_step_count=20),
+PG_PROFILES = {"default": dict(max_examples=25, stateful_step_count=20),
                "ci-long": dict(max_examples=300, stateful_step_count=40)}
 
 
