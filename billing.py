@@ -244,6 +244,15 @@ def set_free_access(user_id: int, *, days: int | None = None, enabled: bool = Tr
     return get_user(user_id)
 
 
+def set_blocked(user_id: int, blocked: bool = True) -> User:
+    """Block (or unblock) a user: a blocked user cannot reserve, so cannot start paid jobs."""
+    user = get_user(user_id)
+    User.update(is_blocked=bool(blocked)).where(User.id == user.id).execute()
+    logger.info("user %s: blocked=%s", user.id, bool(blocked))
+    user.is_blocked = bool(blocked)
+    return user
+
+
 def get_balance(user_id: int, now: datetime.datetime | None = None) -> BalanceView:
     """Return the user's balances (credits and free operations, available and reserved)."""
     user = get_user(user_id)

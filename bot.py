@@ -7,10 +7,10 @@ Handlers are thin: parse the update, call one service (`worker.accept_generation
 
 Pieces:
 
-* `PeeweeStateStorage` keeps each chat's conversation state in the `ConversationState` table, so a
-  restarted bot continues a flow where the user left it. `update_data` is the locked
-  read-modify-write used when album photos (one update each, handled concurrently) add to the
-  same state.
+* `PeeweeStateStorage` keeps each chat's conversation state (a `Step` and a data dict: mode, file
+  ids, prompt ...) in the `ConversationState` table, so a restarted bot continues a flow where the
+  user left it. Its `update` is the locked read-modify-write used when album photos (one update
+  each, handled concurrently) add to the same state.
 * `UserMiddleware` runs before every message and callback query: creates the user once
   (`billing.get_or_create_user`, race-safe), refuses blocked users, picks the language, and hands
   the handler a `Ctx`.
@@ -21,10 +21,16 @@ Pieces:
 Images are checked before anything is reserved: the declared size (Bot API getFile stops at 20 MB),
 then the downloaded bytes (`media.inspect_image`). Only Telegram file ids go into the state.
 
+Callback data: ``menu``, ``cancel``, ``mode:<mode>``, ``consent``, ``ratio:<w:h>``, ``done``,
+``pos:<top|center|bottom>``, ``color:<name>``, ``again:<generation id>``, ``jobcancel:<generation
+id>``, ``pay``, ``amount:<credits>``, ``amount_custom``, ``promo``, ``check:<payment uuid>``; anything
+else (or a button of a step that is over) is answered "this button is no longer active".
+
 `main()` runs long polling. Webhook mode (TELEGRAM_WEBHOOK_URL) is not implemented here yet.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import logging
@@ -142,6 +148,11 @@ class PeeweeStateStorage(StateStorageBase):
         key = self.key(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
         return ConversationState.get_or_none(ConversationState.key == key)
 
+    def load(self, chat_id, user_id, *, business_connection_id=None, message_thread_id=None, bot_id=None):
+        """Return (state name or None, a copy of the data) in one read."""
+        row = self._read(chat_id, user_id, business_connection_id, message_thread_id, bot_id)
+        return (row.state, dict(row.data or {})) if row is not None else (None, {})
+
     def set_state(self, chat_id, user_id, state, business_connection_id=None, message_thread_id=None,
                   bot_id=None) -> bool:
         """Set the state (a `State` or its name), keeping the data; create the record if needed."""
@@ -241,8 +252,7 @@ class Ctx:
 
     def update(self, change):
         """Run `change(record)` on this chat's stored state under its lock (see `PeeweeStateStorage.update`)."""
-        result = self.storage.update(self.chat_id, self.telegram_id, change, bot_id=self.bot.bot_id)
-        return result
+        return self.storage.update(self.chat_id, self.telegram_id, change, bot_id=self.bot.bot_id)
 
     def go(self, state: State | None, **data) -> None:
         """Move to `state` (None ends the flow) and merge `data` into the stored data."""
@@ -278,13 +288,14 @@ class UserMiddleware(BaseMiddleware):
     """Before every message and callback query: create/refresh the user, refuse blocked users,
     pick the language, load the chat state; the handler receives it all as `ctx`."""
 
-    def __init__(self, cfg: config.Config):
+    def __init__(self, bot: telebot.TeleBot, cfg: config.Config):
         super().__init__()
         self.update_types = list(ALLOWED_UPDATES)
+        self.bot = bot
         self.cfg = cfg
-        self.bot = None  # set by create_bot
 
     def pre_process(self, update, data):
+        """Load the user and chat state into ``data["ctx"]``; CancelUpdate for anything we do not serve."""
         message = update.message if isinstance(update, types.CallbackQuery) else update
         sender = update.from_user
         if message is None or sender is None or sender.is_bot or message.chat.type != "private":
@@ -293,8 +304,7 @@ class UserMiddleware(BaseMiddleware):
         try:
             user, _ = billing.get_or_create_user(sender.id, username=sender.username, first_name=sender.first_name,
                                                  language_code=sender.language_code)
-            state = self.bot.current_states.get_state(message.chat.id, sender.id, bot_id=self.bot.bot_id)
-            stored = self.bot.current_states.get_data(message.chat.id, sender.id, bot_id=self.bot.bot_id)
+            state, stored = self.bot.current_states.load(message.chat.id, sender.id, bot_id=self.bot.bot_id)
         except Exception:
             logger.exception("could not load user %s", sender.id)
             _reply_raw(self.bot, message.chat.id, call, texts.t("error_generic", texts.lang_of(sender.language_code)))
@@ -325,8 +335,6 @@ def _reply_raw(bot, chat_id, call, text):
 
 def _redact(text: str, token: str) -> str:
     """Remove the bot token from `text` (requests errors quote the URL, which contains it)."""
-    if token and token in text:
-        text = text.replace(token, "<token>")
     secret = token.split(":", 1)[-1] if token else ""
     return text.replace(secret, "<token>") if secret else text
 
@@ -341,6 +349,7 @@ class BotExceptionHandler(telebot.ExceptionHandler):
         self.token = token
 
     def handle(self, exception) -> bool:
+        """Log `exception` without the token; return False (not handled)."""
         logger.error("bot error: %s: %s", type(exception).__name__, _redact(str(exception), self.token))
         return False
 
@@ -547,7 +556,11 @@ def on_unknown_command(message: types.Message, ctx: Ctx) -> None:
 def on_unexpected(message: types.Message, ctx: Ctx) -> None:
     """Anything a step does not expect: say what the step wants."""
     hint = STEP_HINTS.get(ctx.state)
-    if hint is None:
+    count = len(ctx.data.get("files", []))
+    if ctx.state == Step.images.name and ctx.data.get("mode") == "merge" and count >= 2:
+        _send(ctx, ctx.t("merge_photo_added", count=count, max=media.mode_spec("merge").max_images),
+              _done_markup(ctx))
+    elif hint is None:
         _send(ctx, ctx.t("choose_action"), _main_menu_markup(ctx))
     else:
         _send(ctx, ctx.t(hint), _cancel_markup(ctx))
@@ -593,7 +606,8 @@ def on_mode(call: types.CallbackQuery, ctx: Ctx) -> None:
     _answer(ctx)
     if mode == "generate":
         ctx.start_flow(Step.prompt, mode=mode)
-        _send(ctx, ctx.t("ask_generate_prompt", price=_price_text(ctx, mode)), _cancel_markup(ctx))
+        _send(ctx, ctx.t("ask_generate_prompt", price=_price_text(ctx, mode), max=ctx.cfg.max_prompt_length),
+              _cancel_markup(ctx))
         return
     if mode == "face_swap" and not ctx.data.get("face_swap_consent"):
         ctx.start_flow(None)
@@ -649,7 +663,7 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
     media.check_declared_size(declared, ctx.cfg)           # > 20 MB: refused before downloading
     media.inspect_image(worker.download_file(file_id, ctx.cfg), ctx.cfg)
 
-    def add(record):
+    def add(record):                                       # under the chat's lock: album photos race here
         files = record["data"].setdefault("files", [])
         if record["state"] != Step.images.name or record["data"].get("mode") != mode:
             return None                                    # the flow changed meanwhile
@@ -659,24 +673,26 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
         files.sort()                                       # album order, whatever order they arrive in
         if len(files) >= spec.max_images and mode in NEXT_STEP:
             record["state"] = NEXT_STEP[mode].name
+        ctx.state, ctx.data = record["state"], copy.deepcopy(record["data"])
         return len(files)
 
     count = ctx.update(add)
-    if count is None:
-        return
     if count == -1:
-        return _too_many_images(ctx, spec)
-    ctx.data = ctx.storage.get_data(ctx.chat_id, ctx.telegram_id, bot_id=ctx.bot.bot_id)
-    _after_image(ctx, mode, count)
+        _too_many_images(ctx, spec)
+    elif count is not None:
+        _after_image(ctx, spec, count)
 
 
 # The step after the last image of a mode; other modes start the job at once (merge waits for "Готово").
 NEXT_STEP = {"edit": Step.prompt, "add_text": Step.text}
 
 
+def _done_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
+    return _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]])
+
+
 def _too_many_images(ctx: Ctx, spec: media.ModeSpec) -> None:
-    markup = _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]]) \
-        if spec.name == "merge" else _cancel_markup(ctx)
+    markup = _done_markup(ctx) if spec.name == "merge" else _cancel_markup(ctx)
     _send(ctx, ctx.t("too_many_photos", limit=spec.max_images), markup)
 
 
@@ -684,24 +700,21 @@ def _file_ids(ctx: Ctx) -> list[str]:
     return [file_id for _, file_id in ctx.data.get("files", [])]
 
 
-def _after_image(ctx: Ctx, mode: str, count: int) -> None:
-    """Tell the user what comes next after image number `count` of `mode`."""
+def _after_image(ctx: Ctx, spec: media.ModeSpec, count: int) -> None:
+    """Say what comes next after image number `count` of a mode, or start the job."""
+    mode = spec.name
     if mode == "merge":
-        if count >= 2:
-            markup = _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]])
-            _send(ctx, ctx.t("merge_photo_added", count=count, max=4), markup)
+        if count >= spec.min_images:
+            _send(ctx, ctx.t("merge_photo_added", count=count, max=spec.max_images), _done_markup(ctx))
         else:
             _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
     elif mode == "edit":
         _send(ctx, ctx.t("ask_edit_instruction"), _cancel_markup(ctx))
     elif mode == "add_text":
         _send(ctx, ctx.t("ask_add_text_text"), _cancel_markup(ctx))
-    elif mode == "face_swap":
-        if count == 1:
-            _send(ctx, ctx.t("ask_target_photo"), _cancel_markup(ctx))
-        else:
-            _accept(ctx, mode, file_ids=_file_ids(ctx))
-    else:                                                  # retouch, upscale
+    elif count < spec.max_images:                          # face_swap: the face is in, now the target
+        _send(ctx, ctx.t("ask_target_photo"), _cancel_markup(ctx))
+    else:                                                  # face_swap, retouch, upscale: all inputs are in
         _accept(ctx, mode, file_ids=_file_ids(ctx))
 
 
@@ -710,8 +723,9 @@ def on_done(call: types.CallbackQuery, ctx: Ctx) -> None:
     if ctx.state != Step.images.name or ctx.data.get("mode") != "merge":
         return on_stale_button(call, ctx)
     _answer(ctx)
-    if len(ctx.data.get("files", [])) < 2:
-        _send(ctx, ctx.t("merge_need_more", count=len(ctx.data.get("files", []))), _cancel_markup(ctx))
+    count = len(ctx.data.get("files", []))
+    if count < media.mode_spec("merge").min_images:
+        _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
         return
     ctx.go(Step.prompt)
     _send(ctx, ctx.t("ask_merge_instruction"), _cancel_markup(ctx))
@@ -756,6 +770,9 @@ def _after_accept(ctx: Ctx, generation: Generation) -> None:
     sent = _send(ctx, ctx.t("job_queued", position=worker.queue_position(generation.id) or 1), markup)
     Generation.update(status_message_id=sent.message_id).where(
         (Generation.id == generation.id) & Generation.status_message_id.is_null()).execute()
+    if Generation.get_by_id(generation.id).status not in worker.ACTIVE_STATES:
+        # The worker finished before it could see the id: remove the stale "в очереди" itself.
+        worker.tg(ctx.bot.delete_message, ctx.chat_id, sent.message_id)
 
 
 def on_again(call: types.CallbackQuery, ctx: Ctx) -> None:
@@ -1009,37 +1026,34 @@ def _args(message: types.Message) -> list[str]:
     return (telebot.util.extract_arguments(message.text or "") or "").split()
 
 
-def _target_user(ctx: Ctx, raw: str) -> User:
-    """Return the user with Telegram id `raw`; reply and raise LookupError when unknown."""
+def _target_user(raw: str) -> User:
+    """Return the user with Telegram id `raw`; raise AdminError (usage, or "no such user")."""
     if not raw.isdigit():
-        raise AdminUsage()
+        raise AdminError()
     user = User.get_or_none(User.telegram_id == int(raw))
     if user is None:
-        _send(ctx, ctx.t("admin_no_user", telegram_id=raw))
-        raise _Handled()
+        raise AdminError("admin_no_user", telegram_id=raw)
     return user
 
 
-class AdminUsage(Exception):
-    """An admin command was called with wrong arguments."""
+class AdminError(Exception):
+    """An admin command cannot run: reply text `key` (None: the command's usage) with `values`."""
 
-
-class _Handled(Exception):
-    """The handler already replied; stop quietly."""
+    def __init__(self, key: str | None = None, **values):
+        super().__init__(key or "usage")
+        self.key, self.values = key, values
 
 
 def _admin(usage_key: str):
-    """Wrap an admin handler: bad arguments → its usage text."""
+    """Wrap an admin handler: an AdminError becomes its text (by default the usage text)."""
 
     def wrap(handler):
         @functools.wraps(handler)
         def run(message, ctx):
             try:
                 handler(message, ctx)
-            except AdminUsage:
-                _send(ctx, ctx.t(usage_key))
-            except _Handled:
-                pass
+            except AdminError as exc:
+                _send(ctx, ctx.t(exc.key or usage_key, **exc.values))
 
         return run
 
@@ -1093,8 +1107,8 @@ def cmd_user(message: types.Message, ctx: Ctx) -> None:
     """/user <telegram id> (admins)."""
     args = _args(message)
     if len(args) != 1:
-        raise AdminUsage()
-    user = _target_user(ctx, args[0])
+        raise AdminError()
+    user = _target_user(args[0])
     view = billing.get_balance(user.id)
     _send(ctx, ctx.t(
         "admin_user", telegram_id=user.telegram_id, id=user.id, username=user.username or "—",
@@ -1111,8 +1125,8 @@ def cmd_grant(message: types.Message, ctx: Ctx) -> None:
     """/grant <telegram id> <credits> <reason> (admins); idempotent per update."""
     args = _args(message)
     if len(args) < 3 or not args[1].isdigit() or int(args[1]) <= 0:
-        raise AdminUsage()
-    user = _target_user(ctx, args[0])
+        raise AdminError()
+    user = _target_user(args[0])
     credits, reason = int(args[1]), " ".join(args[2:])[:100]
     key = "grant:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
     billing.credit(user.id, credits, kind="grant", reference="admin:%s:%s" % (ctx.telegram_id, reason),
@@ -1127,8 +1141,8 @@ def cmd_free_access(message: types.Message, ctx: Ctx) -> None:
     """/free_access <telegram id> [days] (admins)."""
     args = _args(message)
     if not 1 <= len(args) <= 2 or (len(args) == 2 and (not args[1].isdigit() or int(args[1]) <= 0)):
-        raise AdminUsage()
-    user = _target_user(ctx, args[0])
+        raise AdminError()
+    user = _target_user(args[0])
     days = int(args[1]) if len(args) == 2 else None
     user = billing.set_free_access(user.id, days=days)
     until = user.free_access_until.strftime("%d.%m.%Y") if user.free_access_until else ctx.t("forever")
@@ -1138,9 +1152,9 @@ def cmd_free_access(message: types.Message, ctx: Ctx) -> None:
 def _set_blocked(message: types.Message, ctx: Ctx, blocked: bool) -> None:
     args = _args(message)
     if len(args) != 1:
-        raise AdminUsage()
-    user = _target_user(ctx, args[0])
-    User.update(is_blocked=blocked).where(User.id == user.id).execute()
+        raise AdminError()
+    user = _target_user(args[0])
+    billing.set_blocked(user.id, blocked)
     logger.info("admin %s set blocked=%s for user %s", ctx.telegram_id, blocked, user.id)
     _send(ctx, ctx.t("admin_blocked" if blocked else "admin_unblocked", telegram_id=user.telegram_id))
 
@@ -1162,7 +1176,7 @@ def cmd_promo_add(message: types.Message, ctx: Ctx) -> None:
     """/promo_add CODE percent|free [max_uses] [days] (admins)."""
     args = _args(message)
     if not 2 <= len(args) <= 4 or not all(a.isdigit() for a in args[2:]):
-        raise AdminUsage()
+        raise AdminError()
     code, kind = args[0], args[1].lower()
     max_uses = int(args[2]) if len(args) > 2 and int(args[2]) > 0 else None
     days = int(args[3]) if len(args) > 3 and int(args[3]) > 0 else None
@@ -1171,7 +1185,7 @@ def cmd_promo_add(message: types.Message, ctx: Ctx) -> None:
     elif kind.isdigit() and 1 <= int(kind) <= 99:
         created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=max_uses, days=days)
     else:
-        raise AdminUsage()
+        raise AdminError()
     _send(ctx, ctx.t("admin_promo_added", code=created.code))
 
 
@@ -1193,7 +1207,7 @@ def cmd_broadcast(message: types.Message, ctx: Ctx) -> None:
     """/broadcast <text> (admins): send to every user not blocked, ~20 messages/s."""
     text = (telebot.util.extract_arguments(message.text or "") or "").strip()
     if not text:
-        raise AdminUsage()
+        raise AdminError()
     sent, failed = broadcast(ctx.bot, text)
     _send(ctx, ctx.t("admin_broadcast_done", sent=sent, failed=failed))
 
@@ -1204,7 +1218,7 @@ def broadcast(bot: telebot.TeleBot, text: str, rate: float = BROADCAST_RATE) -> 
     sent = failed = 0
     interval = 1.0 / rate
     next_at = time.monotonic()
-    for telegram_id in User.select(User.telegram_id).where(User.is_blocked == False).tuples().iterator():  # noqa: E712
+    for telegram_id in User.select(User.telegram_id).where(User.is_blocked == False).tuples().iterator():
         delay = next_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
@@ -1294,9 +1308,7 @@ def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_t
                       state_storage=PeeweeStateStorage(), use_class_middlewares=True,
                       exception_handler=BotExceptionHandler(cfg.telegram_bot_token))
     bot.add_custom_filter(StateFilter(bot))
-    middleware = UserMiddleware(cfg)
-    middleware.bot = bot
-    bot.setup_middleware(middleware)
+    bot.setup_middleware(UserMiddleware(bot, cfg))
     register_handlers(bot, cfg)
     return bot
 
@@ -1311,7 +1323,7 @@ def set_commands(bot: telebot.TeleBot) -> None:
         worker.tg(bot.set_my_commands, commands, language_code=code)
 
 
-def main(argv=None) -> int:
+def main() -> int:
     """Run the bot with long polling (`python bot.py`)."""
     try:
         cfg = config.configure(config.load())
@@ -1325,7 +1337,7 @@ def main(argv=None) -> int:
     try:
         models.ensure_migrated()
     except models.NotMigrated as exc:
-        print("%s\nrun `make migrate`" % exc, file=sys.stderr)
+        print(exc, file=sys.stderr)                        # "... pending: 0001_initial — run `make migrate`"
         return 2
     if cfg.telegram_webhook_url:
         logger.warning("TELEGRAM_WEBHOOK_URL is set, but webhook mode is not implemented yet: using long polling")

@@ -41,7 +41,7 @@ from yookassa.domain.notification import WebhookNotificationFactory
 import billing
 import config
 import promo
-from models import Payment, Refund, User, utcnow
+from models import Payment, Refund, User, db, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -563,6 +563,27 @@ def _apply(order: Payment, fetched, cfg: config.Config, source: str) -> _Applied
     return _Applied(None, "status_" + str(fetched.status))
 
 
+_writer = threading.Lock()
+
+
+def _one_writer(func):
+    """Queue this process's threads on a Python lock before they ask SQLite for the write lock.
+
+    SQLite makes a blocked writer poll with sleeps of up to 100 ms (its busy handler), so under a
+    burst of notifications (gunicorn gthread: several threads per worker) an unlucky writer can
+    wait a second while the lock sits free. Threads of one process now take turns at once; only
+    whole processes compete in SQLite. Outermost calls only (no nesting, no I/O inside).
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        if db.in_transaction():
+            return func(*args, **kwargs)
+        with _writer:
+            return func(*args, **kwargs)
+    return wrapper
+
+
+@_one_writer
 @billing.money_transaction
 def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:
     """pending → succeeded, the ledger credit and the promo consumption, all in one transaction.
@@ -586,6 +607,7 @@ def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:
     return True
 
 
+@_one_writer
 @billing.money_transaction
 def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     """pending → canceled and the promo reservation released; True if this call changed it."""
@@ -601,6 +623,7 @@ def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     return bool(changed)
 
 
+@_one_writer
 @billing.money_transaction
 def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund | None:
     """Record YooKassa refund `refund_id` once and take back its share of the credits.

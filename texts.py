@@ -107,8 +107,8 @@ TEXTS = {
     "btn_pay_url": {"ru": "Оплатить {amount} ₽", "en": "Pay {amount} ₽"},
     "btn_check_payment": {"ru": "Проверить оплату", "en": "Check payment"},
     # modes
-    "ask_generate_prompt": {"ru": "🎨 Опишите, что нарисовать (до 1000 символов). {price}",
-                            "en": "🎨 Describe what to draw (up to 1000 characters). {price}"},
+    "ask_generate_prompt": {"ru": "🎨 Опишите, что нарисовать (до {max} символов). {price}",
+                            "en": "🎨 Describe what to draw (up to {max} characters). {price}"},
     "ask_ratio": {"ru": "Выберите формат изображения:", "en": "Choose the image format:"},
     "ask_edit_photo": {"ru": "✏️ Отправьте фото, которое нужно отредактировать. {price}",
                        "en": "✏️ Send the photo to edit. {price}"},

@@ -11,9 +11,11 @@ the worker (``worker.notify_payment``), never inside the request.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 
 from flask import Flask, Response, g, jsonify, request
+from peewee import SqliteDatabase
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -25,13 +27,33 @@ import worker
 logger = logging.getLogger(__name__)
 
 
+_keepers: dict = {}
+
+
+def _keep_sqlite_open(database) -> None:
+    """Hold one idle connection to a SQLite file for the life of this process.
+
+    Each request closes its own connection; when the last connection to a WAL database closes,
+    SQLite checkpoints and truncates the WAL (https://www.sqlite.org/wal.html, "the WAL file is
+    deleted ... when the last connection closes"), an fsync'ed write on every request. An idle
+    connection (never inside a transaction) keeps that from happening and blocks nothing.
+    """
+    if not isinstance(database, SqliteDatabase) or database.database in _keepers:
+        return
+    if database.database in ("", ":memory:"):
+        return
+    _keepers[database.database] = sqlite3.connect(database.database, check_same_thread=False)
+
+
 def _bind_database(url: str):
     """Bind the models to `url`, re-using the bound database when it is already that one."""
     current = models.db.obj
     wanted = models.open_database(url)
     if current is not None and type(current) is type(wanted) and current.database == wanted.database:
-        return current
-    models.db.initialize(wanted)
+        wanted = current
+    else:
+        models.db.initialize(wanted)
+    _keep_sqlite_open(wanted)
     return wanted
 
 

@@ -8,8 +8,9 @@ Phase 1 (open loop, issue #4's target: p99 < 100 ms at 100 notifications/s): 100
 duplicates = 1,000 deliveries in a shuffled order, offered at RATE per second from a thread pool;
 latency is measured from each delivery's scheduled time, so a slow server cannot hide its queue.
 Phase 2 (closed loop): 16 clients send duplicates back to back, for the saturated rate.
-The same two phases run against the baseline app. Afterwards exactly 100 payments must be
-credited and the ledger audit must be clean.
+The same two phases run against the baseline app, each server after an unmeasured warm-up of
+WARMUP requests. Afterwards exactly 100 payments must be credited and the ledger audit must be
+clean.
 
 ``run(quick=False) -> dict`` of flat figures (keys ``webhook_*``);
 ``python bench/bench_webhook.py`` prints them as JSON.
@@ -33,6 +34,7 @@ YK_IP = "185.71.76.1"
 RATE = 100.0            # notifications offered per second in phase 1
 CLIENT_THREADS = 64     # phase 1 pool: enough that the client never queues at 100/s
 SATURATION_CLIENTS = 16
+WARMUP = 64             # unmeasured requests before each server's phases
 START_DEADLINE = 30.0   # seconds for gunicorn to answer its health check
 
 
@@ -259,9 +261,15 @@ def run(quick: bool = False) -> dict:
                 bodies.extend([body] * duplicates)
             random.Random(4).shuffle(bodies)
 
+            # Warm-up (not measured): a notification for a payment that is not ours goes through
+            # the whole stack except the re-fetch, in every worker thread.
+            warm = json.dumps({"type": "notification", "event": "payment.succeeded",
+                               "object": {"id": "00000000-000f-5000-8000-000000000000", "status": "succeeded",
+                                          "paid": True, "amount": {"value": "1.00", "currency": "RUB"}}}).encode()
             proc_env = dict(os.environ, **env)
             web, web_url = _start_gunicorn("web:app", ROOT, proc_env, os.path.join(tmp, "web.log"))
             try:
+                _closed_loop(web_url + "/yookassa/webhook", warm, WARMUP)
                 hook = _open_loop(web_url + "/yookassa/webhook", bodies, rate)
                 hook_max = _closed_loop(web_url + "/yookassa/webhook", bodies[0], saturation)
             finally:
@@ -269,6 +277,7 @@ def run(quick: bool = False) -> dict:
             base, base_url = _start_gunicorn("bench_webhook:baseline_app()", HERE, proc_env,
                                              os.path.join(tmp, "baseline.log"))
             try:
+                _closed_loop(base_url + "/yookassa/webhook", warm, WARMUP)
                 baseline = _open_loop(base_url + "/yookassa/webhook", bodies, rate)
                 baseline_max = _closed_loop(base_url + "/yookassa/webhook", bodies[0], saturation)
             finally:

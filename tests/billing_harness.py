@@ -127,6 +127,7 @@ def _storm_worker(url, barrier, user_ids, price, attempts, seed, queue):
                     result["insufficient"] += 1
                 except Exception as exc:  # every other error is a failure the parent reports
                     result["errors"].append("reserve: %r" % (exc,))
+        barrier.wait(START_TIMEOUT)   # every process has reserved: nothing released can be taken again
         for n, (_, reservation_id, _, _) in enumerate(result["reserved"]):
             try:
                 if n % 2 == 0:
@@ -139,6 +140,7 @@ def _storm_worker(url, barrier, user_ids, price, attempts, seed, queue):
                 result["errors"].append("resolve %s: %r" % (reservation_id, exc))
     except Exception:
         result["errors"].append(traceback.format_exc())
+        barrier.abort()   # the others fail fast instead of waiting out the timeout
     finally:
         queue.put(result)
         if models.db.obj is not None:
@@ -171,8 +173,8 @@ def _collect(procs, queue, timeout=120.0):
 def storm(url: str, user_ids: list[int], *, price: int, processes: int = 4, attempts: int = 4,
           seed: int = 0) -> list[dict]:
     """Reserve `price` for every user `attempts` times from each of `processes` spawned
-    processes released together by one barrier; each then commits its even-numbered and
-    releases its odd-numbered reservations. Returns one result dict per process:
+    processes released together by one barrier; after a second barrier (all reserving done)
+    each commits its even-numbered and releases its odd-numbered reservations, concurrently. Returns one result dict per process:
     reserved [(user_id, reservation_id, asset, amount)], insufficient, committed, released, errors."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(processes), ctx.Queue()
@@ -380,7 +382,11 @@ def check_after_crash(url: str) -> dict:
                       .where(models.Reservation.state == "reserved"))
     out["open"] = open_ids
     out["stale_violations"] = [v for v in billing.audit(now=FAR_FUTURE).violations]
-    out["expired"] = sorted(billing.expire_stale(now=FAR_FUTURE, limit=10**7))
+    try:
+        out["expired"] = sorted(billing.expire_stale(now=FAR_FUTURE, limit=10**7))
+        out["sweep_error"] = None
+    except billing.BillingError as exc:   # one corrupt reservation stops the sweep: report it
+        out["expired"], out["sweep_error"] = [], repr(exc)
     out["still_open"] = models.Reservation.select().where(models.Reservation.state == "reserved").count()
     out["audit_after_sweep"] = billing.audit(now=FAR_FUTURE).violations
     out["reserved_after_sweep"] = sum(b.reserved for b in models.Balance.select())
@@ -400,6 +406,8 @@ def crash_problems(check: dict) -> list[str]:
     if len(i10) != len(check["open"]):
         problems.append("audit from the far future reports %d I10 lines for %d open reservations"
                         % (len(i10), len(check["open"])))
+    if check["sweep_error"]:
+        problems.append("the sweeper failed: %s" % check["sweep_error"])
     if check["expired"] != check["open"]:
         problems.append("sweeper expired %s, open were %s" % (check["expired"], check["open"]))
     if check["still_open"]:

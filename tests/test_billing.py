@@ -388,8 +388,11 @@ def test_the_same_ledger_key_from_eight_threads_applies_once(any_database, opera
     def go():
         try:
             barrier.wait(10)
-            call = billing.credit if operation == "credit" else billing.take_back
-            ids.append(call(user_id, 30, reference="refund:dup", idempotency_key="refund:dup").id)
+            if operation == "credit":
+                entry = billing.credit(user_id, 30, kind="grant", reference="admin:1:dup", idempotency_key="dup")
+            else:
+                entry = billing.take_back(user_id, 30, reference="refund:dup", idempotency_key="dup")
+            ids.append(entry.id)
         except Exception as exc:
             errors.append(exc)
         finally:

@@ -382,11 +382,16 @@ def pg_opener(url):
     return open_database
 
 
+LONG = os.environ.get("HYPOTHESIS_PROFILE") == "ci-long"
+
+
+@pytest.mark.timeout(0 if LONG else 300)
 def test_the_billing_core_matches_its_model_on_sqlite(cfg, _template_db):
     machine = type("SqliteBillingMachine", (BillingMachine,), {"open_database": staticmethod(sqlite_opener(_template_db))})
     run_state_machine_as_test(machine, settings=machine_settings(PROFILES))
 
 
+@pytest.mark.timeout(0 if LONG else 300)
 def test_the_billing_core_matches_its_model_on_postgresql(pg_database):
     machine = type("PgBillingMachine", (BillingMachine,), {"open_database": staticmethod(pg_opener(postgres_url()))})
     run_state_machine_as_test(machine, settings=machine_settings(PG_PROFILES))

@@ -127,21 +127,22 @@ class Harness:
         return answers[0].get("text")
 
 
-def texts_of(messages) -> str:
-    return "\n---\n".join(m.get("text") or m.get("caption") or "" for m in messages)
-
-
-@pytest.fixture
-def app(database, fake_telegram, fake_fal):
-    """The configuration pointed at the fakes, default promo codes, an empty queue, and a Harness."""
+def harness_for(fake_telegram, fake_fal):
+    """Yield a Harness with the configuration pointed at the fakes, the default promo codes and an
+    empty queue (the body of the `app` fixtures; needs the `database` fixture)."""
     cfg = config.configure(config.get().replace(
         telegram_api_url=fake_telegram.url, fal_key="test-fal-key", fal_queue_url=fake_fal.url,
         fal_poll_interval=0.02))
     promo.seed_defaults()
     worker.huey.flush()
-    harness = Harness(fake_telegram, cfg)
-    yield harness
+    yield Harness(fake_telegram, cfg)
     worker.huey.flush()
+
+
+@pytest.fixture
+def app(database, fake_telegram, fake_fal):
+    """The bot and the fakes, ready to play a user."""
+    yield from harness_for(fake_telegram, fake_fal)
 
 
 def audit_ok():
@@ -236,6 +237,8 @@ def test_menu_command_cancel_and_unknown_inputs(app):
     assert "Такой команды нет" in reply["text"]
     [reply] = app.send("просто текст")
     assert "Выберите действие" in reply["text"]
+    [reply] = app.photo(png())                                  # a photo outside any flow
+    assert "Выберите действие" in reply["text"] and "mode:edit" in app.fake.button_data(reply)
     [reply] = app.send("/help")
     assert "Добавить текст" in reply["text"] and "10 кредитов" in reply["text"]
     # A button of a finished step is answered, not ignored.
@@ -249,7 +252,7 @@ def test_menu_command_cancel_and_unknown_inputs(app):
 def test_english_texts_for_english_users(app):
     [reply] = app.send("/start", language_code="en-GB", first_name="Bob")
     assert "Hi, Bob" in reply["text"] and "Free operations: 4 of 4" in reply["text"]
-    assert [b["text"] for b in app.fake.buttons(reply)][0] == "🎨 Create"
+    assert app.fake.buttons(reply)[0]["text"] == "🎨 Create"
     replies = app.press("mode:generate", language_code="en")
     assert "Describe what to draw" in replies[-1]["text"]
     [reply] = app.send("x" * 1001, language_code="en")
@@ -284,7 +287,9 @@ def test_state_storage_implements_every_method(database):
     assert ConversationState.select().count() == 0
 
 
-def test_concurrent_updates_of_one_chat_lose_nothing(database):
+@pytest.mark.parametrize("backend", ["database", "pg_database"])
+def test_concurrent_updates_of_one_chat_lose_nothing(request, backend):
+    request.getfixturevalue(backend)                            # SQLite, or PostgreSQL when configured
     storage = bot.PeeweeStateStorage()
     barrier = threading.Barrier(8)
 

@@ -10,9 +10,15 @@ import billing
 import config
 import promo
 from models import Generation, LedgerEntry, Payment, Reservation
-from tests.test_bot import USER, Harness, app, audit_ok, png, texts_of, user_row  # noqa: F401 - fixture
+from tests.test_bot import USER, audit_ok, harness_for, png, user_row
 
 MB = 1024 * 1024
+
+
+@pytest.fixture
+def app(database, fake_telegram, fake_fal):
+    """The bot and the fakes, ready to play a user (see tests/test_bot.py `Harness`)."""
+    yield from harness_for(fake_telegram, fake_fal)
 
 
 def start_mode(app, mode):
@@ -94,6 +100,8 @@ def test_merge_one_by_one_refuses_a_fifth_photo(app):
         assert "(%d из 4)" % n in reply["text"] and "done" in app.fake.button_data(reply)
     [fifth] = app.photo(png(120, 100))
     assert "не больше 4 фото" in fifth["text"]
+    [hint] = app.send("объедини их")                          # text before "Готово": point at the button
+    assert "done" in app.fake.button_data(hint) and Generation.select().count() == 0
     app.press("done")
     app.send("объедини")
     assert len(Generation.get().input_file_ids) == 4
@@ -264,7 +272,6 @@ def test_top_up_with_welcome10(shop, fake_yookassa):
     [again] = app.press(check, message=order)
     assert "уже зачислена" in again["text"]
     assert billing.get_balance(user_row().id).credits == 100
-    assert promo.check_discount  # the code is used up for this user:
     with pytest.raises(promo.CodeAlreadyUsed):
         promo.check_discount("WELCOME10", user_row().id)
     audit_ok()

@@ -493,14 +493,17 @@ def forward(source, target) -> int:
     return moved
 
 
-def poll(predicate, timeout=15.0, what="condition"):
+def poll(predicate, timeout=60.0, what="condition", log=None):
+    """Re-check `predicate` every 20 ms until it is truthy (return it) or `timeout` seconds pass
+    (AssertionError with the tail of the consumer's `log` file, if given)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.02)
-    raise AssertionError("%s not reached within %s s" % (what, timeout))
+    tail = open(log, errors="replace").read()[-3000:] if log and os.path.exists(log) else ""
+    raise AssertionError("%s not reached within %s s\n%s" % (what, timeout, tail))
 
 
 def stop(proc, sig=signal.SIGINT, timeout=10):
@@ -523,10 +526,10 @@ def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="survive a crash")
     assert forward(worker.huey, queue) == 1
 
-    first = start_consumer(env, tmp_path / "consumer-1.log")
+    first_log = tmp_path / "consumer-1.log"
+    first = start_consumer(env, first_log)
     try:
-        fake_fal.wait_for_submissions(1, timeout=20)
-        stored = poll(lambda: reload(gen).fal_request_id, what="request id stored")
+        stored = poll(lambda: reload(gen).fal_request_id, what="request id stored", log=first_log)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
@@ -535,13 +538,14 @@ def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
     assert gen.status == "running" and gen.fal_request_id == stored
     assert fake_telegram.calls("sendPhoto") == []
 
-    second = start_consumer(env, tmp_path / "consumer-2.log")
+    second_log = tmp_path / "consumer-2.log"
+    second = start_consumer(env, second_log)
     try:
         later = utcnow() + datetime.timedelta(seconds=worker.HEARTBEAT_STALE + 5)
         report = worker.sweep_once(now=later)
         assert report["resumed"] == [str(gen.id)] and report["expired"] == []
         assert forward(worker.huey, queue) == 1
-        poll(lambda: reload(gen).status == "delivered", timeout=20, what="delivery after resume")
+        poll(lambda: reload(gen).status == "delivered", what="delivery after resume", log=second_log)
     finally:
         stop(second)
     log = (tmp_path / "consumer-2.log").read_text(errors="replace")

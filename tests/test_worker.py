@@ -494,10 +494,10 @@ def test_sigterm_puts_the_running_job_back_and_the_next_consumer_resumes_it(
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="graceful")
     queue.storage.enqueue(worker.huey.storage.dequeue(), 0)
 
-    first = start_consumer(env, tmp_path / "consumer-1.log")
+    first_log = tmp_path / "consumer-1.log"
+    first = start_consumer(env, first_log)
     try:
-        fake_fal.wait_for_submissions(1, timeout=20)
-        stored = poll(lambda: reload(gen).fal_request_id, what="request id stored")
+        stored = poll(lambda: reload(gen).fal_request_id, what="request id stored", log=first_log)
         first.send_signal(signal.SIGTERM)                            # -g INT: TERM interrupts
         assert first.wait(10) == 0
     finally:
@@ -507,9 +507,10 @@ def test_sigterm_puts_the_running_job_back_and_the_next_consumer_resumes_it(
     (data,) = queue.storage.enqueued_items()                         # re-enqueued on the way out
     assert worker.huey.deserialize_task(data).args == (str(gen.id),)
 
-    second = start_consumer(env, tmp_path / "consumer-2.log")
+    second_log = tmp_path / "consumer-2.log"
+    second = start_consumer(env, second_log)
     try:
-        poll(lambda: reload(gen).status == "delivered", timeout=20, what="delivery after restart")
+        poll(lambda: reload(gen).status == "delivered", what="delivery after restart", log=second_log)
     finally:
         stop(second)
     gen = reload(gen)
