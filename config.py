@@ -308,6 +308,21 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     return Config(**values)
 
 
+def queue_url_from_env(environ: dict | None = None, env_file: str | None = None) -> str:
+    """Return QUEUE_URL alone (for building the queue at import, before the full validation)."""
+    return _read_env(environ, env_file).get("QUEUE_URL", "").strip() or Config.queue_url
+
+
+def report(exc: ConfigError, stream=None) -> None:
+    """Print a ConfigError as one line per problem (what entry points show before exiting 2)."""
+    import sys
+
+    stream = stream or sys.stderr
+    print("Media Lab cannot start, the configuration has problems:", file=stream)
+    for line in exc.problems:
+        print("  - " + line, file=stream)
+
+
 _current: Config | None = None
 
 

@@ -426,7 +426,7 @@ def _send_to_provider(order: Payment, user: User, cfg: config.Config) -> Payment
         try:
             response = yookassa.Payment.create(_payment_params(order, user, cfg), idempotency_key=key)
             break
-        except Exception as exc:            # noqa: BLE001 - classified below, unknown errors re-raised
+        except Exception as exc:            # classified below, unknown errors re-raised
             if _transient(exc):
                 logger.warning("Payment.create failed (attempt %s/%s): order=%s %s",
                                attempt, CREATE_ATTEMPTS, order.id, _describe(exc))
@@ -466,7 +466,7 @@ def _fetch_payment(yookassa_id: str):
     """``Payment.find_one`` → PaymentResponse; any failure → ProviderUnavailable (we could not verify)."""
     try:
         return yookassa.Payment.find_one(yookassa_id)
-    except Exception as exc:                # noqa: BLE001
+    except Exception as exc:
         if _transient(exc) or isinstance(exc, ApiError):
             raise ProviderUnavailable("Payment.find_one(%s) failed: %s" % (yookassa_id, _describe(exc))) from exc
         raise
@@ -476,7 +476,7 @@ def _fetch_refund(refund_id: str):
     """``Refund.find_one`` → RefundResponse; any failure → ProviderUnavailable."""
     try:
         return yookassa.Refund.find_one(refund_id)
-    except Exception as exc:                # noqa: BLE001
+    except Exception as exc:
         if _transient(exc) or isinstance(exc, ApiError):
             raise ProviderUnavailable("Refund.find_one(%s) failed: %s" % (refund_id, _describe(exc))) from exc
         raise
@@ -518,7 +518,7 @@ def _capture(order: Payment, fetched, cfg: config.Config):
     key = "capture:%s" % order.id
     try:
         captured = yookassa.Payment.capture(fetched.id, None, idempotency_key=key)
-    except Exception as exc:                # noqa: BLE001
+    except Exception as exc:
         if _transient(exc):
             raise ProviderUnavailable("capture of %s failed: %s" % (fetched.id, _describe(exc))) from exc
         if not isinstance(exc, ApiError):
@@ -883,7 +883,7 @@ def _list_all(method, params: dict, max_pages: int = 100) -> list:
         page_params = dict(params, limit=100, **({"cursor": cursor} if cursor else {}))
         try:
             page = method(page_params)
-        except Exception as exc:            # noqa: BLE001
+        except Exception as exc:
             if _transient(exc) or isinstance(exc, ApiError):
                 raise ProviderUnavailable("list failed: %s" % _describe(exc)) from exc
             raise

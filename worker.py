@@ -44,6 +44,8 @@ import datetime
 import functools
 import logging
 import os
+import sys
+import sqlite3
 import threading
 import time
 import uuid
@@ -142,10 +144,22 @@ def make_huey(url: str):
     raise ValueError("QUEUE_URL must be sqlite:///path, redis://host:port/db or memory://")
 
 
-huey = make_huey(config.get().queue_url)
+def _queue_url() -> str:
+    """QUEUE_URL for the queue built at import. Importing worker (the bot and web do) never fails
+    on a configuration problem — their entry points report it; the consumer reports it here."""
+    try:
+        return config.get().queue_url
+    except config.ConfigError as exc:
+        if os.path.basename(sys.argv[0] or "").startswith("huey_consumer"):
+            config.report(exc)
+            raise SystemExit(2)
+        return config.queue_url_from_env()
+
+
+huey = make_huey(_queue_url())
 
 _setup_lock = threading.Lock()
-_logging_ready = False
+_started = False
 
 
 def _bind_db() -> None:
@@ -170,29 +184,40 @@ class _DbSession:
         return self._ctx.__exit__(*exc)
 
 
+_keeper: list = []
+
+
 @huey.on_startup()
 def _on_startup() -> None:
-    """Consumer worker start: configure logging once, bind the database, check migrations."""
-    global _logging_ready
+    """Consumer start (runs once per worker thread; the work is done once per process):
+    configure logging, bind the database, check migrations, keep one idle SQLite connection.
+
+    Each task closes its own connection; when the last connection to a WAL database closes,
+    SQLite checkpoints and truncates the WAL (sqlite.org/wal.html), so an idle connection held for
+    the life of the process keeps that fsync off every task.
+    """
+    global _started
     cfg = config.get()
     with _setup_lock:
-        if not _logging_ready:
-            if not logging.getLogger().handlers:
-                logging.basicConfig(level=cfg.log_level,
-                                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-                if logging.getLogger("huey").handlers:  # huey_consumer gave it its own handler
-                    logging.getLogger("huey").propagate = False
-            # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token;
-            # httpx logs every Fal status poll at INFO.
-            logging.getLogger("urllib3").setLevel(logging.WARNING)
-            logging.getLogger("httpx").setLevel(logging.WARNING)
-            _logging_ready = True
+        if _started:
+            return
+        _started = True
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+            if logging.getLogger("huey").handlers:  # huey_consumer gave it its own handler
+                logging.getLogger("huey").propagate = False
+        # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token;
+        # httpx logs every Fal status poll at INFO.
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     _bind_db()
     try:
         with _DbSession():
             models.ensure_migrated()
     except models.NotMigrated as exc:
         logger.error("%s", exc)
+    if models.is_sqlite() and models.db.obj.database not in ("", ":memory:"):
+        _keeper.append(sqlite3.connect(models.db.obj.database, check_same_thread=False))
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,7 +741,7 @@ def _classify(exc: BaseException) -> tuple[str, bool, float]:
     if isinstance(exc, media.TransientProviderError):
         return "unavailable", True, 0
     if isinstance(exc, media.ResultError):
-        return ("unavailable", True, 0) if exc.transient else ("rejected", False, 0)
+        return ("unavailable", True, 0) if exc.transient else ("generic", False, 0)
     if isinstance(exc, TelegramUnavailable):
         return "unavailable", True, 0
     if isinstance(exc, InputUnavailable):
@@ -797,6 +822,10 @@ def _fail(gen: Generation, lang: str, kind: str, error: str, cfg: config.Config,
         return
     logger.warning("generation %s: → failed (%s: %s), reservation %s released, request=%s", gen.id, kind,
                    error, gen.reservation_id, gen.fal_request_id)
+    if kind == "unavailable" and gen.fal_request_id and gen.endpoint:
+        # We stop waiting for a request Fal may still be running: ask it to stop (best-effort,
+        # never raises). Timeouts were already cancelled by the gateway on the final attempt.
+        media.backend(cfg).cancel(gen.endpoint, gen.fal_request_id)
     _tell(gen, _failure_text(kind, lang, exc), cfg)
 
 
@@ -983,10 +1012,7 @@ def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | No
             credited = payments.reconcile(cfg, now)
         except payments.PaymentError as exc:
             logger.warning("reconcile failed (%s)", _describe(exc, cfg))
-    quiet = now - datetime.timedelta(seconds=60)
-    unnotified = [str(p.id) for p in Payment.select(Payment.id).where(
-        (Payment.status == "succeeded") & Payment.notified_at.is_null()
-        & (Payment.succeeded_at.is_null() | (Payment.succeeded_at < quiet)))]
+    unnotified = [str(p) for p in payments.unnotified_payments(older_than=60, now=now)]
     ids = list(dict.fromkeys([str(p) for p in credited] + unnotified))
     for payment_id in ids:
         try:

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -38,11 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from peewee import fn  # noqa: E402
+from peewee import fn
 
-import billing  # noqa: E402
-import config  # noqa: E402
-import models  # noqa: E402
+import billing
+import config
+import models
 
 logger = logging.getLogger(__name__)
 
@@ -424,10 +425,13 @@ def soak(seconds: float, *, db_path: str | None = None, workers: int = 3, seed: 
          round_kills: int = 50) -> dict:
     """Run the kill loop for `seconds`, checking the file and the ledger after every
     `round_kills` kills (all workers killed, integrity_check, audit, the sweeper). Returns the
-    summary; `problems` is empty when every check passed."""
+    summary; `problems` is empty when every check passed. Without `db_path` the run uses a
+    new file in a temporary folder, removed afterwards unless something failed."""
     seed = random.randrange(2**32) if seed is None else seed
+    folder = None
     if db_path is None:
-        db_path = os.path.join(tempfile.mkdtemp(prefix="billing-soak-"), "soak.db")
+        folder = tempfile.mkdtemp(prefix="billing-soak-")
+        db_path = os.path.join(folder, "soak.db")
     url = new_sqlite(db_path) if not os.path.exists(db_path) else "sqlite:///" + os.path.abspath(db_path)
     bind(url)
     deadline = time.monotonic() + seconds
@@ -445,6 +449,10 @@ def soak(seconds: float, *, db_path: str | None = None, workers: int = 3, seed: 
                                 for v in run["violations"] + run["worker_errors"] + crash_problems(check)]
         summary["states"] = check["states"]
     summary["ledger_rows"] = models.LedgerEntry.select().count()
+    models.db.close()
+    if folder and not summary["problems"]:
+        shutil.rmtree(folder, ignore_errors=True)   # a failed run keeps its file for inspection
+        summary["db"] += " (removed: no problems)"
     return summary
 
 

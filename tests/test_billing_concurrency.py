@@ -103,7 +103,7 @@ def _kill_loop_and_check(url, kills):
 
 
 def test_sigkill_loop_leaves_a_sound_file_and_ledger(database):
-    run, check = _kill_loop_and_check(config.get().database_url, kills=15)
+    run, _ = _kill_loop_and_check(config.get().database_url, kills=15)
     assert run["seconds"] < 30
 
 

@@ -110,9 +110,8 @@ def test_down_then_up_round_trips_on_sqlite(tmp_path, cfg):
 def test_the_check_constraints_exist(database):
     user, _ = billing.get_or_create_user(1)
     for column in ("available", "reserved"):
-        with pytest.raises(IntegrityError):
-            with database.atomic():
-                models.Balance.update(**{column: -1}).where(models.Balance.user == user.id).execute()
+        with pytest.raises(IntegrityError), database.atomic():
+            models.Balance.update(**{column: -1}).where(models.Balance.user == user.id).execute()
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------

@@ -23,7 +23,15 @@ import config
 import payments
 import promo
 import texts
-from models import LedgerEntry, Payment, PromoCode, PromoRedemption, Refund, User, utcnow
+from models import (
+    LedgerEntry,
+    Payment,
+    PromoCode,
+    PromoRedemption,
+    Refund,
+    User,
+    utcnow,
+)
 
 YK_IP = "185.71.76.1"
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -281,7 +289,8 @@ def test_duplicates_in_threads_credit_once_and_claim_once(yk, database):
 @pytest.mark.parametrize("name", ["payment.succeeded", "payment.canceled", "payment.waiting_for_capture",
                                   "refund.succeeded"])
 def test_fixture_notifications_for_unknown_objects_change_nothing(yk, name, caplog):
-    body = open(os.path.join(FIXTURES, name + ".json"), "rb").read()
+    with open(os.path.join(FIXTURES, name + ".json"), "rb") as f:
+        body = f.read()
     with caplog.at_level(logging.WARNING, logger="payments"):
         outcome = payments.handle_notification(body, YK_IP, yk.cfg)
     assert (outcome.http_status, outcome.detail) == (200, "unknown_payment")
@@ -293,7 +302,8 @@ def test_fixture_notifications_for_unknown_objects_change_nothing(yk, name, capl
 def test_fixture_succeeded_for_our_order_is_verified_through_the_api(yk):
     """The captured real body, pointed at our order: only the re-fetched object counts."""
     order = payments.create_topup(yk.user.id, 100)
-    body = json.load(open(os.path.join(FIXTURES, "payment.succeeded.json")))
+    with open(os.path.join(FIXTURES, "payment.succeeded.json")) as f:
+        body = json.load(f)
     body["object"]["id"] = order.yookassa_payment_id     # says succeeded, but the API says pending
     outcome = payments.handle_notification(json.dumps(body).encode(), YK_IP, yk.cfg)
     assert (outcome.http_status, outcome.credited_payment_id, outcome.detail) == (200, None, "status_pending")

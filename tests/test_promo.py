@@ -64,7 +64,7 @@ def test_discounted_kopecks(credits, percent, kopecks):
 
 def test_discounted_kopecks_matches_decimal_half_up():
     for credits in (1, 2, 3, 7, 10, 99, 101, 333, 999, 12345):
-        for percent in range(0, 100):
+        for percent in range(100):
             exact = (Decimal(credits) * 100 * (100 - percent) / 100).quantize(Decimal(1), ROUND_HALF_UP)
             assert promo.discounted_kopecks(credits, percent) == max(int(exact), 100)
 

@@ -194,12 +194,11 @@ def start_gunicorn(env_overrides: dict, log_path: str, app: str = "web:app", chd
     port = _free_port()
     env = dict(os.environ)
     env.update(env_overrides)
-    log = open(log_path, "ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "gthread", "--threads", "4",
-         "--bind", "127.0.0.1:%d" % port, "--chdir", chdir, "--timeout", "30", "--graceful-timeout", "5", app],
-        cwd=chdir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "gthread", "--threads",
+             "4", "--bind", "127.0.0.1:%d" % port, "--chdir", chdir, "--timeout", "30", "--graceful-timeout", "5",
+             app], cwd=chdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = "http://127.0.0.1:%d" % port
     stop_at = time.monotonic() + deadline
     while time.monotonic() < stop_at:
@@ -212,7 +211,12 @@ def start_gunicorn(env_overrides: dict, log_path: str, app: str = "web:app", chd
             pass
         time.sleep(0.05)   # polling a subprocess we cannot wait on otherwise, bounded by the deadline
     stop_gunicorn(process)
-    raise AssertionError("gunicorn did not become healthy:\n" + open(log_path, errors="replace").read()[-3000:])
+    raise AssertionError("gunicorn did not become healthy:\n" + _tail(log_path))
+
+
+def _tail(path, size: int = 3000) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()[-size:]
 
 
 def stop_gunicorn(process) -> None:
@@ -239,7 +243,7 @@ def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path):
                                 source_ip=YK_IP + ", 8.8.8.8")
     finally:
         stop_gunicorn(process)
-    assert statuses == [200] * 50, open(tmp_path / "gunicorn.log", errors="replace").read()[-3000:]
+    assert statuses == [200] * 50, _tail(tmp_path / "gunicorn.log")
     assert forged == [403]
     assert billing.get_balance(yk.user.id).credits == 500
     assert Payment.get_by_id(order.id).status == "succeeded"

@@ -499,7 +499,7 @@ def test_sigterm_puts_the_running_job_back_and_the_next_consumer_resumes_it(
     try:
         stored = poll(lambda: reload(gen).fal_request_id, what="request id stored", log=first_log)
         first.send_signal(signal.SIGTERM)                            # -g INT: TERM interrupts
-        assert first.wait(10) == 0
+        assert first.wait(30) == 0
     finally:
         stop(first)
     log = (tmp_path / "consumer-1.log").read_text(errors="replace")
@@ -554,3 +554,37 @@ def test_a_caption_never_exceeds_the_bot_api_limit(demo, fake_telegram):
     caption = worker._caption(reload(gen), "ru", 2**62, demo)
     assert len(caption) <= worker.CAPTION_LIMIT and "Seed: %d" % 2**62 in caption
     assert os.environ.get("QUEUE_URL") == "memory://"
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL (TEST_POSTGRES_URL): the same pipeline, and the per-user limit under a row lock
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_pipeline_and_the_job_limit_on_postgresql(pg_database, fake_telegram):
+    configure(fake_telegram)
+    worker.huey.flush()
+    user = make_user(fake_telegram)
+    start = threading.Barrier(5)
+    outcomes = []
+
+    def accept(n):
+        start.wait()
+        try:
+            with models.db.connection_context():
+                worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="pg %d" % n)
+            outcomes.append("ok")
+        except worker.TooManyJobs:
+            outcomes.append("too many")
+
+    threads = [threading.Thread(target=accept, args=(n,)) for n in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(outcomes) == ["ok", "ok", "too many", "too many", "too many"]
+    assert drain() == 2
+    assert [g.status for g in Generation.select()] == ["delivered", "delivered"]
+    assert len(fake_telegram.calls("sendPhoto")) == 2
+    assert_audit_ok()
+    worker.huey.flush()
