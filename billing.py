@@ -297,8 +297,12 @@ def _post(user_id, asset, kind, amount, d_available, d_reserved, *, reference, i
              .where((Balance.user == user_id) & (Balance.asset == asset)))
     if d_available < 0:
         query = query.where(Balance.available >= -d_available)
+    elif d_available > 0:  # a sum past int64 would turn into a float in SQLite: refuse it
+        query = query.where(Balance.available <= INT64_MAX - d_available)
     if d_reserved < 0:
         query = query.where(Balance.reserved >= -d_reserved)
+    elif d_reserved > 0:
+        query = query.where(Balance.reserved <= INT64_MAX - d_reserved)
     rows = list(query.returning(Balance.available, Balance.reserved).execute())
     if not rows:
         if not Balance.select().where((Balance.user == user_id) & (Balance.asset == asset)).exists():
@@ -327,8 +331,8 @@ def credit(user_id: int, amount: int, *, kind: str = "topup", reference: str, id
         raise BillingError("credit kind must be topup, grant, promo or adjust, got %r" % (kind,))
     get_user(user_id)
     entry = _post(user_id, "credits", kind, amount, amount, 0, reference=reference, idempotency_key=idempotency_key)
-    if entry is None:  # pragma: no cover - a credit never fails the condition
-        raise BillingError("credit failed")
+    if entry is None:
+        raise InvalidAmount("crediting %s would overflow the balance of user %s" % (amount, user_id))
     return entry
 
 

@@ -393,8 +393,10 @@ def create_topup(user_id: int, credits: int, *, promo_code: str | None = None,
     The returned Payment has ``amount_kopecks`` (after the discount), ``yookassa_payment_id`` and
     ``confirmation_url`` (the pay button). Everything is validated before anything is written.
     A pending order for the same user, credits and code from the last REUSE_WINDOW seconds is
-    re-used (a second tap never makes a second order); one without a YooKassa payment yet is sent
-    again with the same idempotence key, so YooKassa replays the first answer.
+    re-used (a second tap never makes a second order): one with a payment link is re-checked
+    through the API (if it has ended there, it is applied and a fresh order is made); one without
+    a YooKassa payment yet is sent again with the same idempotence key, so YooKassa replays the
+    first answer.
 
     Raises InvalidTopupAmount, PaymentsNotConfigured, EmailRequired (YOOKASSA_RECEIPTS=1 and no
     e-mail), promo.PromoError subclasses, billing.UnknownUser / UserBlocked, PaymentRejected (a 4xx
@@ -413,8 +415,27 @@ def create_topup(user_id: int, credits: int, *, promo_code: str | None = None,
     code = promo.normalize(promo_code) if promo_code else None
     order = _find_or_create_order(user.id, credits, code, utcnow())
     if order.yookassa_payment_id and order.confirmation_url:
-        return order
+        if _still_payable(order, cfg):
+            return order
+        # The re-used order has ended at YooKassa (paid or canceled, notification not here yet):
+        # it is applied now, and this tap gets a fresh order.
+        order = _find_or_create_order(user.id, credits, code, utcnow())
+        if order.yookassa_payment_id and order.confirmation_url:
+            return order
     return _send_to_provider(order, user, cfg)
+
+
+def _still_payable(order: Payment, cfg: config.Config) -> bool:
+    """Re-fetch a re-used order and apply what the API says; True while it is still pending there
+    (or when the API cannot tell us now: the user keeps the link they already have)."""
+    configure_sdk(cfg)
+    try:
+        fetched = _fetch_payment(order.yookassa_payment_id)
+        _apply(order, fetched, cfg, "re-tap")
+    except ProviderUnavailable as exc:
+        logger.warning("re-tap: could not re-check order %s (%s); keeping its link", order.id, exc)
+        return True
+    return Payment.select(Payment.status).where(Payment.id == order.id).scalar() == "pending"
 
 
 def _send_to_provider(order: Payment, user: User, cfg: config.Config) -> Payment:

@@ -180,6 +180,22 @@ def test_retap_reuses_the_pending_order(yk):
     assert other.id != first.id and Payment.select().count() == 2
 
 
+def test_retap_after_the_payment_ended_at_yookassa_makes_a_fresh_order(yk):
+    first = payments.create_topup(yk.user.id, 100, promo_code="WELCOME10")
+    yk.fake.cancel(first.yookassa_payment_id)                 # card declined; notification not here yet
+    second = payments.create_topup(yk.user.id, 100, promo_code="WELCOME10")
+    assert second.id != first.id and second.amount_kopecks == 9000
+    assert Payment.get_by_id(first.id).status == "canceled"
+    assert PromoRedemption.get().payment_id == second.id     # the code moved to the new order
+    yk.fake.succeed(second.yookassa_payment_id)               # paid; notification lost
+    with pytest.raises(promo.CodeAlreadyUsed):                # the re-check credits it: code used up
+        payments.create_topup(yk.user.id, 100, promo_code="WELCOME10")
+    assert Payment.get_by_id(second.id).status == "succeeded" and credits_of(yk.user.id) == 100
+    third = payments.create_topup(yk.user.id, 100)
+    assert third.id not in (first.id, second.id) and Payment.select().count() == 3
+    audit_ok()
+
+
 def test_create_topup_with_receipt(yk):
     cfg = config.configure(yk.cfg.replace(yookassa_receipts=True))
     yk.fake.receipts_required = True
@@ -626,4 +642,47 @@ def test_webhook_button_and_reconcile_race_to_one_credit(yk, database):
     keys = {r["headers"]["Idempotence-Key"] for r in yk.fake.requests_log if r["path"].endswith("/capture")}
     assert keys == {"capture:%s" % order.id}
     assert PromoCode.get(PromoCode.code == "SAVE20").uses == 1
+    audit_ok()
+
+
+@pytest.fixture
+def yk_any(any_database, fake_yookassa):
+    """Like `yk`, on SQLite and (with TEST_POSTGRES_URL) on PostgreSQL."""
+    cfg = config.configure(config.get().replace(yookassa_api_url=fake_yookassa.api_url, yookassa_timeout=5.0))
+    promo.seed_defaults()
+    user, _ = billing.get_or_create_user(777100, first_name="Payer", free_operations=0)
+    return SimpleNamespace(cfg=cfg, fake=fake_yookassa, user=user, database=any_database)
+
+
+def test_money_paths_on_any_database(yk_any):
+    yk = yk_any
+    order = payments.create_topup(yk.user.id, 100, promo_code="WELCOME10")
+    yk.fake.succeed(order.yookassa_payment_id)
+    body = envelope(yk.fake, "payment.succeeded", order.yookassa_payment_id)
+    barrier = threading.Barrier(12)
+    outcomes = []
+
+    def deliver():
+        barrier.wait()
+        try:
+            outcomes.append(payments.handle_notification(body, YK_IP, yk.cfg))
+        finally:
+            yk.database.close()
+
+    threads = [threading.Thread(target=deliver) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(o.detail for o in outcomes).count("credited") == 1 and len(outcomes) == 12
+    assert credits_of(yk.user.id) == 100 and PromoCode.get(PromoCode.code == "WELCOME10").uses == 1
+    refund = yk.fake.refund(order.yookassa_payment_id, "45.00")
+    assert notify(yk, "refund.succeeded", refund["id"]).detail == "refunded"
+    assert notify(yk, "refund.succeeded", refund["id"]).detail == "already_applied"
+    assert credits_of(yk.user.id) == 50
+    canceled = payments.create_topup(yk.user.id, 200, promo_code="SAVE20")
+    yk.fake.cancel(canceled.yookassa_payment_id)
+    assert notify(yk, "payment.canceled", canceled.yookassa_payment_id).detail == "canceled"
+    assert promo.check_discount("SAVE20", yk.user.id).percent == 20
+    assert payments.claim_notification(order.id) and not payments.claim_notification(order.id)
     audit_ok()

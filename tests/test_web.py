@@ -251,3 +251,17 @@ def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path):
     queued = [worker.huey.deserialize_task(raw) for raw in worker.make_huey(queue_url).storage.enqueued_items()]
     assert [(type(t), t.args) for t in queued] == [(worker.notify_payment.task_class, (order.id,))]
     audit_ok()
+
+
+@pytest.mark.slow
+def test_benchmark_quick_run(request):
+    """bench/bench_webhook.py end to end (about 10 s): run with `-m slow`."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("slow: run with -m slow")
+    from bench import bench_webhook
+
+    figures = bench_webhook.run(quick=True)
+    assert figures["webhook_credited_payments"] == figures["webhook_payments"] == 20
+    assert figures["webhook_topup_ledger_rows"] == 20 and figures["webhook_audit_ok"] is True
+    assert figures["webhook_status_200"] == figures["webhook_deliveries"] == 200
+    assert all(key.startswith("webhook_") for key in figures)
