@@ -194,10 +194,13 @@ def _create_user(telegram_id, username, first_name, language_code, free_operatio
     created = False
     user = User.get_or_none(User.telegram_id == telegram_id)
     if user is None:
-        User.insert(telegram_id=telegram_id, username=username, first_name=first_name,
-                    language_code=language_code, created_at=now, last_seen_at=now).on_conflict_ignore().execute()
+        # ON CONFLICT DO NOTHING + RETURNING: only the caller whose row went in sees an id, so
+        # exactly one of many racing first contacts reports created=True (SQLite and PostgreSQL).
+        inserted = list(User.insert(telegram_id=telegram_id, username=username, first_name=first_name,
+                                    language_code=language_code, created_at=now, last_seen_at=now)
+                        .on_conflict_ignore().returning(User.id).execute())
         user = User.get(User.telegram_id == telegram_id)
-        created = True
+        created = bool(inserted)
     Balance.insert_many([{"user": user.id, "asset": asset} for asset in ("credits", "free_ops")]
                         ).on_conflict_ignore().execute()
     if free_operations > 0:
@@ -367,6 +370,10 @@ def take_back(user_id: int, amount: int, *, reference: str, idempotency_key: str
 
 # --- reservations ----------------------------------------------------------------------------
 
+def _lock_balances(user_id: int) -> None:
+    Balance.update(available=Balance.available).where(Balance.user == user_id).execute()
+
+
 def _replay_reservation(key, user_id, reference, amount) -> Reservation | None:
     existing = Reservation.get_or_none(Reservation.idempotency_key == key)
     if existing is None:
@@ -389,6 +396,10 @@ def reserve(user_id: int, amount: int, *, reference: str, idempotency_key: str, 
     check_amount(amount)
     _check_key(idempotency_key)
     check_amount(ttl)
+    # Lock this user's balance rows first (a no-op UPDATE: a row lock on PostgreSQL; SQLite already
+    # holds the write lock), so concurrent reserves of one user — the same key from several
+    # processes included — run one after another and each sees what the previous one committed.
+    _lock_balances(user_id)
     replay = _replay_reservation(idempotency_key, user_id, reference, amount)
     if replay is not None:
         return replay

@@ -597,16 +597,30 @@ def _one_writer(func):
     """
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        if db.in_transaction():
-            return func(*args, **kwargs)
-        with _writer:
+        with _writer_turn():
             return func(*args, **kwargs)
     return wrapper
 
 
-@_one_writer
-@billing.money_transaction
+def _writer_turn():
+    """This process's writer lock for an outermost transaction (nothing when already inside one)."""
+    return contextlib.nullcontext() if db.in_transaction() else _writer
+
+
 def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:
+    """Credit the order once (see _credit_order); True only for the call that made the change.
+
+    A duplicate that waited for its turn finds the order succeeded with a plain read and never
+    opens a write transaction.
+    """
+    with _writer_turn():
+        if Payment.select(Payment.status).where(Payment.id == order_id).scalar() == "succeeded":
+            return False
+        return _credit_order(order_id, test, source)
+
+
+@billing.money_transaction
+def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
     """pending → succeeded, the ledger credit and the promo consumption, all in one transaction.
 
     Returns True only for the call that made the change (the conditional update decides).

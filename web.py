@@ -33,10 +33,11 @@ _keepers: dict = {}
 def _keep_sqlite_open(database) -> None:
     """Hold one idle connection to a SQLite file for the life of this process.
 
-    Each request closes its own connection; when the last connection to a WAL database closes,
-    SQLite checkpoints and truncates the WAL (https://www.sqlite.org/wal.html, "the WAL file is
-    deleted ... when the last connection closes"), an fsync'ed write on every request. An idle
-    connection (never inside a transaction) keeps that from happening and blocks nothing.
+    Each request closes its own connection. "The WAL file is created when the first connection to
+    the database is opened and is normally removed when the last connection to the database
+    closes" (https://www.sqlite.org/wal.html): that last close checkpoints the WAL into the database
+    first, a synced write on nearly every request of a quiet worker (measured: 0.4-2.8 ms per close
+    instead of 0.02 ms). An idle connection, never inside a transaction, prevents it and blocks nothing.
     """
     if not isinstance(database, SqliteDatabase) or database.database in _keepers:
         return
