@@ -473,6 +473,21 @@ def test_a_credit_that_would_overflow_the_balance_is_rejected_and_changes_nothin
     assert_audit_ok()
 
 
+def test_a_credit_cannot_make_an_open_reservation_unreleasable(any_database):
+    """available + reserved must stay within int64, or releasing (or expiring) a reservation
+    overflows: the reservation could then never end and would block the sweeper."""
+    user_id = make_user()
+    billing.credit(user_id, billing.INT64_MAX, kind="grant", reference="max", idempotency_key="max")
+    r = reserve(user_id, billing.INT64_MAX - 5)                # 5 available, MAX-5 reserved
+    try:
+        billing.credit(user_id, billing.INT64_MAX - 10, kind="grant", reference="big", idempotency_key="big")
+    except billing.InvalidAmount:
+        pass                                                   # refusing the credit is the fix
+    billing.release(r.id)                                      # must always be possible
+    assert balance(user_id)[1] == 0
+    assert_audit_ok()
+
+
 @pytest.mark.parametrize("key", ["", None, 17, "k" * 201])
 def test_a_bad_idempotency_key_is_rejected(any_database, key):
     user_id = make_user(credits=100)
