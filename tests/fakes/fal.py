@@ -145,6 +145,7 @@ import os
 import random
 import re
 import socket
+import textwrap
 import threading
 import time
 import uuid
@@ -268,8 +269,14 @@ def _render_png(spec: dict) -> bytes:
     img = small.resize((width, height), Image.BILINEAR)
     if width >= 32 and height >= 16:
         size = max(10, min(48, min(width, height) // 16))
-        font = ImageFont.load_default(size=size)
-        text = f"{(spec.get('text') or 'FakeFal')[:60]}\n{width}x{height}"
+        try:  # a Cyrillic-capable font (the prompts are Russian); Pillow's default has no Cyrillic
+            import font_roboto
+            font = ImageFont.truetype(os.path.join(os.path.dirname(font_roboto.__file__), "files",
+                                                   "Roboto-Regular.ttf"), size)
+        except (ImportError, OSError):
+            font = ImageFont.load_default(size=size)
+        prompt = spec.get('text') or 'FakeFal'
+        text = "\n".join(textwrap.wrap(prompt[:120], 28)[:4]) + f"\n{width}x{height}"
         draw = ImageDraw.Draw(img)
         draw.multiline_text((8, 8), text, fill=(255, 255, 255), font=font,
                             stroke_width=1, stroke_fill=(0, 0, 0))
