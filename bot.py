@@ -1183,7 +1183,9 @@ def cmd_promo_add(message: types.Message, ctx: Ctx) -> None:
     if kind == "free":
         created = promo.add_code(code, kind="free_access", max_uses=max_uses, days=days)
     elif kind.isdigit() and 1 <= int(kind) <= 99:
-        created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=max_uses, days=days)
+        # for a discount, [days] is how long the code stays valid (the usage text says so)
+        expires = models.utcnow() + datetime.timedelta(days=days) if days else None
+        created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=max_uses, expires_at=expires)
     else:
         raise AdminError()
     _send(ctx, ctx.t("admin_promo_added", code=created.code))
@@ -1341,6 +1343,9 @@ def main() -> int:
         return 2
     if cfg.telegram_webhook_url:
         logger.warning("TELEGRAM_WEBHOOK_URL is set, but webhook mode is not implemented yet: using long polling")
+    if not cfg.yookassa_return_url:  # the payment page returns the user to this bot
+        me = worker.tg(worker.telegram(cfg).get_me)
+        cfg = config.configure(cfg.replace(yookassa_return_url="https://t.me/%s" % me.username))
     bot = create_bot(cfg)
     worker.tg(bot.delete_webhook)
     set_commands(bot)

@@ -584,27 +584,16 @@ def _apply(order: Payment, fetched, cfg: config.Config, source: str) -> _Applied
     return _Applied(None, "status_" + str(fetched.status))
 
 
-_writer = threading.Lock()
-
-
 def _one_writer(func):
-    """Queue this process's threads on a Python lock before they ask SQLite for the write lock.
-
-    SQLite makes a blocked writer poll with sleeps of up to 100 ms (its busy handler), so under a
-    burst of notifications (gunicorn gthread: several threads per worker) an unlucky writer can
-    wait a second while the lock sits free. Threads of one process now take turns at once; only
-    whole processes compete in SQLite. Outermost calls only (no nesting, no I/O inside).
-    """
+    """Take this process's writer turn (billing.writer_turn) around an outermost call."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        with _writer_turn():
+        with billing.writer_turn():
             return func(*args, **kwargs)
     return wrapper
 
 
-def _writer_turn():
-    """This process's writer lock for an outermost transaction (nothing when already inside one)."""
-    return contextlib.nullcontext() if db.in_transaction() else _writer
+_writer_turn = billing.writer_turn
 
 
 def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:

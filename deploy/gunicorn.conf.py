@@ -17,3 +17,12 @@ preload_app = False
 accesslog = "-"
 errorlog = "-"
 forwarded_allow_ips = "127.0.0.1,::1"
+
+
+def post_fork(server, worker):
+    """Log our money and notification lines at LOG_LEVEL (gunicorn configures only its own loggers)."""
+    import logging
+
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)   # request paths never reach the log

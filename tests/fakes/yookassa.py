@@ -1073,6 +1073,7 @@ def _check_receipt(receipt, total: Decimal) -> None:
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 128      # bursts of concurrent re-fetches; the default backlog is 5
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
