@@ -604,6 +604,8 @@ def expire_stale(now: datetime.datetime | None = None, limit: int = 1000) -> lis
             done.append(reservation_id)
         except ReservationClosed:
             pass  # resolved by its job between our SELECT and our UPDATE
+        except BillingError:  # one broken row must not keep every later reservation open
+            logger.exception("could not expire reservation %s", reservation_id)
     if done:
         logger.warning("expired %d stale reservations: %s", len(done), done)
     return done
@@ -640,7 +642,7 @@ def _payment_for(reference: str):
 
 
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
-          reservation_ttl: int | None = None, sweep_interval: int | None = None) -> AuditReport:
+          sweep_interval: int | None = None) -> AuditReport:
     """Check the ledger invariants I1–I11 on a read snapshot; never writes.
 
     Safe while the bot runs (SQLite readers never block the WAL writer). Settings default
@@ -648,7 +650,6 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
     """
     cfg = config.get()
     free_operations = cfg.free_operations_count if free_operations is None else free_operations
-    ttl = cfg.reservation_ttl if reservation_ttl is None else reservation_ttl
     sweep = cfg.sweep_interval if sweep_interval is None else sweep_interval
     now = now or utcnow()
     report = AuditReport()
@@ -685,7 +686,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
         for row in (LedgerEntry.select(LedgerEntry.kind, LedgerEntry.idempotency_key)
                     .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).iterator()):
             resolving[row.idempotency_key] = row.kind
-        deadline = now - datetime.timedelta(seconds=ttl + sweep)
+        late = datetime.timedelta(seconds=sweep)
         counts = {"reserved": 0, "committed": 0, "released": 0, "expired": 0}
         for r in Reservation.select().iterator():
             counts[r.state] = counts.get(r.state, 0) + 1
@@ -693,8 +694,9 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
                 if r.asset != "free_access":
                     k = (r.user_id, r.asset)
                     open_sums[k] = open_sums.get(k, 0) + r.amount
-                if r.created_at < deadline:
-                    bad("I10 reservation %s is open since %s (older than TTL + sweep interval)" % (r.id, r.created_at))
+                if r.expires_at + late < now:
+                    bad("I10 reservation %s (from %s) is open past its expiry %s + the sweep interval"
+                        % (r.id, r.created_at, r.expires_at))
             if r.asset == "free_access":
                 if r.amount != 0:
                     bad("I11 free-access reservation %s holds %s" % (r.id, r.amount))
@@ -736,7 +738,10 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             names = {r[0] for r in db.execute_sql("SELECT name FROM sqlite_master WHERE type='trigger'")}
             wanted = {"ledger_no_update", "ledger_no_delete", "reservation_final"}
         else:
-            names = {r[0] for r in db.execute_sql("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
+            names = {r[0] for r in db.execute_sql(
+                "SELECT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE NOT t.tgisinternal AND n.nspname = current_schema()")}
             wanted = {"ledger_append_only", "reservation_final"}
         for name in sorted(wanted - names):
             bad("I8 trigger %s is missing: the ledger could be rewritten" % name)

@@ -649,7 +649,8 @@ def test_the_audit_reports_a_reservation_the_sweeper_missed(any_database, cfg):
     limit = T0 + datetime.timedelta(seconds=cfg.reservation_ttl + cfg.sweep_interval)
     assert billing.audit(now=limit).ok
     assert billing.audit(now=limit + datetime.timedelta(seconds=1)).violations == [
-        "I10 reservation %d is open since %s (older than TTL + sweep interval)" % (r.id, T0)]
+        "I10 reservation %d (from %s) is open past its expiry %s + the sweep interval"
+        % (r.id, T0, T0 + datetime.timedelta(seconds=cfg.reservation_ttl))]
     billing.expire_stale(now=limit)
     assert_audit_ok(now=limit + datetime.timedelta(days=1))
 
