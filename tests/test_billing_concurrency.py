@@ -125,7 +125,8 @@ def test_the_crash_check_catches_an_orphan_the_sweeper_cannot_see(database):
     problems = billing_harness.crash_problems(check)
     assert check["open"] == [r.id]
     assert any("I1 user %d credits" % user_id in p for p in problems)
-    assert "the sweeper failed: BillingError('reserved balance is smaller than reservation %d')" % r.id in problems
+    # the sweeper logs the broken row and goes on; the reservation stays open and is reported
+    assert "sweeper expired [], open were [%d]" % r.id in problems
     assert any(p.startswith("audit after sweep: I4 user %d credits" % user_id) for p in problems)
 
 
