@@ -36,7 +36,7 @@ web: venv
 	$(BIN)/gunicorn -c deploy/gunicorn.conf.py web:app
 
 worker: venv
-	$(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -m 1 -f -g INT -t 60
+	$(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -d 0.01 -m 1 -f -g INT -t 60
 
 migrate: venv
 	$(BIN)/python manage.py migrate

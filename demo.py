@@ -139,7 +139,7 @@ class Demo:
     def start_all(self) -> None:
         print("· migrate + seed promo codes:", self.run("manage.py", "migrate").strip(), "/",
               self.run("manage.py", "seed-promo").strip())
-        self.start("worker", [os.path.join(BIN, "huey_consumer"), "worker.huey", "-w", "4", "-k", "thread", "-m", "1",
+        self.start("worker", [os.path.join(BIN, "huey_consumer"), "worker.huey", "-w", "4", "-k", "thread", "-d", "0.01", "-m", "1",
                               "-f", "-g", "INT", "-t", "10"])
         self.start("web", [os.path.join(BIN, "gunicorn"), "-c", "deploy/gunicorn.conf.py", "web:app"])
         self.start("bot", [sys.executable, "bot.py"])

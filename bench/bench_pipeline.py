@@ -46,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TOKEN = "123456:BENCH-TOKEN"
 WORKERS = 8
-CONSUMER_FLAGS = ["-w", str(WORKERS), "-k", "thread", "-f", "-g", "INT", "-t", "60"]
+CONSUMER_FLAGS = ["-w", str(WORKERS), "-k", "thread", "-d", "0.01", "-m", "1", "-f", "-g", "INT", "-t", "60"]
 START_DEADLINE = 60.0          # seconds for a process to come up
 PHASE_DEADLINE = 240.0         # seconds for the whole driver
 
@@ -119,19 +119,27 @@ class _Child:
             self.process.wait(5)
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, kind: str = "rss") -> float:
+    """Memory of a process plus its children in MiB: `rss` (shared pages counted in every
+    process, so gunicorn's forked workers count the same libraries twice) or `pss` (shared
+    pages divided among the processes sharing them — what the box really spends; Linux)."""
     import psutil
+
+    def one(proc):
+        if kind == "pss":
+            return proc.memory_full_info().pss
+        return proc.memory_info().rss
 
     try:
         proc = psutil.Process(pid)
-        total = proc.memory_info().rss
+        total = one(proc)
         for child in proc.children(recursive=True):
             try:
-                total += child.memory_info().rss
+                total += one(child)
             except psutil.NoSuchProcess:
                 pass
         return total / (1024 * 1024)
-    except psutil.NoSuchProcess:
+    except (psutil.NoSuchProcess, AttributeError):
         return 0.0
 
 
@@ -170,6 +178,7 @@ class _Sampler:
     def __init__(self, pids: dict):
         self.pids = pids
         self.peak = {name: 0.0 for name in pids}
+        self.peak_pss = {name: 0.0 for name in pids}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -177,6 +186,7 @@ class _Sampler:
         while not self._stop.is_set():
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], _rss_mb(pid))
+                self.peak_pss[name] = max(self.peak_pss[name], _rss_mb(pid, "pss"))
             self._stop.wait(0.05)
 
     def __enter__(self):
@@ -248,11 +258,19 @@ def run(quick: bool = False) -> dict:
             if line == "IDLE":
                 for name, process in processes.items():
                     figures["pipeline_rss_idle_mb_%s" % name] = round(_rss_mb(process.pid), 1)
+                    figures["pipeline_pss_idle_mb_%s" % name] = round(_rss_mb(process.pid, "pss"), 1)
+                figures["pipeline_rss_idle_mb_total"] = round(sum(
+                    figures["pipeline_rss_idle_mb_%s" % n] for n in processes), 1)
+                figures["pipeline_pss_idle_mb_total"] = round(sum(
+                    figures["pipeline_pss_idle_mb_%s" % n] for n in processes), 1)
                 sampler = _Sampler({name: p.pid for name, p in processes.items()}).__enter__()
             elif line == "LOAD_END" and sampler is not None:
                 sampler.__exit__()
                 for name, peak in sampler.peak.items():
                     figures["pipeline_rss_load_mb_%s" % name] = round(peak, 1)
+                    figures["pipeline_pss_load_mb_%s" % name] = round(sampler.peak_pss[name], 1)
+                figures["pipeline_rss_load_mb_total"] = round(sum(sampler.peak.values()), 1)
+                figures["pipeline_pss_load_mb_total"] = round(sum(sampler.peak_pss.values()), 1)
                 sampler = None
             elif line.startswith("{"):
                 result = json.loads(line)
