@@ -131,7 +131,7 @@ class Config:
 def _read_env(environ: dict | None, env_file: str | None) -> dict:
     env: dict = {}
     if environ is None:
-        path = env_file or os.path.join(ROOT, ".env")
+        path = env_file or os.environ.get("ENV_FILE") or os.path.join(ROOT, ".env")
         if dotenv_values is not None and os.path.exists(path):
             env.update({k: v for k, v in dotenv_values(path).items() if v is not None})
         env.update(os.environ)

@@ -138,13 +138,23 @@ def create_app(cfg: config.Config | None = None) -> Flask:
 
 
 def _app_from_environment() -> Flask:
+    """The app gunicorn serves: a bad configuration or an unmigrated database stops the start
+    with a clear message instead of serving errors. Exit code 3 is gunicorn's WORKER_BOOT_ERROR,
+    which halts the master rather than respawning workers forever."""
     try:
-        return create_app(config.get())
+        cfg = config.get()
     except config.ConfigError as exc:
-        print("configuration problems:", file=sys.stderr)
-        for line in exc.problems:
-            print("  - " + line, file=sys.stderr)
-        raise SystemExit(2) from None
+        config.report(exc)
+        raise SystemExit(3) from None
+    database = models.open_database(cfg.database_url)
+    try:
+        models.ensure_migrated(database)
+    except models.NotMigrated as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        database.close()
+    return create_app(cfg)
 
 
 app = _app_from_environment()

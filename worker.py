@@ -158,6 +158,23 @@ def _queue_url() -> str:
 
 huey = make_huey(_queue_url())
 
+
+def _refuse_unmigrated_consumer() -> None:
+    """`huey_consumer worker.huey` on an unmigrated database says so and exits (before any task)."""
+    if not os.path.basename(sys.argv[0] or "").startswith("huey_consumer"):
+        return
+    database = models.open_database(config.get().database_url)
+    try:
+        models.ensure_migrated(database)
+    except models.NotMigrated as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2)
+    finally:
+        database.close()
+
+
+_refuse_unmigrated_consumer()
+
 _setup_lock = threading.Lock()
 _started = False
 
