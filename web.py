@@ -11,6 +11,7 @@ the worker (``worker.notify_payment``), never inside the request.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 
@@ -146,6 +147,8 @@ def _app_from_environment() -> Flask:
     except config.ConfigError as exc:
         config.report(exc)
         raise SystemExit(3) from None
+    if not os.path.basename(sys.argv[0] or "").startswith("gunicorn"):
+        return create_app(cfg)       # imported by tests or a script: they bind their own database
     database = models.open_database(cfg.database_url)
     try:
         models.ensure_migrated(database)

@@ -31,6 +31,7 @@ TEST_ENV = {
     "TRUSTED_PROXY_COUNT": "1",
     "ADMIN_IDS": "1000",
     "LOG_LEVEL": "DEBUG",
+    "ENV_FILE": os.devnull,          # a developer's .env never leaks into the tests
 }
 for _name, _value in TEST_ENV.items():
     os.environ[_name] = _value
