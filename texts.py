@@ -235,6 +235,10 @@ TEXTS = {
     "admin_usage_promo_list": {"ru": "Использование: /promo_list", "en": "Usage: /promo_list"},
     "admin_usage_broadcast": {"ru": "Использование: /broadcast <текст>", "en": "Usage: /broadcast <text>"},
     # --- worker (owned by worker.py) ------------------------------------------------------
+    "admin_report_mismatch": {
+        "ru": "⚠️ Сверка платежей за {day}: учёт бота и YooKassa расходятся.\nПополнения: {topups}\nВозвраты: {refunds}",
+        "en": "⚠️ Payment reconciliation for {day}: the bot's ledger and YooKassa disagree.\nTop-ups: {topups}\nRefunds: {refunds}",
+    },
     "job_running": {
         "ru": "🎨 Генерирую…",
         "en": "🎨 Generating…",

@@ -1048,3 +1048,41 @@ def reconcile_payments():
         return None
     with _DbSession():
         return reconcile_once(cfg)
+
+
+def payment_report_once(cfg: config.Config | None = None, day: datetime.date | None = None) -> dict | None:
+    """Run `payments.daily_report` for `day` (default yesterday, UTC) and log it; when our ledger
+    and YooKassa disagree, log an error and tell the admins (ADMIN_IDS) in Telegram. Returns the
+    report, or None when YooKassa is not configured or did not answer."""
+    cfg = cfg or config.get()
+    if not cfg.yookassa_configured:
+        return None
+    try:
+        report = payments.daily_report(cfg, day)
+    except payments.PaymentError as exc:
+        logger.warning("daily payment report failed (%s)", _describe(exc, cfg))
+        return None
+    if not report["ok"]:
+        logger.error("daily payment report %s: our ledger and YooKassa disagree: %s", report["day"], report)
+        text = texts.t("admin_report_mismatch", "ru", day=report["day"],
+                       topups=_report_line(report["topups"]), refunds=_report_line(report["refunds"]))
+        for admin_id in cfg.admin_ids:
+            try:
+                tg(telegram(cfg).send_message, admin_id, text)
+            except Exception as exc:
+                logger.warning("could not tell admin %s about the report (%s)", admin_id, _describe(exc, cfg))
+    return report
+
+
+def _report_line(part: dict) -> str:
+    return "ours %s (%.2f ₽), YooKassa %s (%.2f ₽); missing in YooKassa: %s; missing here: %s; amounts differ: %s" % (
+        part["ours_count"], part["ours_kopecks"] / 100, part["api_count"], part["api_kopecks"] / 100,
+        ", ".join(part["missing_in_api"]) or "—", ", ".join(part["missing_ours"]) or "—",
+        ", ".join(part["amount_mismatch"]) or "—")
+
+
+@huey.periodic_task(crontab(minute="15", hour="3"))
+def daily_payment_report():
+    """Every day at 03:15 UTC: `payment_report_once` for the day before."""
+    with _DbSession():
+        return payment_report_once()
