@@ -1347,8 +1347,11 @@ def main() -> int:
         me = worker.tg(worker.telegram(cfg).get_me)
         cfg = config.configure(cfg.replace(yookassa_return_url="https://t.me/%s" % me.username))
     bot = create_bot(cfg)
-    worker.tg(bot.delete_webhook)
-    set_commands(bot)
+    for step in (bot.delete_webhook, lambda: set_commands(bot)):
+        try:   # conveniences: a Bot API server without them must not stop the bot
+            worker.tg(step)
+        except telebot.apihelper.ApiException as exc:
+            logger.warning("start-up call failed, going on: %s", exc.__class__.__name__)
     logger.info("bot starting (long polling)")
     bot.infinity_polling(skip_pending=False, allowed_updates=ALLOWED_UPDATES, timeout=30, long_polling_timeout=25)
     return 0
