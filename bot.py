@@ -26,23 +26,26 @@ Callback data: ``menu``, ``cancel``, ``mode:<mode>``, ``consent``, ``ratio:<w:h>
 id>``, ``pay``, ``amount:<credits>``, ``amount_custom``, ``promo``, ``check:<payment uuid>``; anything
 else (or a button of a step that is over) is answered "this button is no longer active".
 
-`main()` runs long polling. Webhook mode (TELEGRAM_WEBHOOK_URL) is not implemented here yet.
+`main()` runs long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set (`create_webhook_app`).
 """
 from __future__ import annotations
 
 import copy
 import datetime
 import functools
+import hmac
 import logging
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 import zlib
 from dataclasses import dataclass, field
 
 import requests
 import telebot
+from flask import Flask, request
 from peewee import fn
 from telebot import apihelper, types
 from telebot.custom_filters import StateFilter
@@ -1326,7 +1329,7 @@ def set_commands(bot: telebot.TeleBot) -> None:
 
 
 def main() -> int:
-    """Run the bot with long polling (`python bot.py`)."""
+    """Run the bot (`python bot.py`): long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set."""
     try:
         cfg = config.configure(config.load())
     except config.ConfigError as exc:
@@ -1341,11 +1344,11 @@ def main() -> int:
     except models.NotMigrated as exc:
         print(exc, file=sys.stderr)                        # "... pending: 0001_initial — run `make migrate`"
         return 2
-    if cfg.telegram_webhook_url:
-        logger.warning("TELEGRAM_WEBHOOK_URL is set, but webhook mode is not implemented yet: using long polling")
     if not cfg.yookassa_return_url:  # the payment page returns the user to this bot
         me = worker.tg(worker.telegram(cfg).get_me)
         cfg = config.configure(cfg.replace(yookassa_return_url="https://t.me/%s" % me.username))
+    if cfg.telegram_webhook_url:
+        return _serve_webhook(cfg)
     bot = create_bot(cfg)
     for step in (bot.delete_webhook, lambda: set_commands(bot)):
         try:   # conveniences: a Bot API server without them must not stop the bot
@@ -1354,6 +1357,65 @@ def main() -> int:
             logger.warning("start-up call failed, going on: %s", exc.__class__.__name__)
     logger.info("bot starting (long polling)")
     bot.infinity_polling(skip_pending=False, allowed_updates=ALLOWED_UPDATES, timeout=30, long_polling_timeout=25)
+    return 0
+
+
+# --- webhook mode ----------------------------------------------------------------------------
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"   # Bot API setWebhook: sent back with every update
+
+
+def create_webhook_app(cfg: config.Config | None = None) -> Flask:
+    """Webhook mode (TELEGRAM_WEBHOOK_URL set): a Flask app taking Telegram updates at the path of
+    that URL. An update without the right `X-Telegram-Bot-Api-Secret-Token` (the setWebhook
+    `secret_token`, core.telegram.org/bots/api#setwebhook) gets 403 and changes nothing; a body
+    that is not an update gets 400. Handlers run inline (`threaded=False`: the WSGI server's
+    threads are the concurrency) and their errors are answered and logged by the bot's own guard,
+    so Telegram gets 200 and does not redeliver. `python bot.py` serves it; for several processes
+    run `gunicorn -b 127.0.0.1:8081 'bot:create_webhook_app()'` behind nginx.
+    """
+    cfg = cfg or config.get()
+    if models.db.obj is None:
+        models.init_db(cfg.database_url)
+    bot = create_bot(cfg, threaded=False)
+    path = urllib.parse.urlsplit(cfg.telegram_webhook_url).path or "/"
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
+
+    @app.post(path)
+    def telegram_webhook():
+        given = request.headers.get(SECRET_HEADER, "")
+        if not cfg.telegram_webhook_secret or not hmac.compare_digest(given, cfg.telegram_webhook_secret):
+            logger.warning("security: webhook update without the right secret token from %s", request.remote_addr)
+            return "", 403
+        try:
+            update = types.Update.de_json(request.get_data(as_text=True))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return "", 400
+        if update is None:
+            return "", 400
+        with models.db.connection_context():
+            bot.process_new_updates([update])
+        return "", 200
+
+    return app
+
+
+def _serve_webhook(cfg: config.Config) -> int:
+    """Register the webhook with Telegram and serve updates on TELEGRAM_WEBHOOK_LISTEN."""
+    from werkzeug.serving import run_simple
+
+    app = create_webhook_app(cfg)
+    sender = worker.telegram(cfg)
+    worker.tg(sender.set_webhook, url=cfg.telegram_webhook_url, secret_token=cfg.telegram_webhook_secret,
+              allowed_updates=ALLOWED_UPDATES)
+    try:
+        set_commands(sender)
+    except telebot.apihelper.ApiException as exc:
+        logger.warning("setMyCommands failed, going on: %s", exc.__class__.__name__)
+    host, _, port = cfg.telegram_webhook_listen.rpartition(":")
+    logger.info("bot starting (webhook mode, listening on %s:%s)", host, port)
+    run_simple(host.strip("[]"), int(port), app, threaded=True)
     return 0
 
 

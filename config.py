@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 
 try:  # python-dotenv is in requirements.txt; config must still import without it
@@ -70,7 +71,8 @@ class Config:
     telegram_bot_token: str = ""
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str = ""          # empty: long polling
-    telegram_webhook_secret: str = ""
+    telegram_webhook_secret: str = ""       # setWebhook secret_token, checked on every update
+    telegram_webhook_listen: str = "127.0.0.1:8081"   # where `python bot.py` serves webhook mode
     database_url: str = "sqlite:///data/medialab.db"
     queue_url: str = "sqlite:///data/queue.db"
     fal_key: str = ""                       # empty: the local demo backend renders images
@@ -216,6 +218,7 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     text("TELEGRAM_API_URL", "telegram_api_url")
     text("TELEGRAM_WEBHOOK_URL", "telegram_webhook_url")
     text("TELEGRAM_WEBHOOK_SECRET", "telegram_webhook_secret")
+    text("TELEGRAM_WEBHOOK_LISTEN", "telegram_webhook_listen")
     text("DATABASE_URL", "database_url")
     text("QUEUE_URL", "queue_url")
     text("FAL_KEY", "fal_key")
@@ -288,6 +291,19 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     raw = env.get("QUEUE_URL", "").strip()
     if raw and not raw.startswith(("sqlite://", "redis://", "memory://")):
         problems.append("QUEUE_URL must be sqlite:///path, redis://host:port/db or memory://, got %r" % raw)
+    hook = values.get("telegram_webhook_url", "")
+    if hook:
+        local = hook.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]"))
+        if not (hook.startswith("https://") or local):
+            problems.append("TELEGRAM_WEBHOOK_URL must be an https:// URL (Telegram sends updates over TLS)")
+        secret = values.get("telegram_webhook_secret", "")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{16,256}", secret):
+            problems.append("TELEGRAM_WEBHOOK_SECRET must be 16–256 characters of A-Z, a-z, 0-9, _ and - "
+                            "when TELEGRAM_WEBHOOK_URL is set")
+    listen = values.get("telegram_webhook_listen", Config.telegram_webhook_listen)
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        problems.append("TELEGRAM_WEBHOOK_LISTEN must be host:port, got %r" % listen)
     shop, secret = env.get("YOOKASSA_SHOP_ID", "").strip(), env.get("YOOKASSA_SECRET_KEY", "").strip()
     if bool(shop) != bool(secret):
         problems.append("YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY must be set together")
