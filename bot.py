@@ -1223,7 +1223,7 @@ def broadcast(bot: telebot.TeleBot, text: str, rate: float = BROADCAST_RATE) -> 
     sent = failed = 0
     interval = 1.0 / rate
     next_at = time.monotonic()
-    for telegram_id in User.select(User.telegram_id).where(User.is_blocked == False).tuples().iterator():
+    for telegram_id in User.select(User.telegram_id).where(~User.is_blocked).tuples().iterator():
         delay = next_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)

@@ -166,7 +166,7 @@ class Demo:
         for name, proc in reversed(self.processes):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGINT if name == "worker" else signal.SIGTERM)
-        for name, proc in self.processes:
+        for _name, proc in self.processes:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -206,7 +206,7 @@ class Demo:
 
     def generate(self, prompt: str, menu: dict) -> int:
         mark = self.tap(menu, "Создать")
-        ask = self.wait("", mark)
+        self.wait("", mark)                     # "опишите…"
         mark = self.say(prompt)
         ratio = self.wait("", mark)
         mark = self.tap(ratio, "1:1")
@@ -220,7 +220,7 @@ class Demo:
 
         self.t.note("первая генерация — бесплатная операция")
         mark = self.generate("Кот-космонавт над ночной Москвой, акварель", menu)
-        photo = self.wait_photo(mark)
+        self.wait_photo(mark)
 
         mark = self.say("/balance")
         balance = self.wait("", mark)
@@ -233,7 +233,7 @@ class Demo:
             mark = self.say("/balance")
             topup_menu = self.wait("", mark)
         mark = self.tap(topup_menu, "100")
-        invoice = self.wait("", mark)
+        self.wait("", mark)                     # the pay button
         payment_id = list(self.yookassa.payments)[-1]
         payment = self.yookassa.payments[payment_id]
         self.t.note("YooKassa: платёж %s на %s %s, idempotence key = наш заказ %s"

@@ -14,8 +14,19 @@ import os
 import uuid
 
 from peewee import (
-    BigIntegerField, BooleanField, CharField, Check, DatabaseProxy, DateTimeField, ForeignKeyField,
-    IntegerField, JSONField, Model, SqliteDatabase, TextField, UUIDField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    Check,
+    DatabaseProxy,
+    DateTimeField,
+    ForeignKeyField,
+    IntegerField,
+    JSONField,
+    Model,
+    SqliteDatabase,
+    TextField,
+    UUIDField,
 )
 from playhouse.db_url import connect
 

@@ -41,7 +41,7 @@ from yookassa.domain.notification import WebhookNotificationFactory
 import billing
 import config
 import promo
-from models import Payment, Refund, User, db, utcnow
+from models import Payment, Refund, User, utcnow
 
 logger = logging.getLogger(__name__)
 

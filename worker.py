@@ -44,8 +44,8 @@ import datetime
 import functools
 import logging
 import os
-import sys
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -152,7 +152,7 @@ def _queue_url() -> str:
     except config.ConfigError as exc:
         if os.path.basename(sys.argv[0] or "").startswith("huey_consumer"):
             config.report(exc)
-            raise SystemExit(2)
+            raise SystemExit(2) from None
         return config.queue_url_from_env()
 
 
@@ -168,7 +168,7 @@ def _refuse_unmigrated_consumer() -> None:
         models.ensure_migrated(database)
     except models.NotMigrated as exc:
         print(exc, file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     finally:
         database.close()
 

@@ -6,8 +6,9 @@ later model changes never change what this file creates), then extended by hand 
 CHECK constraints and the triggers that make the ledger append-only and reservation end
 states final, on SQLite and PostgreSQL alike.
 """
-from peewee import *
 import uuid
+
+from peewee import *
 
 SQLITE_TRIGGERS = [
     """CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger

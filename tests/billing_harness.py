@@ -39,11 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from peewee import fn
+from peewee import fn  # noqa: E402  (after the sys.path set-up above)
 
-import billing
-import config
-import models
+import billing  # noqa: E402
+import config  # noqa: E402
+import models  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _storm_worker(url, barrier, user_ids, price, attempts, seed, queue):
         bind(url)
         rng = random.Random(seed)
         barrier.wait(START_TIMEOUT)
-        for attempt in range(attempts):
+        for _attempt in range(attempts):
             order = list(user_ids)
             rng.shuffle(order)
             for user_id in order:

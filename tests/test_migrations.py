@@ -177,7 +177,7 @@ def test_the_migrated_postgresql_schema_is_exactly_what_the_models_create(blank_
         reference.create_tables(models.ALL_MODELS, safe=False)
     reference.close()
     migrated, created = pg_schema(blank_pg, "public"), pg_schema(blank_pg, "models_ref")
-    for part, name in zip(range(3), ("columns", "constraints", "indexes")):
+    for part, name in zip(range(3), ("columns", "constraints", "indexes"), strict=True):
         assert migrated[part] == created[part], name
 
 

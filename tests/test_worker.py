@@ -28,8 +28,18 @@ import texts
 import worker
 from models import Generation, LedgerEntry, Payment, Reservation, utcnow
 from tests.test_pipeline import (
-    TELEGRAM_ID, assert_audit_ok, configure, consumer_env, drain, ledger_kinds, make_user, photo, poll,
-    reload, start_consumer, stop,
+    TELEGRAM_ID,
+    assert_audit_ok,
+    configure,
+    consumer_env,
+    drain,
+    ledger_kinds,
+    make_user,
+    photo,
+    poll,
+    reload,
+    start_consumer,
+    stop,
 )
 
 

@@ -265,7 +265,7 @@ def _render_png(spec: dict) -> bytes:
     for x in range(8):
         for y in range(8):
             t = (x + y) / 14.0
-            small.putpixel((x, y), tuple(int(a + (b - a) * t) for a, b in zip(c1, c2)))
+            small.putpixel((x, y), tuple(int(a + (b - a) * t) for a, b in zip(c1, c2, strict=True)))
     img = small.resize((width, height), Image.BILINEAR)
     if width >= 32 and height >= 16:
         size = max(10, min(48, min(width, height) // 16))

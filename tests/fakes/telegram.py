@@ -1261,7 +1261,9 @@ class FakeTelegram:
         the recent calls."""
         if isinstance(predicate, str):
             name = predicate.lower()
-            predicate = lambda call: call.method.lower() == name
+
+            def predicate(call: Call, name=name) -> bool:
+                return call.method.lower() == name
         deadline = time.monotonic() + timeout
         seen = since
         with self._cond:
