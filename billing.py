@@ -622,6 +622,7 @@ class AuditReport:
 
     @property
     def ok(self) -> bool:
+        """True when no invariant is violated."""
         return not self.violations
 
 

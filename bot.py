@@ -251,6 +251,7 @@ class Ctx:
 
     @property
     def storage(self) -> PeeweeStateStorage:
+        """The bot's conversation-state storage."""
         return self.bot.current_states
 
     def update(self, change):
@@ -322,7 +323,7 @@ class UserMiddleware(BaseMiddleware):
         data["ctx"] = ctx
 
     def post_process(self, update, data, exception):
-        pass
+        """Nothing to do after a handler (pyTelegramBotAPI requires the method)."""
 
 
 def _reply_raw(bot, chat_id, call, text):
@@ -1248,6 +1249,7 @@ class MediaLabBot(telebot.TeleBot):
     grants use it as their idempotency key)."""
 
     def process_new_updates(self, updates):
+        """Copy each update's id onto its message / callback query (admin /grant keys on it)."""
         for update in updates:
             for part in (update.message, update.callback_query):
                 if part is not None:

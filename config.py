@@ -124,9 +124,11 @@ class Config:
 
     @property
     def yookassa_configured(self) -> bool:
+        """True when YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY are both set."""
         return bool(self.yookassa_shop_id and self.yookassa_secret_key)
 
     def replace(self, **changes) -> "Config":
+        """Return a copy with `changes` (field names) applied (tests and entry points)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -36,6 +36,7 @@ BIN = os.path.dirname(sys.executable)
 
 
 def free_port() -> int:
+    """A free TCP port on loopback for gunicorn."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -91,6 +92,8 @@ class Transcript:
 
 
 class Demo:
+    """The fakes, the three real processes, and the scripted user."""
+
     def __init__(self):
         self.telegram = FakeTelegram(bot_username="medialab_demo_bot").start()
         self.yookassa = FakeYooKassa().start()
@@ -269,6 +272,7 @@ class Demo:
 
 
 def main() -> int:
+    """Run the demo; the exit code is `make audit`'s."""
     demo = Demo()
     code = 1
     try:

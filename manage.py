@@ -92,6 +92,7 @@ COMMANDS = {"migrate": cmd_migrate, "status": cmd_status, "seed-promo": cmd_seed
 
 
 def main(argv=None) -> int:
+    """Parse the command line, load the configuration, run one command; return the exit code."""
     parser = argparse.ArgumentParser(prog="manage.py", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS))
     parser.add_argument("path", nargs="?", help="backup: target file")

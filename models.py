@@ -79,6 +79,8 @@ def is_sqlite() -> bool:
 
 
 class BaseModel(Model):
+    """Every model lives in the one database behind `db`, with snake_case table names."""
+
     class Meta:
         database = db
         legacy_table_names = False
