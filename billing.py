@@ -119,7 +119,9 @@ class _WriterTurn:
             return None
         key = (os.getpid(), path)
         if self._file_key != key:  # first use, another database, or a forked child
-            self._file = open(path + "-writer.lock", "a+b")
+            if self._file is not None and self._file_key[0] == os.getpid():
+                self._file.close()
+            self._file = open(path + "-writer.lock", "a+b")  # kept open: flock needs it
             self._file_key = key
         return self._file
 
