@@ -37,7 +37,6 @@ import hmac
 import logging
 import sys
 import threading
-import time
 import urllib.parse
 import uuid
 import zlib
@@ -71,7 +70,6 @@ ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
 IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
 # Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
 STICKY_KEYS = ("face_swap_consent", "promo_code")
-BROADCAST_RATE = 20.0        # messages per second; Telegram allows about 30/s overall
 MODE_BUTTONS = (             # (mode, text key), in menu order (seeds: integration-examples.ru.md)
     ("generate", "btn_generate"), ("edit", "btn_edit"), ("merge", "btn_merge"),
     ("add_text", "btn_add_text"), ("face_swap", "btn_face_swap"), ("retouch", "btn_retouch"),
@@ -1210,33 +1208,13 @@ def cmd_promo_list(message: types.Message, ctx: Ctx) -> None:
 
 @_admin("admin_usage_broadcast")
 def cmd_broadcast(message: types.Message, ctx: Ctx) -> None:
-    """/broadcast <text> (admins): send to every user not blocked, ~20 messages/s."""
+    """/broadcast <text> (admins): the worker sends it to every user not blocked (~20 messages/s)
+    and reports back; the bot only queues it."""
     text = (telebot.util.extract_arguments(message.text or "") or "").strip()
     if not text:
         raise AdminError()
-    sent, failed = broadcast(ctx.bot, text)
-    _send(ctx, ctx.t("admin_broadcast_done", sent=sent, failed=failed))
-
-
-def broadcast(bot: telebot.TeleBot, text: str, rate: float = BROADCAST_RATE) -> tuple[int, int]:
-    """Send `text` to every user who is not blocked, at most `rate` messages per second (through
-    `worker.tg`, which waits out 429s). Return (sent, failed)."""
-    sent = failed = 0
-    interval = 1.0 / rate
-    next_at = time.monotonic()
-    for telegram_id in User.select(User.telegram_id).where(~User.is_blocked).tuples().iterator():
-        delay = next_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        next_at = max(next_at, time.monotonic()) + interval
-        try:
-            worker.tg(bot.send_message, telegram_id[0], text)
-            sent += 1
-        except Exception as exc:  # noqa: BLE001 - a user who blocked the bot is not an error here
-            failed += 1
-            logger.info("broadcast to %s failed: %s", telegram_id[0], _redact(str(exc), bot.token))
-    logger.info("broadcast done: sent=%s failed=%s", sent, failed)
-    return sent, failed
+    worker.broadcast(text, ctx.chat_id, ctx.lang)
+    _send(ctx, ctx.t("admin_broadcast_started"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -216,6 +216,8 @@ TEXTS = {
     "admin_promo_list": {"ru": "🎟️ Промокоды (код — скидка, использовано/лимит, до):\n{codes}",
                          "en": "🎟️ Promo codes (code — discount, used/limit, until):\n{codes}"},
     "promo_kind_free": {"ru": "бесплатный доступ", "en": "free access"},
+    "admin_broadcast_started": {"ru": "📣 Рассылка запущена. Отчёт придёт, когда она закончится.",
+                                "en": "📣 Broadcast started. You will get a report when it is done."},
     "admin_broadcast_done": {"ru": "📣 Рассылка завершена: отправлено {sent}, не доставлено {failed}.",
                              "en": "📣 Broadcast finished: {sent} sent, {failed} failed."},
     "admin_usage_stats": {"ru": "Использование: /stats", "en": "Usage: /stats"},

@@ -1086,3 +1086,37 @@ def daily_payment_report():
     """Every day at 03:15 UTC: `payment_report_once` for the day before."""
     with _DbSession():
         return payment_report_once()
+
+
+BROADCAST_RATE = 20.0   # messages per second; Telegram allows about 30/s overall (Bot API FAQ)
+
+
+@huey.task()
+def broadcast(text: str, admin_chat_id: int, lang: str = "ru", rate: float = BROADCAST_RATE):
+    """Send `text` to every user who is not blocked, at most `rate` messages per second (each
+    through `tg`, which waits out 429s), then tell the admin how many were sent and failed.
+    Returns (sent, failed). Runs in the worker so no bot handler is held for minutes."""
+    cfg = config.get()
+    bot = telegram(cfg)
+    sent = failed = 0
+    interval = 1.0 / rate
+    next_at = time.monotonic()
+    with _DbSession():
+        recipients = [row[0] for row in User.select(User.telegram_id).where(~User.is_blocked).tuples()]
+    for telegram_id in recipients:
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)       # the rate limit itself, not a wait for something to happen
+        next_at = max(next_at, time.monotonic()) + interval
+        try:
+            tg(bot.send_message, telegram_id, text)
+            sent += 1
+        except Exception as exc:  # noqa: BLE001 - a user who blocked the bot is not an error here
+            failed += 1
+            logger.info("broadcast to %s failed (%s)", telegram_id, _describe(exc, cfg))
+    logger.info("broadcast done: sent=%s failed=%s", sent, failed)
+    try:
+        tg(bot.send_message, admin_chat_id, texts.t("admin_broadcast_done", lang, sent=sent, failed=failed))
+    except Exception as exc:  # noqa: BLE001 - the report is best effort
+        logger.warning("could not report the broadcast to %s (%s)", admin_chat_id, _describe(exc, cfg))
+    return sent, failed

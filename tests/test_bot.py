@@ -460,7 +460,10 @@ def test_admin_block_free_access_promo_and_broadcast(app):
     [listing] = app.send("/promo_list", user=ADMIN)
     assert "SPRING15 — 15%, 0/100" in listing["text"] and "WELCOME10" in listing["text"]
     app.fake.block(502)
-    report = app.send("/broadcast Новый режим!", user=ADMIN)[-1]
+    [started] = app.send("/broadcast Новый режим!", user=ADMIN)
+    assert "Рассылка запущена" in started["text"]
+    assert app.run_jobs() == 1                               # the worker sends it, then reports
+    report = app.fake.messages(ADMIN)[-1]
     assert "отправлено 2, не доставлено 1" in report["text"]
     assert any(m.get("text") == "Новый режим!" for m in app.fake.messages(USER))
 
