@@ -286,6 +286,8 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
         raw = env.get(name, "").strip()
         if raw and not raw.startswith(("http://", "https://")):
             problems.append("%s must start with http:// or https://, got %r" % (name, raw))
+        elif raw:
+            values[name.lower()] = raw.rstrip("/")   # paths are appended: ".../v3" + "/payments"
     for name in ("DATABASE_URL",):
         raw = env.get(name, "").strip()
         if raw and not raw.startswith(("sqlite://", "postgres://", "postgresql://")):

@@ -75,3 +75,10 @@ def test_dotenv_is_read_and_environment_wins(tmp_path, monkeypatch):
     cfg = config.load(env_file=str(env_file))
     assert cfg.price_per_operation == 13
     assert cfg.telegram_bot_token in ("5:fromfile", "123456:TEST-TOKEN")  # the test env sets a token
+
+
+def test_base_urls_lose_a_trailing_slash():
+    cfg = config.load({"TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_API_URL": "http://127.0.0.1:8081/",
+                       "YOOKASSA_API_URL": "http://127.0.0.1:9001/v3/", "FAL_QUEUE_URL": "http://127.0.0.1:9/"})
+    assert (cfg.telegram_api_url, cfg.yookassa_api_url, cfg.fal_queue_url) == (
+        "http://127.0.0.1:8081", "http://127.0.0.1:9001/v3", "http://127.0.0.1:9")
