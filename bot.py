@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 
 import requests
 import telebot
-from flask import Flask, request
 from peewee import fn
 from telebot import apihelper, types
 from telebot.custom_filters import StateFilter
@@ -1345,7 +1344,7 @@ def main() -> int:
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"   # Bot API setWebhook: sent back with every update
 
 
-def create_webhook_app(cfg: config.Config | None = None) -> Flask:
+def create_webhook_app(cfg: config.Config | None = None):
     """Webhook mode (TELEGRAM_WEBHOOK_URL set): a Flask app taking Telegram updates at the path of
     that URL. An update without the right `X-Telegram-Bot-Api-Secret-Token` (the setWebhook
     `secret_token`, core.telegram.org/bots/api#setwebhook) gets 403 and changes nothing; a body
@@ -1354,6 +1353,8 @@ def create_webhook_app(cfg: config.Config | None = None) -> Flask:
     so Telegram gets 200 and does not redeliver. `python bot.py` serves it; for several processes
     run `gunicorn -b 127.0.0.1:8081 'bot:create_webhook_app()'` behind nginx.
     """
+    from flask import Flask, request  # webhook mode only: long polling never loads Flask
+
     cfg = cfg or config.get()
     if models.db.obj is None:
         models.init_db(cfg.database_url)
