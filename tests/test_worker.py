@@ -447,7 +447,7 @@ def test_a_job_claimed_after_its_reservation_expired_is_not_sent_to_the_provider
     assert "не удалось выполнить вовремя" in fake_telegram.last_message(TELEGRAM_ID)["text"]
 
 
-def test_sweep_leaves_a_live_job_with_an_expired_reservation_to_deliver_free(demo, fake_telegram):
+def test_sweep_leaves_a_running_job_with_an_expired_reservation_to_deliver_free(demo, fake_telegram):
     user = make_user(fake_telegram)
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="x")
     worker.huey.flush()
