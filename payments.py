@@ -584,25 +584,13 @@ def _apply(order: Payment, fetched, cfg: config.Config, source: str) -> _Applied
     return _Applied(None, "status_" + str(fetched.status))
 
 
-def _one_writer(func):
-    """Take this process's writer turn (billing.writer_turn) around an outermost call."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        with billing.writer_turn():
-            return func(*args, **kwargs)
-    return wrapper
-
-
-_writer_turn = billing.writer_turn
-
-
 def _mark_succeeded(order_id: uuid.UUID, test: bool, source: str) -> bool:
     """Credit the order once (see _credit_order); True only for the call that made the change.
 
     A duplicate that waited for its turn finds the order succeeded with a plain read and never
     opens a write transaction.
     """
-    with _writer_turn():
+    with billing.writer_turn():  # the pre-read and the credit in one turn of this process
         if Payment.select(Payment.status).where(Payment.id == order_id).scalar() == "succeeded":
             return False
         return _credit_order(order_id, test, source)
@@ -631,7 +619,6 @@ def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
     return True
 
 
-@_one_writer
 @billing.money_transaction
 def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     """pending → canceled and the promo reservation released; True if this call changed it."""
@@ -647,7 +634,6 @@ def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     return bool(changed)
 
 
-@_one_writer
 @billing.money_transaction
 def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund | None:
     """Record YooKassa refund `refund_id` once and take back its share of the credits.

@@ -235,26 +235,31 @@ def test_too_many_jobs_are_refused_until_one_finishes(demo, fake_telegram):
     assert_audit_ok()
 
 
-def test_concurrent_accepts_never_pass_the_limit(demo, fake_telegram):
-    user = make_user(fake_telegram)
-    start = threading.Barrier(6)
+def race_accepts(user, count: int, prompt: str) -> list[str]:
+    """`count` threads accept a generate job at once; return the sorted outcomes."""
+    start = threading.Barrier(count)
     outcomes = []
 
     def accept(n):
         start.wait()
         try:
             with models.db.connection_context():
-                worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="job %d" % n)
+                worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="%s %d" % (prompt, n))
             outcomes.append("ok")
         except worker.TooManyJobs:
             outcomes.append("too many")
 
-    threads = [threading.Thread(target=accept, args=(n,)) for n in range(6)]
+    threads = [threading.Thread(target=accept, args=(n,)) for n in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert sorted(outcomes) == ["ok", "ok"] + ["too many"] * 4
+    return sorted(outcomes)
+
+
+def test_concurrent_accepts_never_pass_the_limit(demo, fake_telegram):
+    user = make_user(fake_telegram)
+    assert race_accepts(user, 6, "job") == ["ok", "ok"] + ["too many"] * 4
     assert generation_count() == 2 and worker.huey.pending_count() == 2
     assert_audit_ok()
 
@@ -576,24 +581,7 @@ def test_the_pipeline_and_the_job_limit_on_postgresql(pg_database, fake_telegram
     configure(fake_telegram)
     worker.huey.flush()
     user = make_user(fake_telegram)
-    start = threading.Barrier(5)
-    outcomes = []
-
-    def accept(n):
-        start.wait()
-        try:
-            with models.db.connection_context():
-                worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="pg %d" % n)
-            outcomes.append("ok")
-        except worker.TooManyJobs:
-            outcomes.append("too many")
-
-    threads = [threading.Thread(target=accept, args=(n,)) for n in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(outcomes) == ["ok", "ok", "too many", "too many", "too many"]
+    assert race_accepts(user, 5, "pg") == ["ok", "ok", "too many", "too many", "too many"]
     assert drain() == 2
     assert [g.status for g in Generation.select()] == ["delivered", "delivered"]
     assert len(fake_telegram.calls("sendPhoto")) == 2
