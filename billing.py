@@ -1,6 +1,6 @@
 """The billing core: users, balances, the ledger, reserve → commit / release / expire.
 
-Model (../shared/notes/ledger.md §7, after TigerBeetle's two-phase transfers):
+Model (docs/REFERENCES.md §2, after TigerBeetle's two-phase transfers):
 
 * Two assets per user: `credits` (1 credit = 1 ₽) and `free_ops` (free paid-mode operations).
   A `Balance` row caches `available` and `reserved` for each; the append-only `ledger` holds one

@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # YooKassa's published notification networks (https://yookassa.ru/developers/using-api/webhooks#ip),
-# the same list as ../shared/fixtures/yookassa/ip-allowlist.txt.
+# the same list as tests/fixtures/yookassa/ip-allowlist.txt.
 YOOKASSA_NETWORKS = (
     "185.71.76.0/27,185.71.77.0/27,77.75.153.0/25,77.75.156.11,"
     "77.75.156.35,77.75.154.128/25,2a02:5180::/32"
@@ -32,7 +32,7 @@ YOOKASSA_NETWORKS = (
 MODES = ("generate", "edit", "merge", "add_text", "face_swap", "retouch", "upscale")
 PAID_MODES = ("generate", "edit", "merge", "face_swap", "retouch", "upscale")
 
-# Default Fal endpoint per paid mode (SPEC §3); each is overridable with FAL_ENDPOINT_<MODE>.
+# Default Fal endpoint per paid mode (docs/SPEC.md §3); each is overridable with FAL_ENDPOINT_<MODE>.
 DEFAULT_ENDPOINTS = {
     "generate": "fal-ai/nano-banana",
     "edit": "fal-ai/nano-banana/edit",

@@ -165,7 +165,7 @@ MODE_SPECS: dict[str, ModeSpec] = {
 assert tuple(MODE_SPECS) == config.MODES
 assert tuple(m for m, s in MODE_SPECS.items() if s.paid) == config.PAID_MODES
 
-# Aspect ratios accepted by fal-ai/nano-banana (fal-js endpoint types, notes/libraries.md B5).
+# Aspect ratios accepted by fal-ai/nano-banana (fal-js endpoint types, docs/REFERENCES.md §6).
 ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16")
 
 # --------------------------------------------------------------------------------------------
@@ -388,8 +388,8 @@ def build_request(
     """Build the Fal request of a paid mode.
 
     Every image is re-encoded with `prepare_image` and sent as a data URI (``fal_client.encode``); a URL is
-    never sent, because a Telegram file URL contains the bot token (SPEC §3). Default arguments
-    (fal endpoint schemas, notes/libraries.md B5):
+    never sent, because a Telegram file URL contains the bot token (docs/SPEC.md §3). Default arguments
+    (fal endpoint schemas, docs/REFERENCES.md §6):
 
     - generate → ``{prompt, num_images: 1, output_format: "png", aspect_ratio}``
     - edit / merge → ``{prompt, image_urls: [uri, ...], num_images: 1, output_format: "png"}``
@@ -455,7 +455,7 @@ def parse_result(result: dict) -> list[str]:
     """Return the image URLs of a Fal result, in order.
 
     Accepts ``{"images": [{"url": ...}, ...]}`` (nano-banana) and ``{"image": {"url": ...}}``
-    (face-swap, retoucher, esrgan) — output schemas in notes/libraries.md B5.
+    (face-swap, retoucher, esrgan) — output schemas in docs/REFERENCES.md §6.
 
     :raises ResultError: (permanent) no image URL in the result.
     """
@@ -575,7 +575,7 @@ class FalGateway:
     submitted handle follows the ``status_url``/``response_url``/``cancel_url`` the server returned.
     Because it is a module global, every gateway in one process uses the last configured URL.
 
-    Duplicate-submission hazard (notes/libraries.md B4): fal-client's ``_maybe_retry_request`` retries
+    Duplicate-submission hazard (docs/REFERENCES.md §6): fal-client's ``_maybe_retry_request`` retries
     every request, the submit POST included, up to ``MAX_ATTEMPTS`` = 10 times on transport errors,
     timeouts and 408/409/429. A submit that reached Fal but whose answer was lost is therefore POSTed
     again and may run (and be billed by Fal) twice. Mitigations here: the caller persists the
@@ -662,7 +662,7 @@ class FalGateway:
     ) -> dict:
         """Run `request` on Fal's queue (or resume it) and return the model's output JSON.
 
-        Protocol (fal queue API, notes/libraries.md B3): ``POST {queue}/{endpoint}`` → request id;
+        Protocol (fal queue API, docs/REFERENCES.md §6): ``POST {queue}/{endpoint}`` → request id;
         ``GET status_url`` every ``cfg.fal_poll_interval`` s until COMPLETED; ``GET response_url``.
 
         :param request: from `build_request`.

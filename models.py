@@ -36,7 +36,7 @@ db = DatabaseProxy()
 
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 
-# SQLite settings for money (../shared/notes/ledger.md §5): WAL so readers never block the writer,
+# SQLite settings for money (docs/REFERENCES.md §1): WAL so readers never block the writer,
 # synchronous=FULL so an acknowledged commit survives a power cut, a busy timeout so writers queue
 # instead of failing, and every transaction BEGIN IMMEDIATE (lock_type) so none upgrades a read lock.
 SQLITE_PRAGMAS = {

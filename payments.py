@@ -1,6 +1,6 @@
 """YooKassa top-ups: create a payment, verify and apply notifications, reconcile, refunds.
 
-Money flow (SPEC §4, ../shared/notes/yookassa.md):
+Money flow (docs/SPEC.md §4, docs/REFERENCES.md §3):
 
 1. ``create_topup`` writes our order (a ``Payment`` row, uuid) first, reserving a discount code on
    it, then calls ``yookassa.Payment.create`` with the order id as the idempotence key, so a retry
@@ -151,7 +151,7 @@ def _install_timeout_patch() -> None:
 
     yookassa 3.13.0 calls ``session.request(...)`` without ``timeout=`` (its ``Configuration.timeout``
     is a retry backoff factor), so a stalled connection hangs forever: see
-    ../shared/notes/yookassa.md §1.1 and the unmerged fix yoomoney/yandex-checkout-sdk-python#62.
+    docs/REFERENCES.md §3 and the unmerged fix yoomoney/yandex-checkout-sdk-python#62.
     This is the documented workaround from the notes: wrap ``ApiClient.get_session`` so the
     session's ``request`` gets ``timeout=``. A timeout then surfaces as ``AttributeError`` (§1.4).
     Installed once per process.

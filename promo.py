@@ -1,6 +1,6 @@
 """Promo codes: discounts on a top-up and free-access codes.
 
-Two kinds (SPEC §4, docs/DESIGN.md "promo"):
+Two kinds (docs/SPEC.md §4, docs/DESIGN.md "promo"):
 
 * ``discount`` — ``percent`` (1..99) off the price of one top-up. It is *checked* when the order
   is created, *reserved* on that pending order (a ``PromoRedemption`` row in state ``reserved``),
@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("discount", "free_access")
 CODE_RE = re.compile(r"[A-Z0-9_-]{2,32}", re.ASCII)
-MIN_PAYMENT_KOPECKS = 100          # a discount never takes a payment below 1.00 ₽ (SPEC §4)
+MIN_PAYMENT_KOPECKS = 100          # a discount never takes a payment below 1.00 ₽ (docs/SPEC.md §4)
 
-# The default codes (SPEC §4): code -> (kind, percent, free-access days).
+# The default codes (docs/SPEC.md §4): code -> (kind, percent, free-access days).
 DEFAULT_CODES = {
     "WELCOME10": ("discount", 10, None),
     "SAVE20": ("discount", 20, None),

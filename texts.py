@@ -2,7 +2,7 @@
 
 `t(key, lang, **values)` formats a text; user-supplied values are inserted as plain text
 (messages are sent without parse_mode, so nothing a user types is parsed as markup).
-Button texts follow the seeds (../shared/seeds/).
+Button texts follow the original plan (docs/SPEC.md §3).
 """
 
 TEXTS = {

@@ -1,6 +1,6 @@
 """The job pipeline: the Huey instance, its tasks, and the one Telegram send wrapper.
 
-A paid job (SPEC §3), step by step:
+A paid job (docs/SPEC.md §3), step by step:
 
 * `accept_generation` (called by the bot) validates the request, then in ONE money transaction
   checks MAX_ACTIVE_JOBS_PER_USER, inserts the `Generation` row (status ``queued``) and reserves
@@ -18,7 +18,7 @@ A paid job (SPEC §3), step by step:
   jobs whose worker died (stale heartbeat) and fails jobs whose reservation expired.
 
 The `Generation` row is the source of truth, not the queue: Huey delivers a task at most once
-(the consumer deletes it before running it, notes/libraries.md C7), and every step above is a
+(the consumer deletes it before running it, docs/REFERENCES.md §7), and every step above is a
 conditional update, so a task that runs twice, or a job that is re-enqueued by the sweeper while
 its task is still queued, delivers once and commits once.
 
@@ -246,7 +246,7 @@ _bots: dict = {}
 
 def configure_api_url(cfg: config.Config | None = None) -> None:
     """Point pyTelegramBotAPI at ``cfg.telegram_api_url``: ``apihelper.API_URL`` and ``FILE_URL``
-    are process-wide globals (there is no constructor argument, notes/libraries.md A1)."""
+    are process-wide globals (there is no constructor argument, docs/REFERENCES.md §5)."""
     cfg = cfg or config.get()
     base = cfg.telegram_api_url.rstrip("/")
     apihelper.API_URL = base + "/bot{0}/{1}"
@@ -286,7 +286,7 @@ def tg(func, *args, _attempts: int = TG_MAX_ATTEMPTS, _max_wait: float = TG_MAX_
     to `_attempts` tries in all. A wait longer than `_max_wait` seconds is not slept: the 429 is
     raised so the caller can reschedule (the worker turns it into a delayed retry). Every other
     error is raised unchanged. This is the wrapper for every Telegram call of the worker and the
-    bot (telebot's own RETRY_ON_ERROR does not handle 429, notes/libraries.md A7).
+    bot (telebot's own RETRY_ON_ERROR does not handle 429, docs/REFERENCES.md §5).
     """
     name = getattr(func, "__name__", "call")
     for attempt in range(1, _attempts + 1):

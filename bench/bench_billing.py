@@ -1,4 +1,4 @@
-"""Billing throughput and latency against the physical baseline (../shared/notes/ledger.md §7.4).
+"""Billing throughput and latency against the physical baseline (docs/REFERENCES.md §1, §2).
 
 A *cycle* is one charge: a reserve transaction then a commit transaction. Measured for 1 and 4
 processes (spawned; each binds `models.init_db` to the same SQLite file, WAL, synchronous=FULL,

@@ -17,13 +17,10 @@ def test_defaults_with_only_a_token():
     assert cfg.topup_amounts == (100, 300, 500, 1000)
     assert cfg.trusted_proxy_count == 1
     assert cfg.demo_backend and not cfg.yookassa_configured
-    allow = [line.strip() for line in open(config.os.path.join(config.ROOT, "..", "shared", "fixtures",
-                                                                 "yookassa", "ip-allowlist.txt"))
-             if line.strip() and not line.startswith("#")] if config.os.path.exists(
-        config.os.path.join(config.ROOT, "..", "shared", "fixtures", "yookassa", "ip-allowlist.txt")) else None
-    if allow is not None:
-        assert [str(n) for n in cfg.yookassa_trusted_networks] == [
-            str(ipaddress.ip_network(a, strict=False)) for a in allow]
+    with open(config.os.path.join(config.ROOT, "tests", "fixtures", "yookassa", "ip-allowlist.txt")) as f:
+        allow = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    assert [str(n) for n in cfg.yookassa_trusted_networks] == [
+        str(ipaddress.ip_network(a, strict=False)) for a in allow]
 
 
 def test_public_names_are_read():

@@ -34,8 +34,7 @@ from models import (
 )
 
 YK_IP = "185.71.76.1"
-FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "shared", "fixtures", "yookassa")
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "yookassa")
 FAULTS = [500, 429, "hang", "close", "html502"]
 
 

@@ -47,7 +47,7 @@ def test_seed_defaults_is_idempotent(database):
 
 
 @pytest.mark.parametrize("credits, percent, kopecks", [
-    (100, 10, 9000),        # SPEC §4: 100 credits with 10 % off cost 90.00 ₽
+    (100, 10, 9000),        # docs/SPEC.md §4: 100 credits with 10 % off cost 90.00 ₽
     (100, 0, 10000),
     (300, 20, 24000),
     (333, 33, 22311),

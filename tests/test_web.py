@@ -25,7 +25,7 @@ from models import LedgerEntry, Payment
 from tests.conftest import ROOT, TEST_ENV
 
 YK_IP = "185.71.76.1"
-FIXTURES = os.path.join(os.path.dirname(ROOT), "shared", "fixtures", "yookassa")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "yookassa")
 FIXTURE_NAMES = ["payment.succeeded", "payment.canceled", "payment.waiting_for_capture", "refund.succeeded"]
 
 

@@ -10,8 +10,8 @@ real ``yookassa`` SDK talks to::
     fake.notify("payment.succeeded", p.id, "http://127.0.0.1:8080/yookassa/webhook", source_ip="185.71.76.1")
     fake.stop()
 
-Spec: ../shared/notes/yookassa.md §8; object shapes follow the captured payloads in
-../shared/fixtures/yookassa/ (ids, timestamps, money, recipient, payment_method, cancellation_details).
+Spec: docs/REFERENCES.md §4; object shapes follow the captured payloads in
+tests/fixtures/yookassa/ (ids, timestamps, money, recipient, payment_method, cancellation_details).
 
 What is faithful (checked against the notes, the OAS-derived field lists and SDK 3.13.0 behaviour)
 ------------------------------------------------------------------------------------------------
