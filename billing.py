@@ -33,7 +33,21 @@ from dataclasses import dataclass, field
 from peewee import IntegrityError, OperationalError, fn
 
 import config
-from models import Balance, LedgerEntry, Payment, Reservation, User, db, is_sqlite, utcnow
+from models import (
+    AdminAction,
+    Balance,
+    Generation,
+    LedgerEntry,
+    Payment,
+    PromoCode,
+    PromoRedemption,
+    Refund,
+    Reservation,
+    User,
+    db,
+    is_sqlite,
+    utcnow,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -335,13 +349,25 @@ def has_free_access(user: User, now: datetime.datetime | None = None) -> bool:
     return user.free_access_until is None or user.free_access_until > (now or utcnow())
 
 
+def claim_action(key: str) -> bool:
+    """Record admin action `key` (e.g. ``broadcast:<update id>``); True the first time only, so a
+    redelivered Telegram update does not run the action again. Joins the caller's transaction."""
+    _check_key(key)
+    return AdminAction.insert(key=key, created_at=utcnow()).on_conflict_ignore().as_rowcount().execute() == 1
+
+
 @money_transaction
 def set_free_access(user_id: int, *, days: int | None = None, enabled: bool = True,
-                    now: datetime.datetime | None = None) -> User:
+                    now: datetime.datetime | None = None, idempotency_key: str | None = None) -> User:
     """Give (or with enabled=False take away) free access; `days` None means no expiry.
 
-    Granting to a user who already has free access extends it from its current end.
+    Granting to a user who already has free access extends it from its current end. With
+    `idempotency_key` (an admin command's ``free_access:<update id>``) a repeated call changes
+    nothing and returns the user as it is. Raises UnknownUser.
     """
+    if idempotency_key is not None and not claim_action(idempotency_key):
+        logger.info("free access: %s already applied", idempotency_key)
+        return get_user(user_id)
     user = get_user(user_id)
     now = now or utcnow()
     active = has_free_access(user, now)
@@ -593,6 +619,20 @@ def expire(reservation_id: int, now: datetime.datetime | None = None) -> Reserva
     return _resolve(reservation_id, "expired", "expire", now)
 
 
+def extend(reservation_ids, ttl: int, now: datetime.datetime | None = None) -> int:
+    """Give each still-open reservation of `reservation_ids` a new expiry `ttl` seconds from `now`;
+    return how many were extended. Not a balance change (no ledger row): the hold stays the same,
+    only the time the sweeper may expire it moves. Used by the sweeper for live jobs, so a job
+    waiting in a long queue keeps its hold. Raises InvalidAmount for a bad `ttl`."""
+    check_amount(ttl)
+    ids = [int(i) for i in reservation_ids]
+    if not ids:
+        return 0
+    now = now or utcnow()
+    return (Reservation.update(expires_at=now + datetime.timedelta(seconds=ttl))
+            .where(Reservation.id.in_(ids) & (Reservation.state == "reserved")).execute())
+
+
 def expire_stale(now: datetime.datetime | None = None, limit: int = 1000) -> list[int]:
     """Expire every open reservation past its `expires_at`; return their ids (the sweeper)."""
     now = now or utcnow()
@@ -642,6 +682,47 @@ def _payment_for(reference: str):
     except ValueError:
         return None
     return Payment.get_or_none(Payment.id == payment_id)
+
+
+def _audit_promo_limits(bad) -> None:
+    """I12: per code, uses + redemptions reserved on pending payments ≤ max_uses; a consumed
+    redemption's payment succeeded; a discounted payment holds a redemption of its code."""
+    reserved = dict(PromoRedemption.select(PromoRedemption.promo, fn.COUNT(PromoRedemption.id))
+                    .join(Payment, on=(PromoRedemption.payment == Payment.id))
+                    .where((PromoRedemption.state == "reserved") & (Payment.status == "pending"))
+                    .group_by(PromoRedemption.promo).tuples())
+    for code in PromoCode.select().where(PromoCode.max_uses.is_null(False)):
+        taken = code.uses + reserved.get(code.id, 0)
+        if taken > code.max_uses:
+            bad("I12 promo %s: %s used + %s reserved > max_uses %s"
+                % (code.code, code.uses, reserved.get(code.id, 0), code.max_uses))
+    for row in (PromoRedemption.select(PromoRedemption.id, Payment.status.alias("pstatus"))
+                .join(Payment, on=(PromoRedemption.payment == Payment.id))
+                .where((PromoRedemption.state == "consumed") & (Payment.status != "succeeded")).objects()):
+        bad("I12 promo redemption %s is consumed but its payment is %s" % (row.id, row.pstatus))
+    held = {(r.payment_id, r.promo_id) for r in PromoRedemption.select(PromoRedemption.payment, PromoRedemption.promo)
+            .where(PromoRedemption.payment.is_null(False))}
+    for payment in Payment.select(Payment.id, Payment.promo).where(Payment.promo.is_null(False)
+                                                                    & (Payment.status == "succeeded")):
+        if (payment.id, payment.promo_id) not in held:
+            bad("I12 payment %s was discounted but holds no redemption of its code" % payment.id)
+
+
+def _audit_refunds(bad) -> None:
+    """I13: per payment, refunded kopecks = Σ its refunds ≤ what was paid, and the credits asked
+    back = the cumulative share credits × refunded // paid (partial refunds converge)."""
+    sums = {pid: (kopecks, credits) for pid, kopecks, credits in
+            Refund.select(Refund.payment, fn.SUM(Refund.amount_kopecks), fn.SUM(Refund.credits_requested))
+            .group_by(Refund.payment).tuples()}
+    for payment in Payment.select().where((Payment.refunded_kopecks > 0) | Payment.id.in_(list(sums))):
+        kopecks, credits = sums.get(payment.id, (0, 0))
+        if kopecks != payment.refunded_kopecks or kopecks > payment.amount_kopecks:
+            bad("I13 payment %s: refunded %s kopecks, its refunds sum to %s (paid %s)"
+                % (payment.id, payment.refunded_kopecks, kopecks, payment.amount_kopecks))
+        expected = payment.credits * min(kopecks, payment.amount_kopecks) // payment.amount_kopecks
+        if credits != expected:
+            bad("I13 payment %s: refunds asked back %s credits, the cumulative share is %s"
+                % (payment.id, credits, expected))
 
 
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
@@ -736,6 +817,11 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
                     .group_by(LedgerEntry.user)):
             if row.total > free_operations:
                 bad("I9 user %s was granted %s free operations (limit %s)" % (row.user_id, row.total, free_operations))
+        _audit_promo_limits(bad)
+        _audit_refunds(bad)
+        free_deliveries = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
+                           .where((Generation.status == "delivered")
+                                  & Reservation.state.in_(["expired", "released"])).count())
         # I8: the append-only guards are in place.
         if is_sqlite():
             names = {r[0] for r in db.execute_sql("SELECT name FROM sqlite_master WHERE type='trigger'")}
@@ -757,5 +843,6 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             "topups": len(topups),
             "topup_credits": sum(r.amount for r in topups),
             "reservations": counts,
+            "free_deliveries": free_deliveries,     # an anomaly (logged when it happens), not a violation
         }
     return report

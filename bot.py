@@ -35,6 +35,7 @@ import datetime
 import functools
 import hmac
 import logging
+import re
 import sys
 import threading
 import urllib.parse
@@ -1027,9 +1028,26 @@ def _args(message: types.Message) -> list[str]:
     return (telebot.util.extract_arguments(message.text or "") or "").split()
 
 
+_NUMBER = re.compile(r"[0-9]{1,18}", re.ASCII)   # str.isdigit() would accept "٣" and "²"
+
+
+def _number(raw: str) -> int:
+    """A positive whole number typed by an admin, ASCII digits only; raise AdminError (usage)."""
+    if not _NUMBER.fullmatch(raw or "") or int(raw) <= 0:
+        raise AdminError()
+    return int(raw)
+
+
+def _update_key(ctx: "Ctx", message: types.Message, command: str) -> str:
+    """The idempotency key of an admin command: its Telegram update id (a redelivered update
+    carries the same one), else the chat and message ids."""
+    return "%s:%s" % (command, ctx.update_id if ctx.update_id is not None
+                      else "%s:%s" % (ctx.chat_id, message.message_id))
+
+
 def _target_user(raw: str) -> User:
     """Return the user with Telegram id `raw`; raise AdminError (usage, or "no such user")."""
-    if not raw.isdigit():
+    if not _NUMBER.fullmatch(raw or ""):
         raise AdminError()
     user = User.get_or_none(User.telegram_id == int(raw))
     if user is None:
@@ -1125,11 +1143,12 @@ def cmd_user(message: types.Message, ctx: Ctx) -> None:
 def cmd_grant(message: types.Message, ctx: Ctx) -> None:
     """/grant <telegram id> <credits> <reason> (admins); idempotent per update."""
     args = _args(message)
-    if len(args) < 3 or not args[1].isdigit() or int(args[1]) <= 0:
+    if len(args) < 3:
         raise AdminError()
+    credits = _number(args[1])
     user = _target_user(args[0])
-    credits, reason = int(args[1]), " ".join(args[2:])[:100]
-    key = "grant:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
+    reason = " ".join(args[2:])[:100]
+    key = _update_key(ctx, message, "grant")
     billing.credit(user.id, credits, kind="grant", reference="admin:%s:%s" % (ctx.telegram_id, reason),
                    idempotency_key=key)
     logger.info("admin %s granted %s credits to user %s", ctx.telegram_id, credits, user.id)
@@ -1139,13 +1158,14 @@ def cmd_grant(message: types.Message, ctx: Ctx) -> None:
 
 @_admin("admin_usage_free_access")
 def cmd_free_access(message: types.Message, ctx: Ctx) -> None:
-    """/free_access <telegram id> [days] (admins)."""
+    """/free_access <telegram id> [days] (admins); idempotent per update (a redelivered update
+    does not extend it twice)."""
     args = _args(message)
-    if not 1 <= len(args) <= 2 or (len(args) == 2 and (not args[1].isdigit() or int(args[1]) <= 0)):
+    if not 1 <= len(args) <= 2:
         raise AdminError()
+    days = _number(args[1]) if len(args) == 2 else None
     user = _target_user(args[0])
-    days = int(args[1]) if len(args) == 2 else None
-    user = billing.set_free_access(user.id, days=days)
+    user = billing.set_free_access(user.id, days=days, idempotency_key=_update_key(ctx, message, "free_access"))
     until = user.free_access_until.strftime("%d.%m.%Y") if user.free_access_until else ctx.t("forever")
     _send(ctx, ctx.t("admin_free_access", telegram_id=user.telegram_id, until=until))
 
@@ -1172,37 +1192,106 @@ def cmd_unblock(message: types.Message, ctx: Ctx) -> None:
     _set_blocked(message, ctx, False)
 
 
+def _promo_options(words: list[str]) -> dict:
+    """Parse /promo_add options: ``uses=N``, ``days=N``, ``max=RUB`` (discount cap), ``valid=N``
+    (days the code itself stays valid) and the word ``unlimited``; bare numbers are, in order,
+    uses and days (the older form). Raises AdminError (usage)."""
+    options: dict = {}
+    positional = iter(("uses", "days"))
+    for word in words:
+        name, sep, value = word.lower().partition("=")
+        if not sep and name == "unlimited":
+            options["unlimited"] = True
+            continue
+        if not sep:
+            name, value = next(positional, None), word
+        if name not in ("uses", "days", "max", "valid") or name in options:
+            raise AdminError()
+        options[name] = _number(value)
+    return options
+
+
 @_admin("admin_usage_promo_add")
 def cmd_promo_add(message: types.Message, ctx: Ctx) -> None:
-    """/promo_add CODE percent|free [max_uses] [days] (admins)."""
+    """/promo_add CODE <percent 1–99> [uses=N] [valid=DAYS] [max=RUB] — a discount;
+    /promo_add CODE free_access days=N uses=N [valid=DAYS] — free access (both limits required);
+    /promo_add CODE free_access unlimited — never-ending free access for anyone (explicit) (admins)."""
     args = _args(message)
-    if not 2 <= len(args) <= 4 or not all(a.isdigit() for a in args[2:]):
+    if len(args) < 2:
         raise AdminError()
     code, kind = args[0], args[1].lower()
-    max_uses = int(args[2]) if len(args) > 2 and int(args[2]) > 0 else None
-    days = int(args[3]) if len(args) > 3 and int(args[3]) > 0 else None
-    if kind == "free":
-        created = promo.add_code(code, kind="free_access", max_uses=max_uses, days=days)
-    elif kind.isdigit() and 1 <= int(kind) <= 99:
-        # for a discount, [days] is how long the code stays valid (the usage text says so)
-        expires = models.utcnow() + datetime.timedelta(days=days) if days else None
-        created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=max_uses, expires_at=expires)
-    else:
-        raise AdminError()
+    options = _promo_options(args[2:])
+    valid = options.get("valid")
+    expires = models.utcnow() + datetime.timedelta(days=valid) if valid else None
+    try:
+        if kind in ("free", "free_access"):
+            if "max" in options:
+                raise AdminError()
+            created = promo.add_code(code, kind="free_access", max_uses=options.get("uses"),
+                                     days=options.get("days"), expires_at=expires,
+                                     unlimited=options.get("unlimited", False))
+        elif _NUMBER.fullmatch(kind) and 1 <= int(kind) <= 99 and "unlimited" not in options:
+            if "days" in options and valid is None:   # the older form: [days] is how long the code is valid
+                expires = models.utcnow() + datetime.timedelta(days=options["days"])
+            cap = options.get("max")
+            created = promo.add_code(code, kind="discount", percent=int(kind), max_uses=options.get("uses"),
+                                     expires_at=expires, max_discount_kopecks=cap * 100 if cap else None)
+        else:
+            raise AdminError()
+    except promo.CodeExists:
+        raise AdminError("admin_promo_exists", code=promo.normalize(code)) from None
+    except promo.InvalidCode:
+        raise AdminError() from None
+    logger.info("admin %s added promo code %s", ctx.telegram_id, created.code)
     _send(ctx, ctx.t("admin_promo_added", code=created.code))
+
+
+def _promo_line(view, ctx: Ctx) -> str:
+    code = view.promo
+    if code.kind == "discount":
+        what = "%d%%" % code.percent
+        if code.max_discount_kopecks:
+            what += ctx.t("promo_cap", cap=_rub(code.max_discount_kopecks, exact=False))
+    elif view.unlimited_free_access:
+        what = ctx.t("promo_kind_free_unlimited")
+    else:
+        what = ctx.t("promo_kind_free_days", days=code.free_access_days or "∞")
+    limit = "%s/%s" % (code.uses, code.max_uses if code.max_uses is not None else "∞")
+    until = code.expires_at.strftime("%d.%m.%Y") if code.expires_at else "—"
+    state = "" if code.active else ctx.t("promo_off_mark")
+    return ctx.t("promo_list_line", code=code.code, what=what, limit=limit, reserved=view.reserved,
+                 until=until, state=state)
 
 
 @_admin("admin_usage_promo_list")
 def cmd_promo_list(message: types.Message, ctx: Ctx) -> None:
-    """/promo_list (admins)."""
-    lines = []
-    for code in promo.list_codes():
-        what = ("%d%%" % code.percent) if code.kind == "discount" else ctx.t("promo_kind_free")
-        limit = "%s/%s" % (code.uses, code.max_uses if code.max_uses is not None else "∞")
-        until = code.expires_at.strftime("%d.%m.%Y") if code.expires_at else "—"
-        state = "" if code.active else " (off)"
-        lines.append("%s — %s, %s, %s%s" % (code.code, what, limit, until, state))
+    """/promo_list (admins): each code with its uses, open reservations, limits and expiry."""
+    lines = [_promo_line(view, ctx) for view in promo.list_codes()]
     _send(ctx, ctx.t("admin_promo_list", codes="\n".join(lines) or "—"))
+
+
+def _set_promo_active(message: types.Message, ctx: Ctx, active: bool) -> None:
+    args = _args(message)
+    if len(args) != 1:
+        raise AdminError()
+    try:
+        code = promo.set_active(args[0], active)
+    except promo.UnknownCode:
+        raise AdminError("admin_promo_unknown", code=promo.normalize(args[0])[:32]) from None
+    logger.info("admin %s set promo code %s active=%s", ctx.telegram_id, code.code, active)
+    _send(ctx, ctx.t("admin_promo_on" if active else "admin_promo_off", code=code.code))
+
+
+@_admin("admin_usage_promo_off")
+def cmd_promo_off(message: types.Message, ctx: Ctx) -> None:
+    """/promo_off CODE (admins): no new orders or redemptions with it."""
+    _set_promo_active(message, ctx, False)
+
+
+@_admin("admin_usage_promo_on")
+def cmd_promo_on(message: types.Message, ctx: Ctx) -> None:
+    """/promo_on CODE (admins)."""
+    _set_promo_active(message, ctx, True)
 
 
 @_admin("admin_usage_broadcast")
@@ -1212,6 +1301,9 @@ def cmd_broadcast(message: types.Message, ctx: Ctx) -> None:
     text = (telebot.util.extract_arguments(message.text or "") or "").strip()
     if not text:
         raise AdminError()
+    if not billing.claim_action(_update_key(ctx, message, "broadcast")):
+        logger.info("admin %s: broadcast of update %s already queued", ctx.telegram_id, ctx.update_id)
+        return
     worker.broadcast(text, ctx.chat_id, ctx.lang)
     _send(ctx, ctx.t("admin_broadcast_started"))
 
@@ -1251,6 +1343,7 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
     for name, handler in (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant),
                           ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
                           ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
+                          ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
                           ("broadcast", cmd_broadcast)):
         msg(g(handler), commands=[name], func=admin)
     msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))

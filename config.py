@@ -107,6 +107,7 @@ class Config:
     sweep_interval: int = 60                # seconds
     reconcile_interval: int = 120           # seconds
     reconcile_after: int = 300              # seconds an order stays pending before reconciliation
+    refund_window_days: int = 30            # days after a top-up during which refunds are reconciled
     font_path: str = field(default_factory=_default_font)
     log_level: str = "INFO"
     data_dir: str = os.path.join(ROOT, "data")
@@ -251,6 +252,7 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     integer("SWEEP_INTERVAL", "sweep_interval", 1, 86400)
     integer("RECONCILE_INTERVAL", "reconcile_interval", 1, 86400)
     integer("RECONCILE_AFTER", "reconcile_after", 0, 7 * 86400)
+    integer("REFUND_WINDOW_DAYS", "refund_window_days", 1, 3650)
     text("FONT_PATH", "font_path")
     text("LOG_LEVEL", "log_level")
     text("DATA_DIR", "data_dir")

@@ -199,9 +199,12 @@ class PromoCode(BaseModel):
     expires_at = DateTimeField(null=True)
     active = BooleanField(default=True)
     created_at = DateTimeField(default=utcnow)
+    max_discount_kopecks = BigIntegerField(null=True)  # discount: cap on the discount of one top-up
 
 
-PAYMENT_STATES = ("pending", "succeeded", "canceled")
+# needs_attention: the API could not verify the order (unknown to YooKassa, a mismatch, a test
+# payment in a live shop); it leaves the reconciliation set and the admins are told once.
+PAYMENT_STATES = ("pending", "succeeded", "canceled", "needs_attention")
 
 
 class Payment(BaseModel):
@@ -224,6 +227,10 @@ class Payment(BaseModel):
     succeeded_at = DateTimeField(null=True)
     notified_at = DateTimeField(null=True)            # the user was told about the credit
     cancel_reason = CharField(null=True)
+    checked_at = DateTimeField(null=True)             # reconciliation: last re-fetch (round-robin order)
+    next_check_at = DateTimeField(null=True, index=True)  # reconciliation: not before (backoff)
+    check_attempts = IntegerField(null=True)          # reconciliation: re-fetches while pending
+    problem = TextField(null=True)                    # needs_attention: why
 
 
 class PromoRedemption(BaseModel):
@@ -250,6 +257,15 @@ class Refund(BaseModel):
     credits_debited = BigIntegerField()
     shortfall = BigIntegerField(default=0)
     created_at = DateTimeField(default=utcnow)
+    notified_at = DateTimeField(null=True)            # the user was told about the refund
+
+
+class AdminAction(BaseModel):
+    """An admin command already carried out, keyed on its Telegram update (a redelivered update
+    does not run it twice)."""
+
+    key = CharField(primary_key=True)                 # <command>:<update id>
+    created_at = DateTimeField(default=utcnow)
 
 
 class ConversationState(BaseModel):
@@ -262,7 +278,7 @@ class ConversationState(BaseModel):
 
 
 ALL_MODELS = [User, Balance, LedgerEntry, Reservation, Generation, PromoCode, Payment,
-              PromoRedemption, Refund, ConversationState]
+              PromoRedemption, Refund, ConversationState, AdminAction]
 
 
 class NotMigrated(Exception):

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
 import requests
@@ -40,6 +40,7 @@ from yookassa.domain.notification import WebhookNotificationFactory
 
 import billing
 import config
+import models
 import promo
 from models import Payment, Refund, User, utcnow
 
@@ -50,6 +51,8 @@ CREATE_ATTEMPTS = 3                     # Payment.create tries, all with the sam
 CREATE_BACKOFF = (0.1, 0.4)             # seconds slept after failed attempt 1, 2
 WEBHOOK_API_TIMEOUT = 5.0               # seconds: cap on each API call made inside a webhook request
 REUSE_WINDOW = 15 * 60                  # seconds a pending order is re-used for the same tap
+RECHECK_BACKOFF_MAX = 30 * 60           # seconds: the longest wait between re-checks of one pending order
+MAX_JSON_DEPTH = 32                     # deeper notification bodies are refused with 400
 ORDER_EXPIRY = 60 * 60                  # seconds after which a pending order YooKassa never confirmed ends
 DESCRIPTION = "Пополнение баланса Media Lab: {credits} кредитов"
 DESCRIPTION_MAX = 128                   # YooKassa API: description ≤ 128 characters (OAS Description)
@@ -110,6 +113,14 @@ class InvalidEmail(PaymentError):
     text_key = "payment_email_invalid"
 
 
+class NotAtProvider(ProviderUnavailable):
+    """YooKassa does not know this object (404): a retry cannot fix it."""
+
+
+class ProviderAuthFailed(ProviderUnavailable):
+    """YooKassa refused our credentials (401/403): fix YOOKASSA_SHOP_ID / YOOKASSA_SECRET_KEY."""
+
+
 class UnknownPayment(PaymentError):
     """No such payment."""
 
@@ -128,6 +139,7 @@ class NotificationOutcome:
     http_status: int
     credited_payment_id: uuid.UUID | None = None
     detail: str = ""
+    refund_id: str | None = None            # a refund newly applied by this call (tell the user)
 
 
 @dataclass(frozen=True)
@@ -317,14 +329,21 @@ def get_payment(payment_id, user_id: int | None = None) -> Payment:
 
 
 def _reusable_order(user_id: int, credits: int, code: str | None, now: datetime.datetime) -> Payment | None:
-    """A pending order of this user for the same top-up made in the last REUSE_WINDOW seconds."""
+    """A pending order of this user for the same top-up made in the last REUSE_WINDOW seconds.
+
+    With `code`, only an order holding that code; without one, any such order (a discounted one
+    first): a repeated tap after the discount was applied re-uses the discounted order instead of
+    silently making a full-price one."""
     query = (Payment.select().where((Payment.user == user_id) & (Payment.credits == credits)
                                     & (Payment.status == "pending")
                                     & (Payment.created_at >= now - datetime.timedelta(seconds=REUSE_WINDOW)))
              .order_by(Payment.created_at.desc()))
-    for order in query:
-        order_code = order.promo.code if order.promo_id else None
-        if order_code == code:
+    orders = list(query)
+    if code is None:
+        discounted = [o for o in orders if o.promo_id is not None]
+        return (discounted or orders or [None])[0]
+    for order in orders:
+        if order.promo_id and order.promo.code == code:
             return order
     return None
 
@@ -332,14 +351,17 @@ def _reusable_order(user_id: int, credits: int, code: str | None, now: datetime.
 @billing.money_transaction
 def _find_or_create_order(user_id: int, credits: int, code: str | None, now: datetime.datetime) -> Payment:
     """Re-use this tap's pending order, or validate the code and create the order with the code
-    reserved on it — in one transaction, so two racing taps (serialised by the write lock on
-    SQLite) make one order. Raises promo.PromoError subclasses before anything is written."""
+    reserved on it — in one transaction that first locks the user's row, so two racing taps make
+    one order on SQLite (the write lock) and PostgreSQL (``FOR UPDATE``) alike. Raises
+    promo.PromoError subclasses before anything is written."""
+    if not models.is_sqlite():
+        User.select(User.id).where(User.id == user_id).for_update().get()
     order = _reusable_order(user_id, credits, code, now)
     if order is not None:
         logger.info("top-up order re-used: order=%s user=%s", order.id, user_id)
         return order
     discount = promo.check_discount(code, user_id, now) if code else None
-    kopecks = promo.discounted_kopecks(credits, discount.percent) if discount else credits * 100
+    kopecks = promo.price_kopecks(credits, discount)
     order = Payment.create(id=uuid.uuid4(), user=user_id, credits=credits, amount_kopecks=kopecks, currency="RUB",
                            promo=discount.id if discount else None,
                            discount_percent=discount.percent if discount else 0,
@@ -483,24 +505,34 @@ def _send_to_provider(order: Payment, user: User, cfg: config.Config) -> Payment
 
 # --- applying what the API says ---------------------------------------------------------------
 
+def _provider_error(exc: BaseException, what: str) -> ProviderUnavailable:
+    """The domain error for a failed API call: NotAtProvider (404), ProviderAuthFailed (401/403),
+    else ProviderUnavailable. Unknown exception types are not ours to classify: re-raised."""
+    code = getattr(exc, "HTTP_CODE", None) if isinstance(exc, ApiError) else None
+    if code == 404:
+        return NotAtProvider("%s: not found at YooKassa (%s)" % (what, _describe(exc)))
+    if code in (401, 403):
+        return ProviderAuthFailed("%s: YooKassa refused our credentials (%s)" % (what, _describe(exc)))
+    if _transient(exc) or isinstance(exc, ApiError):
+        return ProviderUnavailable("%s failed: %s" % (what, _describe(exc)))
+    raise exc
+
+
 def _fetch_payment(yookassa_id: str):
-    """``Payment.find_one`` → PaymentResponse; any failure → ProviderUnavailable (we could not verify)."""
+    """``Payment.find_one`` → PaymentResponse. Raises NotAtProvider, ProviderAuthFailed or
+    ProviderUnavailable (we could not verify)."""
     try:
         return yookassa.Payment.find_one(yookassa_id)
     except Exception as exc:
-        if _transient(exc) or isinstance(exc, ApiError):
-            raise ProviderUnavailable("Payment.find_one(%s) failed: %s" % (yookassa_id, _describe(exc))) from exc
-        raise
+        raise _provider_error(exc, "Payment.find_one(%s)" % yookassa_id) from exc
 
 
 def _fetch_refund(refund_id: str):
-    """``Refund.find_one`` → RefundResponse; any failure → ProviderUnavailable."""
+    """``Refund.find_one`` → RefundResponse. Raises like `_fetch_payment`."""
     try:
         return yookassa.Refund.find_one(refund_id)
     except Exception as exc:
-        if _transient(exc) or isinstance(exc, ApiError):
-            raise ProviderUnavailable("Refund.find_one(%s) failed: %s" % (refund_id, _describe(exc))) from exc
-        raise
+        raise _provider_error(exc, "Refund.find_one(%s)" % refund_id) from exc
 
 
 def _mismatches(order: Payment, fetched, cfg: config.Config) -> list[str]:
@@ -605,11 +637,13 @@ def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
     now = utcnow()
     order = Payment.get_by_id(order_id)
     changed = (Payment.update(status="succeeded", succeeded_at=now, updated_at=now, test=test)
-               .where((Payment.id == order_id) & (Payment.status.in_(["pending", "canceled"]))).execute())
+               .where((Payment.id == order_id)
+                      & (Payment.status.in_(["pending", "canceled", "needs_attention"]))).execute())
     if not changed:
         return False
-    if order.status == "canceled":
-        logger.warning("order %s was canceled here but YooKassa says succeeded: crediting (the user paid)", order_id)
+    if order.status != "pending":
+        logger.warning("order %s was %s here but YooKassa says succeeded: crediting (the user paid)",
+                       order_id, order.status)
     billing.credit(order.user_id, order.credits, kind="topup", reference="payment:%s" % order_id,
                    idempotency_key="topup:%s" % order_id)
     promo.consume_for_payment(order_id, now)
@@ -634,13 +668,22 @@ def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     return bool(changed)
 
 
+def refund_credits(order: Payment, refunded_kopecks: int) -> int:
+    """Credits to take back in all once `refunded_kopecks` of `order` are refunded in total.
+
+    ``order.credits × refunded // paid`` (floor) on the *cumulative* refunded amount, so partial
+    refunds that add up to the whole payment take back exactly the order's credits (3 × 33.33 ₽
+    of 100 ₽ → 100 credits, not 3 × 33), and many small refunds are not each rounded to zero."""
+    refunded = min(max(refunded_kopecks, 0), order.amount_kopecks)
+    return order.credits * refunded // order.amount_kopecks
+
+
 @billing.money_transaction
 def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund | None:
-    """Record YooKassa refund `refund_id` once and take back its share of the credits.
-
-    Credits taken = order credits × refund kopecks // order kopecks (floor), capped by the
-    available balance with the shortfall recorded (billing.take_back). Returns the new Refund row,
-    or None when this refund was already applied.
+    """Record YooKassa refund `refund_id` (`kopecks` refunded) once and take back its share of the
+    credits: the cumulative rule of `refund_credits`, minus what earlier refunds of the order
+    already asked for. Capped by the available balance with the shortfall recorded
+    (billing.take_back). Returns the new Refund row, or None when it was already applied.
     """
     if Refund.select().where(Refund.id == refund_id).exists():
         return None
@@ -651,7 +694,8 @@ def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund |
         logger.warning("security: refund %s of %s exceeds what is left of order %s (%s)",
                        refund_id, kopecks_to_value(kopecks), order_id, kopecks_to_value(remaining))
         kopecks = max(remaining, 0)
-    credits = order.credits * kopecks // order.amount_kopecks
+    credits = (refund_credits(order, order.refunded_kopecks + kopecks)
+               - refund_credits(order, order.refunded_kopecks))
     debited = shortfall = 0
     if credits > 0:
         entry = billing.take_back(order.user_id, credits, reference="refund:%s" % refund_id,
@@ -665,6 +709,20 @@ def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund |
     logger.info("refund applied: refund=%s order=%s user=%s amount=%s credits=%s debited=%s shortfall=%s",
                 refund_id, order_id, order.user_id, kopecks_to_value(kopecks), credits, debited, shortfall)
     return Refund.get_by_id(refund_id)
+
+
+def claim_refund_notification(refund_id: str) -> bool:
+    """Return True exactly once for an applied refund: the caller then tells the user."""
+    return bool(Refund.update(notified_at=utcnow())
+                .where((Refund.id == refund_id) & Refund.notified_at.is_null()).execute())
+
+
+def unnotified_refunds(older_than: int = 60, now: datetime.datetime | None = None, limit: int = 100) -> list[str]:
+    """Ids of refunds applied more than `older_than` seconds ago whose user was never told."""
+    now = now or utcnow()
+    return [r.id for r in Refund.select(Refund.id).where(
+        Refund.notified_at.is_null() & (Refund.created_at <= now - datetime.timedelta(seconds=older_than)))
+        .order_by(Refund.created_at).limit(limit)]
 
 
 # --- notifications ----------------------------------------------------------------------------
@@ -700,8 +758,12 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
     * 200 — applied and committed, or deliberately ignored: an event we do not handle, an object
       that is not ours (security log), a fetched object that does not match our order (security
       log; a redelivery cannot fix it, so no retry storm), a duplicate;
+      The API answering 404 for the object (a retry cannot fix it) is such a case too: 200 and a
+      ``security:`` log line;
     * 503 — we could not verify (the API re-fetch or capture failed or timed out, or payments are
-      not configured): YooKassa delivers again later (it retries non-200 answers for 24 h).
+      not configured): YooKassa delivers again later (it retries non-200 answers for 24 h). When
+      the API refused our credentials (401/403) the outcome's detail is ``auth_failed`` and the
+      caller alerts the admins: fixed keys plus the redelivery will apply it.
 
     Each API call made here waits at most min(YOOKASSA_TIMEOUT, WEBHOOK_API_TIMEOUT) seconds.
     """
@@ -715,11 +777,14 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
         return NotificationOutcome(413, None, "too_large")
     try:
         data = json.loads(raw_body.decode("utf-8") if isinstance(raw_body, (bytes, bytearray)) else raw_body)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         logger.warning("notification refused: body is not JSON")
         return NotificationOutcome(400, None, "not_json")
     if not isinstance(data, dict):
         return NotificationOutcome(400, None, "not_an_object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        logger.warning("notification refused: JSON nested deeper than %s", MAX_JSON_DEPTH)
+        return NotificationOutcome(400, None, "too_deep")
     event, obj = data.get("event"), data.get("object")
     if (data.get("type") != "notification" or not isinstance(event, str) or not isinstance(obj, dict)
             or not isinstance(obj.get("id"), str) or not obj["id"]):
@@ -746,9 +811,29 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
             if event in REFUND_EVENTS:
                 return _refund_notification(notification, cfg)
             return _payment_notification(event, object_id, cfg)
+    except NotAtProvider as exc:
+        logger.warning("security: notification %s for %s: %s — ignored (a retry cannot fix it)", event, object_id, exc)
+        return NotificationOutcome(200, None, "not_at_provider")
+    except ProviderAuthFailed as exc:
+        logger.error("notification %s for %s not verified: %s — asking YooKassa to retry", event, object_id, exc)
+        return NotificationOutcome(503, None, "auth_failed")
     except ProviderUnavailable as exc:
         logger.warning("notification %s for %s not verified, asking YooKassa to retry: %s", event, object_id, exc)
         return NotificationOutcome(503, None, "provider_unavailable")
+
+
+def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
+    """Nesting depth of parsed JSON `value`, counted up to `limit` (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        deepest = max(deepest, depth)
+        if depth >= limit:
+            return depth
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _payment_notification(event: str, yookassa_id: str, cfg: config.Config) -> NotificationOutcome:
@@ -799,7 +884,9 @@ def _refund_notification(notification, cfg: config.Config) -> NotificationOutcom
         logger.warning("security: refund %s has amount %r — nothing changed", refund_id, getattr(fetched, "amount", None))
         return NotificationOutcome(200, None, "mismatch")
     applied = _apply_refund(order.id, refund_id, kopecks)
-    return NotificationOutcome(200, None, "refunded" if applied else "already_applied")
+    if applied is None:
+        return NotificationOutcome(200, None, "already_applied")
+    return NotificationOutcome(200, None, "refunded", refund_id=refund_id)
 
 
 # --- the button, reconciliation, reports ------------------------------------------------------
@@ -821,44 +908,152 @@ def check_payment(payment_id, user_id: int, cfg: config.Config | None = None) ->
     return Payment.get_by_id(order.id)
 
 
+@dataclass
+class ReconcileReport:
+    """What one reconciliation pass did: orders `credited` (ids), `canceled` (count), orders moved
+    to needs_attention (ids, tell the admins), `failed` re-fetches (retried with backoff),
+    `auth_failed` (YooKassa refused our keys: the pass stopped, nothing changed; tell the admins),
+    and `refunds` applied that no notification had brought (refund ids, tell the users)."""
+
+    checked: int = 0
+    credited: list = field(default_factory=list)
+    canceled: int = 0
+    needs_attention: list = field(default_factory=list)
+    failed: int = 0
+    auth_failed: bool = False
+    refunds: list = field(default_factory=list)
+
+
+def _backoff(order: Payment, cfg: config.Config, now: datetime.datetime) -> None:
+    """Record a re-check of a still-pending order; the next one waits RECONCILE_INTERVAL × 2^(n−1)
+    seconds, at most RECHECK_BACKOFF_MAX."""
+    attempts = (order.check_attempts or 0) + 1
+    wait = min(cfg.reconcile_interval * 2 ** min(attempts - 1, 16), RECHECK_BACKOFF_MAX)
+    (Payment.update(checked_at=now, check_attempts=attempts, next_check_at=now + datetime.timedelta(seconds=wait))
+     .where((Payment.id == order.id) & (Payment.status == "pending")).execute())
+
+
+def _needs_attention(order: Payment, problem: str, now: datetime.datetime) -> bool:
+    """pending → needs_attention (the API cannot verify the order); True for the call that moved it."""
+    changed = (Payment.update(status="needs_attention", problem=problem[:500], checked_at=now, updated_at=now)
+               .where((Payment.id == order.id) & (Payment.status == "pending")).execute())
+    if changed:
+        promo.release_for_payment(order.id, now)
+        logger.error("payment needs attention: order=%s yookassa=%s user=%s amount=%s: %s", order.id,
+                     order.yookassa_payment_id, order.user_id, kopecks_to_value(order.amount_kopecks), problem)
+    return bool(changed)
+
+
+def due_for_reconciliation(cfg: config.Config, now: datetime.datetime, limit: int = 500) -> list[Payment]:
+    """Pending orders older than RECONCILE_AFTER seconds whose backoff has passed, oldest check first
+    (never-checked orders before all others), at most `limit`: a round robin no order can starve."""
+    cutoff = now - datetime.timedelta(seconds=cfg.reconcile_after)
+    return list(Payment.select().where(
+        (Payment.status == "pending") & (Payment.created_at <= cutoff)
+        & (Payment.next_check_at.is_null() | (Payment.next_check_at <= now)))
+        .order_by(Payment.checked_at.asc(nulls="first"), Payment.created_at).limit(limit))
+
+
 def reconcile(cfg: config.Config | None = None, now: datetime.datetime | None = None, limit: int = 500
-              ) -> list[uuid.UUID]:
-    """Re-fetch orders pending for more than RECONCILE_AFTER seconds and apply what the API says.
+              ) -> ReconcileReport:
+    """Re-fetch pending orders (`due_for_reconciliation`) and apply what the API says, then apply
+    refunds the API reports that we never recorded (`reconcile_refunds`).
 
     A lost notification therefore never loses a payment. Orders YooKassa never confirmed (no
     YooKassa payment id) end canceled after ORDER_EXPIRY seconds; abandoned ones end canceled when
-    the API says so (``expired_on_confirmation``). API failures skip the order until the next run.
-    Returns the ids of orders credited by this run.
+    the API says so (``expired_on_confirmation``). An order the API cannot verify — unknown there
+    (404), or not matching our order (amount, currency, metadata, a test payment in a live shop) —
+    moves to ``needs_attention`` and leaves the set. A failed re-fetch is retried with backoff.
+    401/403 stops the pass (every order would fail alike) with ``auth_failed`` set. Returns a
+    ReconcileReport.
     """
     cfg = cfg or config.get()
     now = now or utcnow()
+    report = ReconcileReport()
     if not cfg.yookassa_configured:
-        return []
+        return report
     configure_sdk(cfg)
-    cutoff = now - datetime.timedelta(seconds=cfg.reconcile_after)
     expiry = now - datetime.timedelta(seconds=ORDER_EXPIRY)
-    orders = list(Payment.select().where((Payment.status == "pending") & (Payment.created_at <= cutoff))
-                  .order_by(Payment.created_at).limit(limit))
-    credited, failed, canceled = [], 0, 0
-    for order in orders:
+    for order in due_for_reconciliation(cfg, now, limit):
+        report.checked += 1
         if not order.yookassa_payment_id:
             if order.created_at <= expiry and _mark_canceled(order.id, "not_confirmed"):
-                canceled += 1
+                report.canceled += 1
+            else:
+                _backoff(order, cfg, now)
             continue
         try:
             result = _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "reconcile")
+        except NotAtProvider as exc:
+            if _needs_attention(order, str(exc), now):
+                report.needs_attention.append(order.id)
+            continue
+        except ProviderAuthFailed as exc:
+            logger.error("reconcile stopped: %s", exc)
+            report.auth_failed = True
+            return report
         except ProviderUnavailable as exc:
-            failed += 1
+            report.failed += 1
             logger.warning("reconcile: order %s skipped: %s", order.id, exc)
+            _backoff(order, cfg, now)
             continue
         if result.credited:
-            credited.append(result.credited)
+            report.credited.append(result.credited)
         elif result.detail == "canceled":
-            canceled += 1
-    if orders:
-        logger.info("reconcile: checked=%s credited=%s canceled=%s failed=%s",
-                    len(orders), len(credited), canceled, failed)
-    return credited
+            report.canceled += 1
+        elif result.detail == "mismatch":
+            if _needs_attention(order, "the API object does not match the order (see the security log)", now):
+                report.needs_attention.append(order.id)
+        else:
+            _backoff(order, cfg, now)
+    try:
+        report.refunds = reconcile_refunds(cfg, now)
+    except ProviderAuthFailed as exc:
+        logger.error("refund reconciliation stopped: %s", exc)
+        report.auth_failed = True
+    except ProviderUnavailable as exc:
+        logger.warning("refund reconciliation skipped: %s", exc)
+    if report.checked or report.refunds:
+        logger.info("reconcile: checked=%s credited=%s canceled=%s needs_attention=%s failed=%s refunds=%s",
+                    report.checked, len(report.credited), report.canceled, len(report.needs_attention),
+                    report.failed, len(report.refunds))
+    return report
+
+
+def reconcile_refunds(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list[str]:
+    """Apply succeeded refunds of the last REFUND_WINDOW_DAYS days that the API lists and we never
+    recorded (a lost ``refund.succeeded`` notification), each once by its refund id; return their ids.
+
+    ``Refund.list`` (status succeeded, created_at ≥ window start) is one paginated listing for the
+    whole shop, so the cost follows the number of refunds, not of orders. A listed refund of a
+    payment that is not one of our succeeded orders is logged and left alone. Raises
+    ProviderAuthFailed, ProviderUnavailable.
+    """
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    configure_sdk(cfg)
+    since = now - datetime.timedelta(days=cfg.refund_window_days)
+    listed = _list_all(yookassa.Refund.list, {"status": "succeeded", "created_at.gte": _iso(since)})
+    known = {r.id for r in Refund.select(Refund.id).where(Refund.id.in_([r.id for r in listed]))} if listed else set()
+    applied = []
+    for refund in listed:
+        if refund.id in known:
+            continue
+        order = Payment.get_or_none(Payment.yookassa_payment_id == refund.payment_id)
+        try:
+            kopecks = value_to_kopecks(refund.amount.value)
+        except (AttributeError, ValueError):
+            kopecks = None
+        if order is None or order.status != "succeeded" or kopecks is None or kopecks <= 0 \
+                or refund.amount.currency != order.currency:
+            logger.warning("security: listed refund %s (payment %s) matches none of our succeeded orders — ignored",
+                           refund.id, refund.payment_id)
+            continue
+        if _apply_refund(order.id, refund.id, kopecks) is not None:
+            logger.warning("refund %s of order %s found by reconciliation (its notification was lost)",
+                           refund.id, order.id)
+            applied.append(refund.id)
+    return applied
 
 
 def claim_notification(payment_id) -> bool:
@@ -894,9 +1089,7 @@ def _list_all(method, params: dict, max_pages: int = 100) -> list:
         try:
             page = method(page_params)
         except Exception as exc:
-            if _transient(exc) or isinstance(exc, ApiError):
-                raise ProviderUnavailable("list failed: %s" % _describe(exc)) from exc
-            raise
+            raise _provider_error(exc, "list") from exc
         items.extend(page.items or [])
         cursor = getattr(page, "next_cursor", None)
         if not cursor:

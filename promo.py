@@ -6,8 +6,15 @@ Two kinds (docs/SPEC.md §4, docs/DESIGN.md "promo"):
   is created, *reserved* on that pending order (a ``PromoRedemption`` row in state ``reserved``),
   *consumed* when the payment succeeds (state ``consumed`` and ``uses + 1`` by a conditional
   update, ``uses < max_uses``) and *released* when the payment is canceled.
-* ``free_access`` — grants free access (for ``free_access_days`` days, or with no expiry); it is
-  consumed at once by ``redeem_free_access``.
+  A discount may be capped in kopecks (``max_discount_kopecks``) and may expire.
+* ``free_access`` — grants free access for ``free_access_days`` days; it is consumed at once by
+  ``redeem_free_access``. It is an operator's tool, never seeded: `add_code` refuses one without
+  an expiry in days *and* a use limit unless the caller says ``unlimited=True`` explicitly.
+
+Limits hold at every moment: uses consumed + redemptions reserved on pending payments ≤ max_uses,
+and one use per user. Every check that decides runs with the code's row locked (SQLite: the
+write lock the transaction already holds; PostgreSQL: ``SELECT … FOR UPDATE``), so racing
+top-ups of one code serialise.
 
 A user uses each code at most once: ``PromoRedemption`` has one row per (code, user), re-used when
 an earlier reservation was released. Codes are stored upper-case. Every change here runs inside
@@ -20,10 +27,12 @@ from __future__ import annotations
 import datetime
 import logging
 import re
+from dataclasses import dataclass
 
 from peewee import fn
 
 import billing
+import models
 from models import Payment, PromoCode, PromoRedemption, User, utcnow
 
 logger = logging.getLogger(__name__)
@@ -32,13 +41,13 @@ KINDS = ("discount", "free_access")
 CODE_RE = re.compile(r"[A-Z0-9_-]{2,32}", re.ASCII)
 MIN_PAYMENT_KOPECKS = 100          # a discount never takes a payment below 1.00 ₽ (docs/SPEC.md §4)
 
-# The default codes (docs/SPEC.md §4): code -> (kind, percent, free-access days).
+# The seeded codes (docs/SPEC.md §4): discounts only, code -> (percent, cap on the discount in
+# kopecks or None). MEGA50 is capped at 250 ₽ off a top-up. Free access is never seeded.
 DEFAULT_CODES = {
-    "WELCOME10": ("discount", 10, None),
-    "SAVE20": ("discount", 20, None),
-    "BONUS30": ("discount", 30, None),
-    "MEGA50": ("discount", 50, None),
-    "FREE_ACCESS": ("free_access", 0, None),
+    "WELCOME10": (10, None),
+    "SAVE20": (20, None),
+    "BONUS30": (30, None),
+    "MEGA50": (50, 250_00),
 }
 
 
@@ -61,6 +70,12 @@ class UnknownCode(PromoError):
     """There is no such promo code."""
 
     text_key = "promo_unknown"
+
+
+class CodeExists(InvalidCode):
+    """A promo code with this name already exists."""
+
+    text_key = "promo_exists"
 
 
 class CodeInactive(PromoError):
@@ -117,12 +132,25 @@ def _get(code: str) -> PromoCode:
     return promo
 
 
+def open_reservations(promo_id: int, *, excluding_user: int | None = None) -> int:
+    """How many redemptions of code `promo_id` are reserved on payments that are still pending
+    (optionally not counting `excluding_user`'s own). These count against ``max_uses``."""
+    query = (PromoRedemption.select(fn.COUNT(PromoRedemption.id))
+             .join(Payment, on=(PromoRedemption.payment == Payment.id))
+             .where((PromoRedemption.promo == promo_id) & (PromoRedemption.state == "reserved")
+                    & (Payment.status == "pending")))
+    if excluding_user is not None:
+        query = query.where(PromoRedemption.user != excluding_user)
+    return query.scalar() or 0
+
+
 def _check_usable(promo: PromoCode, user_id: int, now: datetime.datetime, *, for_payment=None) -> None:
     """Raise the first reason `promo` cannot be used by `user_id` now (kind is checked by the caller):
     inactive, expired, already used by this user, exhausted.
 
     A redemption *reserved* on a payment that is still pending counts as used, unless that
     payment is `for_payment` itself; one reserved on a payment that is no longer pending is stale.
+    ``max_uses`` counts consumed uses plus other users' reservations on pending payments.
     """
     if not promo.active:
         raise CodeInactive("promo code %s is inactive" % promo.code)
@@ -137,8 +165,20 @@ def _check_usable(promo: PromoCode, user_id: int, now: datetime.datetime, *, for
         if pending:
             raise CodeAlreadyUsed("promo code %s is reserved on pending payment %s of user %s"
                                   % (promo.code, redemption.payment_id, user_id))
-    if promo.max_uses is not None and promo.uses >= promo.max_uses:
-        raise CodeExhausted("promo code %s is exhausted (%s/%s)" % (promo.code, promo.uses, promo.max_uses))
+    if promo.max_uses is not None:
+        taken = promo.uses + open_reservations(promo.id, excluding_user=user_id)
+        if taken >= promo.max_uses:
+            raise CodeExhausted("promo code %s is exhausted (%s used + reserved of %s)"
+                                % (promo.code, taken, promo.max_uses))
+
+
+def _locked(promo_id: int) -> PromoCode:
+    """Re-read code `promo_id` inside the caller's money transaction with its row locked
+    (PostgreSQL ``FOR UPDATE``; SQLite already holds the database write lock)."""
+    query = PromoCode.select().where(PromoCode.id == promo_id)
+    if not models.is_sqlite():
+        query = query.for_update()
+    return query.get()
 
 
 def check_discount(code: str, user_id: int, now: datetime.datetime | None = None) -> PromoCode:
@@ -154,88 +194,137 @@ def check_discount(code: str, user_id: int, now: datetime.datetime | None = None
     return promo
 
 
-def discounted_kopecks(credits: int, percent: int) -> int:
+def discounted_kopecks(credits: int, percent: int, max_discount_kopecks: int | None = None) -> int:
     """Return the price in kopecks of a top-up of `credits` credits with `percent` % off.
 
-    1 credit = 1 ₽ = 100 kopecks. Integer arithmetic, rounded half up to whole kopecks, never
-    below MIN_PAYMENT_KOPECKS (1.00 ₽): ``discounted_kopecks(100, 10) == 9000``,
-    ``discounted_kopecks(1, 99) == 100``. `percent` is 0..99. Raises ValueError on bad input.
+    1 credit = 1 ₽ = 100 kopecks. Integer arithmetic, rounded half up to whole kopecks; the
+    discount is at most `max_discount_kopecks` (None: no cap) and the price never below
+    MIN_PAYMENT_KOPECKS (1.00 ₽): ``discounted_kopecks(100, 10) == 9000``,
+    ``discounted_kopecks(1000, 50, 25000) == 75000``, ``discounted_kopecks(1, 99) == 100``.
+    `percent` is 0..99. Raises ValueError on bad input.
     """
     if isinstance(credits, bool) or not isinstance(credits, int) or credits < 1:
         raise ValueError("credits must be a positive whole number, got %r" % (credits,))
     if isinstance(percent, bool) or not isinstance(percent, int) or not 0 <= percent <= 99:
         raise ValueError("percent must be a whole number 0..99, got %r" % (percent,))
-    scaled = credits * 100 * (100 - percent)          # kopecks × 100
+    if max_discount_kopecks is not None and (isinstance(max_discount_kopecks, bool)
+                                             or not isinstance(max_discount_kopecks, int) or max_discount_kopecks < 0):
+        raise ValueError("max_discount_kopecks must be a whole number ≥ 0, got %r" % (max_discount_kopecks,))
+    full = credits * 100
+    scaled = full * (100 - percent)                    # kopecks × 100
     kopecks = (scaled + 50) // 100                     # ROUND_HALF_UP (all values are positive)
+    if max_discount_kopecks is not None:
+        kopecks = max(kopecks, full - max_discount_kopecks)
     return max(kopecks, MIN_PAYMENT_KOPECKS)
+
+
+def price_kopecks(credits: int, discount: PromoCode | None) -> int:
+    """The price in kopecks of `credits` credits with discount code `discount` (None: full price)."""
+    if discount is None:
+        return discounted_kopecks(credits, 0)
+    return discounted_kopecks(credits, discount.percent, discount.max_discount_kopecks)
 
 
 @billing.money_transaction
 def seed_defaults() -> int:
-    """Create the default codes (WELCOME10, SAVE20, BONUS30, MEGA50, FREE_ACCESS) that are missing.
+    """Create the default discount codes (WELCOME10, SAVE20, BONUS30, MEGA50) that are missing.
 
     Idempotent: existing codes are left as they are. Returns how many were created.
     """
     existing = {p.code for p in PromoCode.select(PromoCode.code).where(PromoCode.code.in_(list(DEFAULT_CODES)))}
     created = 0
-    for code, (kind, percent, days) in DEFAULT_CODES.items():
+    for code, (percent, cap) in DEFAULT_CODES.items():
         if code in existing:
             continue
-        PromoCode.insert(code=code, kind=kind, percent=percent, free_access_days=days,
+        PromoCode.insert(code=code, kind="discount", percent=percent, max_discount_kopecks=cap,
                          created_at=utcnow()).on_conflict_ignore().execute()
         created += 1
-        logger.info("promo code seeded: %s %s %s%%", code, kind, percent)
+        logger.info("promo code seeded: %s discount %s%% cap=%s", code, percent, cap)
     return created
+
+
+def _whole(value, low: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
 
 
 @billing.money_transaction
 def add_code(code: str, kind: str, percent: int = 0, days: int | None = None, max_uses: int | None = None,
-             expires_at: datetime.datetime | None = None) -> PromoCode:
+             expires_at: datetime.datetime | None = None, max_discount_kopecks: int | None = None,
+             unlimited: bool = False) -> PromoCode:
     """Create a promo code (the admin's /promo_add) and return it.
 
-    `kind` is ``discount`` (`percent` 1..99) or ``free_access`` (`days` ≥ 1 or None for no expiry);
-    `max_uses` ≥ 1 or None (unlimited); `expires_at` naive UTC or None. The code is 2..32 characters
-    of A-Z, 0-9, ``_``, ``-`` (stored upper-case). Raises InvalidCode (also when it already exists).
+    * ``discount``: `percent` 1..99, optional `max_discount_kopecks` (≥ 1, a cap on the discount
+      of one top-up), `max_uses` (≥ 1, None: unlimited) and `expires_at` (naive UTC).
+    * ``free_access``: `days` of free access (≥ 1) **and** `max_uses` (≥ 1) are required; an
+      unlimited, never-expiring free-access code needs ``unlimited=True`` (with days and
+      max_uses None) so it is never created by accident. `expires_at` ends the code itself.
+
+    The code is 2..32 characters of A-Z, 0-9, ``_``, ``-`` (stored upper-case). Raises
+    InvalidCode, CodeExists.
     """
     name = normalize(code)
     if not CODE_RE.fullmatch(name):
         raise InvalidCode("code must be 2..32 characters of A-Z 0-9 _ -, got %r" % name[:40])
     if kind not in KINDS:
         raise InvalidCode("kind must be discount or free_access, got %r" % (kind,))
-
-    def whole(value, low):
-        return not isinstance(value, bool) and isinstance(value, int) and value >= low
-
-    if kind == "discount" and not (whole(percent, 1) and percent <= 99):
-        raise InvalidCode("a discount needs percent 1..99, got %r" % (percent,))
-    if kind == "free_access":
-        percent = 0
-        if days is not None and not whole(days, 1):
-            raise InvalidCode("free-access days must be ≥ 1 or empty, got %r" % (days,))
-    else:
-        days = None
-    if max_uses is not None and not whole(max_uses, 1):
+    if max_uses is not None and not _whole(max_uses, 1):
         raise InvalidCode("max_uses must be ≥ 1 or empty, got %r" % (max_uses,))
+    if kind == "discount":
+        if not (_whole(percent, 1) and percent <= 99):
+            raise InvalidCode("a discount needs percent 1..99, got %r" % (percent,))
+        if max_discount_kopecks is not None and not _whole(max_discount_kopecks, 1):
+            raise InvalidCode("max_discount must be ≥ 1 ruble or empty, got %r" % (max_discount_kopecks,))
+        days, unlimited = None, False
+    else:
+        percent, max_discount_kopecks = 0, None
+        if unlimited:
+            if days is not None or max_uses is not None:
+                raise InvalidCode("an unlimited free-access code takes no days and no use limit")
+        else:
+            if not _whole(days, 1):
+                raise InvalidCode("a free-access code needs days ≥ 1 (or the explicit word unlimited), got %r"
+                                  % (days,))
+            if max_uses is None:
+                raise InvalidCode("a free-access code needs a use limit (or the explicit word unlimited)")
     if PromoCode.select().where(PromoCode.code == name).exists():
-        raise InvalidCode("promo code %s already exists" % name)
+        raise CodeExists("promo code %s already exists" % name)
     promo = PromoCode.create(code=name, kind=kind, percent=percent, free_access_days=days, max_uses=max_uses,
-                             expires_at=expires_at, created_at=utcnow())
-    logger.info("promo code added: %s %s percent=%s days=%s max_uses=%s expires=%s",
-                name, kind, percent, days, max_uses, expires_at)
+                             expires_at=expires_at, max_discount_kopecks=max_discount_kopecks, created_at=utcnow())
+    logger.info("promo code added: %s %s percent=%s cap=%s days=%s max_uses=%s expires=%s unlimited=%s",
+                name, kind, percent, max_discount_kopecks, days, max_uses, expires_at, unlimited)
     return promo
 
 
+def is_unlimited_free_access(promo: PromoCode) -> bool:
+    """True for a free-access code with neither a use limit nor days (the dangerous kind)."""
+    return promo.kind == "free_access" and promo.max_uses is None and promo.free_access_days is None
+
+
+@billing.money_transaction
 def set_active(code: str, active: bool) -> PromoCode:
-    """Switch a code on or off; return it. Raises UnknownCode."""
+    """Switch a code on or off (the admin's /promo_on, /promo_off); return it. Raises UnknownCode.
+
+    Switching off stops new orders and redemptions; orders already holding the code keep their
+    discount (the user was shown that price)."""
     promo = _get(code)
     PromoCode.update(active=bool(active)).where(PromoCode.id == promo.id).execute()
     logger.info("promo code %s active=%s", promo.code, bool(active))
     return _get(promo.code)
 
 
-def list_codes() -> list[PromoCode]:
-    """Return every code, ordered by name (for the admin's /promo_list)."""
-    return list(PromoCode.select().order_by(PromoCode.code))
+@dataclass(frozen=True)
+class CodeView:
+    """One line of /promo_list: the code and its figures (reserved = on pending payments)."""
+
+    promo: PromoCode
+    reserved: int
+    unlimited_free_access: bool
+
+
+def list_codes() -> list[CodeView]:
+    """Return every code with its open reservations, ordered by name (for the admin's /promo_list)."""
+    return [CodeView(p, open_reservations(p.id), is_unlimited_free_access(p))
+            for p in PromoCode.select().order_by(PromoCode.code)]
 
 
 # --- discount codes on payments (inside the caller's money transaction) -----------------------
@@ -250,7 +339,7 @@ def reserve_for_payment(promo: PromoCode, user_id: int, payment_id, now: datetim
     Raises CodeInactive, CodeExpired, CodeExhausted, CodeAlreadyUsed, WrongCodeKind.
     """
     now = now or utcnow()
-    promo = PromoCode.get_by_id(promo.id)
+    promo = _locked(promo.id)
     if promo.kind != "discount":
         raise WrongCodeKind("promo code %s is not a discount" % promo.code, expected="discount")
     _check_usable(promo, user_id, now, for_payment=payment_id)
@@ -319,6 +408,7 @@ def redeem_free_access(code: str, user_id: int, now: datetime.datetime | None = 
     promo = _get(code)
     if promo.kind != "free_access":
         raise WrongCodeKind("promo code %s is %s, not free access" % (promo.code, promo.kind), expected="free_access")
+    promo = _locked(promo.id)
     billing.get_user(user_id)
     _check_usable(promo, user_id, now)
     counted = (PromoCode.update(uses=PromoCode.uses + 1)

@@ -213,9 +213,21 @@ TEXTS = {
     "admin_blocked": {"ru": "⛔ Пользователь {telegram_id} заблокирован.", "en": "⛔ User {telegram_id} is blocked."},
     "admin_unblocked": {"ru": "✅ Пользователь {telegram_id} разблокирован.", "en": "✅ User {telegram_id} is unblocked."},
     "admin_promo_added": {"ru": "✅ Промокод {code} создан.", "en": "✅ Promo code {code} created."},
-    "admin_promo_list": {"ru": "🎟️ Промокоды (код — скидка, использовано/лимит, до):\n{codes}",
-                         "en": "🎟️ Promo codes (code — discount, used/limit, until):\n{codes}"},
-    "promo_kind_free": {"ru": "бесплатный доступ", "en": "free access"},
+    "admin_promo_list": {"ru": "🎟️ Промокоды (код — что даёт, использовано/лимит, в ожидании оплаты, до):\n{codes}",
+                         "en": "🎟️ Promo codes (code — what it gives, used/limit, held by unpaid orders, until):\n{codes}"},
+    "promo_list_line": {"ru": "{code} — {what}, {limit}, ожидают {reserved}, до {until}{state}",
+                        "en": "{code} — {what}, {limit}, held {reserved}, until {until}{state}"},
+    "promo_cap": {"ru": " (не больше {cap} ₽)", "en": " (at most {cap} ₽)"},
+    "promo_kind_free_days": {"ru": "бесплатный доступ на {days} дн.", "en": "free access for {days} days"},
+    "promo_kind_free_unlimited": {"ru": "⚠️ БЕССРОЧНЫЙ бесплатный доступ без лимита",
+                                  "en": "⚠️ UNLIMITED free access, no end date"},
+    "promo_off_mark": {"ru": " (выключен)", "en": " (off)"},
+    "admin_promo_exists": {"ru": "⚠️ Промокод {code} уже существует. /promo_list покажет его.",
+                           "en": "⚠️ Promo code {code} already exists. See /promo_list."},
+    "admin_promo_unknown": {"ru": "⚠️ Промокода {code} нет.", "en": "⚠️ There is no promo code {code}."},
+    "admin_promo_on": {"ru": "✅ Промокод {code} включён.", "en": "✅ Promo code {code} is on."},
+    "admin_promo_off": {"ru": "⏸ Промокод {code} выключен: новые заказы с ним не принимаются.",
+                        "en": "⏸ Promo code {code} is off: no new orders take it."},
     "admin_broadcast_started": {"ru": "📣 Рассылка запущена. Отчёт придёт, когда она закончится.",
                                 "en": "📣 Broadcast started. You will get a report when it is done."},
     "admin_broadcast_done": {"ru": "📣 Рассылка завершена: отправлено {sent}, не доставлено {failed}.",
@@ -229,11 +241,17 @@ TEXTS = {
     "admin_usage_block": {"ru": "Использование: /block <telegram id>", "en": "Usage: /block <telegram id>"},
     "admin_usage_unblock": {"ru": "Использование: /unblock <telegram id>", "en": "Usage: /unblock <telegram id>"},
     "admin_usage_promo_add": {
-        "ru": "Использование: /promo_add КОД <процент 1–99 | free> [лимит активаций] [дни]\n"
-              "Дни: для скидки — срок действия кода, для free — длительность бесплатного доступа.",
-        "en": "Usage: /promo_add CODE <percent 1–99 | free> [max uses] [days]\n"
-              "Days: for a discount, how long the code is valid; for free, how long free access lasts.",
+        "ru": "Использование:\n"
+              "/promo_add КОД <процент 1–99> [uses=лимит] [valid=дни действия] [max=скидка не больше, ₽]\n"
+              "/promo_add КОД free_access days=дни uses=лимит [valid=дни действия]\n"
+              "Бессрочный бесплатный доступ без лимита — только явно: /promo_add КОД free_access unlimited",
+        "en": "Usage:\n"
+              "/promo_add CODE <percent 1–99> [uses=limit] [valid=days the code lasts] [max=cap in ₽]\n"
+              "/promo_add CODE free_access days=days uses=limit [valid=days the code lasts]\n"
+              "Unlimited never-ending free access only explicitly: /promo_add CODE free_access unlimited",
     },
+    "admin_usage_promo_off": {"ru": "Использование: /promo_off КОД", "en": "Usage: /promo_off CODE"},
+    "admin_usage_promo_on": {"ru": "Использование: /promo_on КОД", "en": "Usage: /promo_on CODE"},
     "admin_usage_promo_list": {"ru": "Использование: /promo_list", "en": "Usage: /promo_list"},
     "admin_usage_broadcast": {"ru": "Использование: /broadcast <текст>", "en": "Usage: /broadcast <text>"},
     # --- worker (owned by worker.py) ------------------------------------------------------
@@ -347,6 +365,10 @@ TEXTS = {
     "promo_error": {
         "ru": "🎟️ Этот промокод сейчас нельзя использовать.",
         "en": "🎟️ This promo code cannot be used right now.",
+    },
+    "promo_exists": {
+        "ru": "🎟️ Такой промокод уже есть.",
+        "en": "🎟️ This promo code already exists.",
     },
     "promo_invalid": {
         "ru": "🎟️ Неверный промокод: нужно 2–32 символа A–Z, 0–9, _ или -, процент 1–99, дни и лимит ≥ 1.",

@@ -458,7 +458,7 @@ def test_admin_block_free_access_promo_and_broadcast(app):
     code = models.PromoCode.get(models.PromoCode.code == "SPRING15")
     assert (code.kind, code.percent, code.max_uses) == ("discount", 15, 100)
     [listing] = app.send("/promo_list", user=ADMIN)
-    assert "SPRING15 — 15%, 0/100" in listing["text"] and "WELCOME10" in listing["text"]
+    assert "SPRING15 — 15%, 0/100, ожидают 0" in listing["text"] and "WELCOME10" in listing["text"]
     app.fake.block(502)
     [started] = app.send("/broadcast Новый режим!", user=ADMIN)
     assert "Рассылка запущена" in started["text"]
@@ -466,6 +466,71 @@ def test_admin_block_free_access_promo_and_broadcast(app):
     report = app.fake.messages(ADMIN)[-1]
     assert "отправлено 2, не доставлено 1" in report["text"]
     assert any(m.get("text") == "Новый режим!" for m in app.fake.messages(USER))
+
+
+def test_admin_promo_commands(app):
+    """/promo_add forms, free access only with days and a limit (or the explicit word), a cap in
+    rubles, /promo_off and /promo_on, an existing code, /promo_list (issue 9 §1)."""
+    app.send("/start", user=ADMIN)
+    [reply] = app.send("/promo_add VIP free_access days=7 uses=1", user=ADMIN)
+    assert "VIP" in reply["text"]
+    vip = models.PromoCode.get(models.PromoCode.code == "VIP")
+    assert (vip.kind, vip.free_access_days, vip.max_uses) == ("free_access", 7, 1)
+    for refused in ("/promo_add OPEN free_access", "/promo_add OPEN free_access days=7",
+                    "/promo_add OPEN free_access uses=5", "/promo_add OPEN free_access days=7 unlimited",
+                    "/promo_add OPEN 20 unlimited", "/promo_add OPEN 20 uses=٣", "/promo_add OPEN 20 uses=0"):
+        [usage] = app.send(refused, user=ADMIN)
+        assert "Использование" in usage["text"], refused
+    assert not models.PromoCode.select().where(models.PromoCode.code == "OPEN").exists()
+    app.send("/promo_add OWNER free_access unlimited", user=ADMIN)
+    [reply] = app.send("/promo_add BIG 40 uses=10 valid=30 max=300", user=ADMIN)
+    big = models.PromoCode.get(models.PromoCode.code == "BIG")
+    assert (big.percent, big.max_uses, big.max_discount_kopecks) == (40, 10, 30000) and big.expires_at
+    [exists] = app.send("/promo_add big 10", user=ADMIN)
+    assert "уже существует" in exists["text"]
+    [listing] = app.send("/promo_list", user=ADMIN)
+    text = listing["text"]
+    assert "BIG — 40% (не больше 300 ₽), 0/10" in text
+    assert "OWNER — ⚠️ БЕССРОЧНЫЙ" in text and "VIP — бесплатный доступ на 7 дн., 0/1" in text
+    [off] = app.send("/promo_off big", user=ADMIN)
+    assert "выключен" in off["text"] and not models.PromoCode.get_by_id(big.id).active
+    app.send("/start")
+    app.press("pay")
+    app.press("promo")
+    [refused] = app.send("BIG")
+    assert "отключён" in refused["text"]
+    [on] = app.send("/promo_on BIG", user=ADMIN)
+    assert "включён" in on["text"] and models.PromoCode.get_by_id(big.id).active
+    [unknown] = app.send("/promo_off NOPE", user=ADMIN)
+    assert "нет" in unknown["text"]
+
+
+def test_admin_free_access_and_broadcast_act_once_per_update(app):
+    """A redelivered update (same update_id) neither doubles free access nor the broadcast (§6)."""
+    app.send("/start")
+    app.send("/start", user=ADMIN)
+    for text in ("/free_access %d 7" % USER, "/broadcast Привет!"):
+        app.fake.send_text(ADMIN, text)
+        [update] = app.fetch()
+        app.bot.process_new_updates([update])
+        app.bot.process_new_updates([update])          # Telegram delivers it again
+    user = user_row()
+    now = models.utcnow()
+    assert abs((user.free_access_until - now).total_seconds() - 7 * 86400) < 60   # 7 days, not 14
+    assert app.run_jobs() == 1                                                   # one broadcast
+    assert [m.get("text") for m in app.fake.messages(USER)].count("Привет!") == 1
+    # A new update is a new command: it extends again.
+    app.send("/free_access %d 7" % USER, user=ADMIN)
+    assert abs((user_row().free_access_until - now).total_seconds() - 14 * 86400) < 60
+
+
+def test_admin_numbers_are_ascii_digits_only(app):
+    app.send("/start")
+    app.send("/start", user=ADMIN)
+    for text in ("/grant ٥٠١ 5 x", "/grant %d ５ x" % USER, "/free_access %d ٣" % USER, "/block ٥٠١"):
+        [reply] = app.send(text, user=ADMIN)
+        assert "Использование" in reply["text"], text
+    assert billing.get_balance(user_row().id).credits == 0 and not user_row().has_free_access
 
 
 def test_collect_stats_counts_payments_and_failures(app):

@@ -309,10 +309,15 @@ def test_unknown_promo_code(shop):
 
 def test_free_access_code_makes_the_next_generation_free(shop, fake_fal):
     app = shop
+    promo.add_code("VIP7", "free_access", days=7, max_uses=10)      # an admin's code; none is seeded
     app.send("/start")
     app.press("pay")
     app.press("promo")
-    [reply] = app.send("free_access")
+    [refused] = app.send("FREE_ACCESS")                 # the public code of earlier releases is gone
+    assert "нет" in refused["text"].lower() or "не найден" in refused["text"].lower()
+    app.press("pay")
+    app.press("promo")
+    [reply] = app.send("vip7")
     assert "бесплатный доступ включён" in reply["text"] and "Бесплатный доступ" in reply["text"]
     app.press("mode:generate", message=reply)
     app.send("звёздное небо")

@@ -16,7 +16,7 @@ import config
 import models
 from tests.conftest import postgres_url
 
-HEAD = ["0001_initial"]
+HEAD = ["0001_initial", "0002_money_leaks"]
 SQLITE_TRIGGERS = {"ledger_no_update", "ledger_no_delete", "reservation_final", "reservation_no_delete"}
 PG_TRIGGERS = {"ledger_append_only", "reservation_final"}
 
@@ -92,7 +92,7 @@ def test_down_then_up_round_trips_on_sqlite(tmp_path, cfg):
     models.migrate(database)
     schema = sqlite_schema(database)
     runner = Runner(database, directory=models.MIGRATIONS_DIR)
-    assert runner.down() == HEAD
+    assert runner.down(target=HEAD[0]) == HEAD[::-1]
     assert set(database.get_tables()) == {"schema_migration"}
     assert sqlite_triggers(database) == set()
     assert models.pending_migrations(database) == HEAD
@@ -185,7 +185,7 @@ def test_down_then_up_round_trips_on_postgresql(blank_pg):
     models.migrate(blank_pg)
     schema = pg_schema(blank_pg, "public")
     runner = Runner(blank_pg, directory=models.MIGRATIONS_DIR)
-    assert runner.down() == HEAD
+    assert runner.down(target=HEAD[0]) == HEAD[::-1]
     assert set(blank_pg.get_tables()) == {"schema_migration"} and pg_triggers(blank_pg) == set()
     assert runner.up() == HEAD
     assert pg_schema(blank_pg, "public") == schema and pg_triggers(blank_pg) == PG_TRIGGERS

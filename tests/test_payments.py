@@ -158,7 +158,8 @@ def test_create_topup_with_discount(yk):
 
 
 def test_create_topup_refuses_bad_promo_before_any_write(yk):
-    for code, exc in (("NOPE", promo.UnknownCode), ("FREE_ACCESS", promo.WrongCodeKind)):
+    promo.add_code("WEEKFREE", "free_access", days=7, max_uses=5)
+    for code, exc in (("NOPE", promo.UnknownCode), ("WEEKFREE", promo.WrongCodeKind)):
         with pytest.raises(exc):
             payments.create_topup(yk.user.id, 100, promo_code=code)
     assert Payment.select().count() == 0 and yk.fake.requests_log == []
@@ -505,10 +506,10 @@ def test_lost_notification_is_recovered_by_reconcile(yk):
     abandoned = payments.create_topup(yk.user.id, 500)
     yk.fake.succeed(order.yookassa_payment_id)                 # the notification never arrives
     yk.fake.cancel(abandoned.yookassa_payment_id)
-    assert payments.reconcile(yk.cfg) == []                    # too fresh to reconcile yet
+    assert payments.reconcile(yk.cfg).checked == 0             # too fresh to reconcile yet
     later = utcnow() + datetime.timedelta(seconds=yk.cfg.reconcile_after + 1)
-    assert payments.reconcile(yk.cfg, now=later) == [order.id]
-    assert payments.reconcile(yk.cfg, now=later) == []
+    assert payments.reconcile(yk.cfg, now=later).credited == [order.id]
+    assert payments.reconcile(yk.cfg, now=later).credited == []
     assert credits_of(yk.user.id) == 100 and PromoCode.get(PromoCode.code == "BONUS30").uses == 1
     assert Payment.get_by_id(abandoned.id).status == "canceled"
     assert payments.unnotified_payments(0, now=later) == [order.id]
@@ -522,9 +523,9 @@ def test_reconcile_ends_orders_yookassa_never_confirmed(yk):
         payments.create_topup(yk.user.id, 100, promo_code="WELCOME10")
     [order] = list(Payment.select())
     soon = utcnow() + datetime.timedelta(seconds=yk.cfg.reconcile_after + 1)
-    assert payments.reconcile(yk.cfg, now=soon) == [] and Payment.get_by_id(order.id).status == "pending"
+    assert payments.reconcile(yk.cfg, now=soon).checked == 1 and Payment.get_by_id(order.id).status == "pending"
     hours = utcnow() + datetime.timedelta(seconds=payments.ORDER_EXPIRY + 1)
-    assert payments.reconcile(yk.cfg, now=hours) == []
+    assert payments.reconcile(yk.cfg, now=hours).canceled == 1
     assert Payment.get_by_id(order.id).status == "canceled" and PromoRedemption.get().state == "released"
 
 
@@ -533,8 +534,11 @@ def test_reconcile_skips_orders_when_the_api_fails(yk):
     yk.fake.succeed(order.yookassa_payment_id)
     later = utcnow() + datetime.timedelta(seconds=yk.cfg.reconcile_after + 1)
     yk.fake.fault("html502", times=1, path_prefix="GET /v3/payments/")
-    assert payments.reconcile(yk.cfg, now=later) == []
-    assert payments.reconcile(yk.cfg, now=later) == [order.id]
+    first = payments.reconcile(yk.cfg, now=later)
+    assert (first.credited, first.failed) == ([], 1)
+    assert payments.reconcile(yk.cfg, now=later).checked == 0     # backoff: not again at once
+    again = later + datetime.timedelta(seconds=yk.cfg.reconcile_interval)
+    assert payments.reconcile(yk.cfg, now=again).credited == [order.id]
     audit_ok()
 
 
@@ -628,7 +632,7 @@ def test_webhook_button_and_reconcile_race_to_one_credit(yk, database):
     actions = [lambda: payments.handle_notification(body, YK_IP, cfg).credited_payment_id] * 8
     actions += [lambda: payments.check_payment(order.id, yk.user.id, cfg).id
                 if Payment.get_by_id(order.id).status == "succeeded" else None] * 2
-    actions += [lambda: (payments.reconcile(cfg, now=later) or [None])[0]] * 2
+    actions += [lambda: (payments.reconcile(cfg, now=later).credited or [None])[0]] * 2
     threads = [threading.Thread(target=run, args=(a,)) for a in actions]
     for t in threads:
         t.start()
