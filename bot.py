@@ -796,7 +796,7 @@ def on_job_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
         generation_id = uuid.UUID(call.data.split(":", 1)[1])
     except ValueError:
         return on_stale_button(call, ctx)
-    if worker.cancel_generation(generation_id, ctx.user.id):
+    if worker.cancel_generation(generation_id, ctx.user.id, ctx.cfg):
         _answer(ctx, ctx.t("job_cancelled_short"))
         worker.tg(ctx.bot.edit_message_text, ctx.t("job_cancelled"), chat_id=ctx.chat_id,
                   message_id=call.message.message_id, reply_markup=_main_menu_markup(ctx))

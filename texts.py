@@ -347,6 +347,20 @@ TEXTS = {
         "ru": "✅ Оплата получена! Начислено {credits} кредитов. Баланс: {balance} кредитов.",
         "en": "✅ Payment received! {credits} credits added. Balance: {balance} credits.",
     },
+    "notify_refund": {
+        "ru": "↩️ Возврат {amount} ₽ оформлен. Списано {credits} кредитов. Баланс: {balance} кредитов.",
+        "en": "↩️ A refund of {amount} ₽ was made. {credits} credits were taken back. Balance: {balance} credits.",
+    },
+    "admin_alert_needs_attention": {
+        "ru": "⚠️ Платёж требует внимания: заказ {order}, YooKassa {yookassa}: {problem}",
+        "en": "⚠️ A payment needs attention: order {order}, YooKassa {yookassa}: {problem}",
+    },
+    "admin_alert_yookassa_auth": {
+        "ru": "⚠️ YooKassa отклоняет наши ключи (401/403): проверьте YOOKASSA_SHOP_ID и YOOKASSA_SECRET_KEY. "
+              "Уведомления о платежах не подтверждаются, YooKassa будет присылать их повторно.",
+        "en": "⚠️ YooKassa refuses our keys (401/403): check YOOKASSA_SHOP_ID and YOOKASSA_SECRET_KEY. "
+              "Payment notifications cannot be verified; YooKassa will deliver them again.",
+    },
     # --- payments / promo (owned by payments.py, promo.py via bot.py) -----------------------
     "promo_active": {"ru": "🎟️ Промокод {code}: скидка {percent}% на следующее пополнение.",
                      "en": "🎟️ Promo code {code}: {percent}% off your next top-up."},

@@ -114,11 +114,15 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         if g.db_error:
             return Response(status=503)          # YooKassa delivers it again later
         outcome = payments.handle_notification(body, request.remote_addr or "", cfg)
-        if outcome.credited_payment_id is not None:
-            try:
+        try:                                 # what was committed is never answered with 5xx
+            if outcome.credited_payment_id is not None:
                 worker.notify_payment(outcome.credited_payment_id)
-            except Exception:                # the credit is committed; never answer 5xx for it
-                logger.exception("could not enqueue the payment message for order %s", outcome.credited_payment_id)
+            if outcome.refund_id is not None:
+                worker.notify_refund(outcome.refund_id)
+            if outcome.detail == "auth_failed":
+                worker.alert_admins_task("yookassa_auth", "admin_alert_yookassa_auth")
+        except Exception:
+            logger.exception("could not enqueue the follow-up of notification %s", outcome.detail)
         logger.info("notification answered %s (%s) from %s", outcome.http_status, outcome.detail, request.remote_addr)
         return Response(status=outcome.http_status)
 

@@ -14,8 +14,9 @@ A paid job (docs/SPEC.md §3), step by step:
   Huey's ``RetryTask(delay=…)``, at most MAX_ATTEMPTS runs per job; a retry after the request id
   was stored resumes that request. Permanent failures (invalid input, content policy, other 4xx)
   release the reservation at once and tell the user what to change.
-* `sweep` (every minute) expires stale reservations, re-enqueues jobs whose task was lost, resumes
-  jobs whose worker died (stale heartbeat) and fails jobs whose reservation expired.
+* `sweep` (every SWEEP_INTERVAL seconds, from the consumer's `Ticker` thread) re-enqueues jobs
+  whose task was lost, resumes jobs whose worker died (stale heartbeat), keeps the holds of live
+  jobs and expires the holds nobody is working on.
 
 The `Generation` row is the source of truth, not the queue: Huey delivers a task at most once
 (the consumer deletes it before running it, docs/REFERENCES.md §7), and every step above is a
@@ -34,9 +35,10 @@ Running the consumer (the `worker` make target and systemd unit)::
 * ``SIGKILL``/OOM/power loss: the task is gone and the row stays ``running``; its heartbeat stops,
   and `sweep` re-queues it after HEARTBEAT_STALE seconds (it resumes the stored request id), or,
   once its reservation expired, fails it and tells the user nothing was charged.
-* ``-f`` flushes stale Huey locks at start (SQLite locks have no TTL). Periodic tasks are crontab
-  based (minute granularity), so the effective SWEEP_INTERVAL / RECONCILE_INTERVAL is the setting
-  rounded up to whole minutes, at least 60 s.
+* ``-f`` flushes stale Huey locks at start (SQLite locks have no TTL). The sweeper and the
+  reconciliation run from a `Ticker` thread started once per consumer process, every
+  SWEEP_INTERVAL / RECONCILE_INTERVAL seconds as written; only the daily payment report is a
+  Huey periodic task (crontab, minute granularity).
 """
 from __future__ import annotations
 
@@ -235,6 +237,9 @@ def _on_startup() -> None:
         logger.error("%s", exc)
     if models.is_sqlite() and models.db.obj.database not in ("", ":memory:"):
         _keeper.append(sqlite3.connect(models.db.obj.database, check_same_thread=False))
+    with _setup_lock:
+        if not _ticker:
+            _ticker.append(Ticker(cfg).start())
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,23 +484,43 @@ def render_add_text(image_bytes: bytes, text: str, position: str = "bottom", col
     return media.add_text(image_bytes, text, position=position, color=color, cfg=cfg)
 
 
-def cancel_generation(generation_id, user_id: int) -> bool:
-    """Cancel a job of user `user_id` that is still queued and release its reservation.
+def cancel_generation(generation_id, user_id: int, cfg: config.Config | None = None) -> bool:
+    """Cancel a job of user `user_id` and release its reservation; True if it was cancelled.
 
-    Returns True if it was cancelled; False when it is not this user's, unknown, or no longer
-    queued (a running job cannot be cancelled: Fal may already be working on it).
+    A job whose image was sent (a result message) is never cancelled. A queued job that never
+    reached Fal is cancelled at once. A job with a Fal request id (running, or queued for a
+    retry) is cancelled only when Fal confirms the cancel before a result (``PUT …/cancel``
+    answered 202); otherwise the image is delivered and charged. A running job that has not
+    submitted yet cannot be cancelled (it may submit at any moment). False for an unknown id or
+    another user's job.
     """
     try:
         gid = uuid.UUID(str(generation_id))
     except ValueError:
         return False
-    return _cancel(gid, user_id)
+    gen = Generation.get_or_none((Generation.id == gid) & (Generation.user == user_id))
+    if gen is None or gen.status not in ACTIVE_STATES or gen.result_message_id:
+        return False
+    if not gen.fal_request_id:
+        return gen.status == "queued" and _cancel(gid, user_id, None)
+    cfg = cfg or config.get()
+    if not media.backend(cfg).cancel(gen.endpoint, gen.fal_request_id):
+        logger.info("generation %s: cancel refused, Fal did not cancel request %s (it finished or is "
+                    "finishing): delivered and charged", gid, gen.fal_request_id)
+        return False
+    return _cancel(gid, user_id, gen.fal_request_id)
 
 
 @billing.money_transaction
-def _cancel(gid: uuid.UUID, user_id: int) -> bool:
+def _cancel(gid: uuid.UUID, user_id: int, request_id: str | None) -> bool:
+    """active → canceled and the reservation released, only while no image was sent and the
+    Fal request is the one whose cancel was confirmed (`request_id`, None: never submitted)."""
+    request_match = (Generation.fal_request_id.is_null() if request_id is None
+                     else (Generation.fal_request_id == request_id))
     changed = (Generation.update(status="canceled", finished_at=utcnow())
-               .where((Generation.id == gid) & (Generation.user == user_id) & (Generation.status == "queued"))
+               .where((Generation.id == gid) & (Generation.user == user_id)
+                      & Generation.status.in_(ACTIVE_STATES if request_id else ("queued",))
+                      & Generation.result_message_id.is_null() & request_match)
                .execute())
     if not changed:
         return False
@@ -504,8 +529,8 @@ def _cancel(gid: uuid.UUID, user_id: int) -> bool:
         billing.release(gen.reservation_id)
     except billing.ReservationClosed:
         pass  # expired by the sweeper already: nothing is held any more
-    logger.info("generation %s: queued → canceled by user=%s, reservation %s released", gid, user_id,
-                gen.reservation_id)
+    logger.info("generation %s: → canceled by user=%s, reservation %s released, request=%s", gid, user_id,
+                gen.reservation_id, request_id)
     return True
 
 
@@ -588,6 +613,10 @@ def _execute(gen: Generation, lang: str, cfg: config.Config) -> None:
     if gen.result_message_id is None:
         _show_running(bot, gen, lang)
         data, seed = _produce(gen, cfg)
+        status = Generation.select(Generation.status).where(Generation.id == gen.id).scalar()
+        if status != "running":
+            logger.info("generation %s: result not sent, the job is %s", gen.id, status)
+            return
         message = _deliver(bot, gen, lang, data, seed, cfg)
         (Generation.update(result_message_id=message.message_id, seed=seed)
          .where(Generation.id == gen.id).execute())
@@ -595,8 +624,8 @@ def _execute(gen: Generation, lang: str, cfg: config.Config) -> None:
         logger.info("generation %s: result sent as message %s (%d bytes)", gen.id, message.message_id, len(data))
     outcome = _finish_delivered(gen.id, gen.reservation_id)
     if outcome in ("expired", "released"):
-        logger.warning("generation %s: delivered FREE, reservation %s was already %s", gen.id,
-                       gen.reservation_id, outcome)
+        logger.error("anomaly: generation %s delivered FREE, reservation %s was already %s (counted by "
+                     "make audit as free_deliveries)", gen.id, gen.reservation_id, outcome)
         _best_effort(bot.edit_message_caption, _caption_free(gen, lang), chat_id=gen.chat_id,
                      message_id=gen.result_message_id, reply_markup=_result_buttons(gen, lang))
     logger.info("generation %s: running → delivered, reservation %s %s", gen.id, gen.reservation_id, outcome)
@@ -621,12 +650,14 @@ def _best_effort(func, *args, **kwargs):
 
 
 def _show_running(bot, gen: Generation, lang: str) -> None:
-    """Edit the bot's "⏳ в очереди" message into "🎨 Генерирую…" (removing its cancel button) and
-    send the upload_photo chat action. With no status message yet (the bot has not stored it),
-    only the chat action is sent: no second status message."""
+    """Edit the bot's "⏳ в очереди" message into "🎨 Генерирую…" (its cancel button stays: a
+    cancel Fal confirms releases the hold) and send the upload_photo chat action. With no status
+    message yet (the bot has not stored it), only the chat action is sent: no second status message."""
     if gen.status_message_id:
+        markup = types.InlineKeyboardMarkup()
+        markup.add(types.InlineKeyboardButton(texts.t("btn_cancel_job", lang), callback_data="jobcancel:%s" % gen.id))
         _best_effort(bot.edit_message_text, texts.t("job_running", lang), chat_id=gen.chat_id,
-                     message_id=gen.status_message_id)
+                     message_id=gen.status_message_id, reply_markup=markup)
     _best_effort(bot.send_chat_action, gen.chat_id, "upload_photo")
 
 
@@ -778,11 +809,9 @@ def _retry_delay(gen: Generation, at_least: float = 0) -> float:
 
 def _may_retry(gen: Generation, reservation: Reservation | None, cfg: config.Config, delay: float,
                now: datetime.datetime) -> bool:
-    """True if one more run fits: attempts left, and the reservation is open long enough for the
-    delay plus a whole provider timeout."""
-    if gen.attempts >= MAX_ATTEMPTS or reservation is None or reservation.state != "reserved":
-        return False
-    return now + datetime.timedelta(seconds=delay + cfg.fal_timeout) < reservation.expires_at
+    """True if one more run fits: attempts left and the reservation still open. (The sweeper keeps
+    the hold of a live job, so a retry never runs out of reservation time.)"""
+    return gen.attempts < MAX_ATTEMPTS and reservation is not None and reservation.state == "reserved"
 
 
 def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config) -> None:
@@ -904,25 +933,63 @@ def _notify_payment(payment_id: str, cfg: config.Config) -> bool:
     return True
 
 
+@huey.task()
+def notify_refund(refund_id: str):
+    """Tell the user a refund took credits back (once per refund: `payments.claim_refund_notification`)."""
+    with _DbSession():
+        return _notify_refund(str(refund_id), config.get())
+
+
+def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
+    if not payments.claim_refund_notification(refund_id):
+        logger.info("refund %s: notification already sent", refund_id)
+        return False
+    refund = models.Refund.get_by_id(refund_id)
+    user = User.get_by_id(Payment.get_by_id(refund.payment_id).user_id)
+    balance = billing.get_balance(user.id)
+    text = texts.t("notify_refund", texts.lang_of(user.language_code), amount=payments.kopecks_to_value(
+        refund.amount_kopecks), credits=refund.credits_debited, balance=balance.credits)
+    try:
+        tg(telegram(cfg).send_message, user.telegram_id, text)
+        logger.info("refund %s: user=%s told (%s credits taken back)", refund_id, user.id, refund.credits_debited)
+    except Exception as exc:
+        logger.warning("refund %s: could not tell user=%s (%s)", refund_id, user.id, _describe(exc, cfg))
+    return True
+
+
+ALERT_EVERY = 30 * 60     # seconds: one alert per condition (key) in this window
+
+
+def alert_admins(key: str, text_key: str, cfg: config.Config | None = None, **values) -> bool:
+    """Tell every ADMIN_IDS user `texts[text_key]` (in Russian) about condition `key`, at most once
+    per ALERT_EVERY seconds per key across processes (an AdminAction row per window). Never
+    raises; returns True if this call sent it."""
+    cfg = cfg or config.get()
+    window = int(time.time() // ALERT_EVERY)
+    try:
+        if not cfg.admin_ids or not billing.claim_action("alert:%s:%d" % (key, window)):
+            return False
+        text = texts.t(text_key, "ru", **values)
+        bot = telegram(cfg)
+        for admin_id in cfg.admin_ids:
+            _best_effort(bot.send_message, admin_id, text)
+        logger.warning("admins alerted: %s", key)
+        return True
+    except Exception as exc:   # noqa: BLE001 - an alert must never break its caller
+        logger.error("could not alert the admins about %s (%s)", key, _describe(exc, cfg))
+        return False
+
+
+@huey.task()
+def alert_admins_task(key: str, text_key: str, **values):
+    """`alert_admins` from a process that must not wait on Telegram (the web app)."""
+    with _DbSession():
+        return alert_admins(key, text_key, **values)
+
+
 # --------------------------------------------------------------------------------------------
 # Periodic tasks
 # --------------------------------------------------------------------------------------------
-
-_last_run: dict = {}
-_periodic_lock = threading.Lock()
-
-
-def _due(name: str, interval: float) -> bool:
-    """True when periodic job `name` last ran at least `interval` seconds ago in this process
-    (5 s of slack for the scheduler's jitter); records the run."""
-    now = time.monotonic()
-    with _periodic_lock:
-        last = _last_run.get(name)
-        if last is not None and now - last < interval - 5:
-            return False
-        _last_run[name] = now
-        return True
-
 
 def _queued_task_ids(limit: int = 10000) -> set:
     """Generation ids that have a run_generation task waiting in the queue or the schedule."""
@@ -937,39 +1004,36 @@ def _queued_task_ids(limit: int = 10000) -> set:
 
 
 def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None = None) -> dict:
-    """One pass of the sweeper; return {"expired": [reservation ids], "failed", "resumed",
-    "requeued": [generation ids]}.
+    """One pass of the sweeper; return {"expired": [reservation ids], "extended": count,
+    "failed", "resumed", "requeued": [generation ids]}.
 
-    1. `billing.expire_stale(now)`: reservations past their TTL go back to the users.
-    2. Jobs whose reservation is closed and that are not alive (queued, or running with a stale
-       heartbeat) fail; the user is told nothing was charged. A live job keeps running and
-       delivers free.
-    3. ``running`` jobs without a heartbeat for HEARTBEAT_STALE s (worker killed) go back to
-       ``queued`` and are enqueued: they resume their stored Fal request id.
-    4. ``queued`` jobs untouched for QUEUED_STALE s with no task in the queue (an enqueue lost
+    A hold lasts as long as its job is alive (issue 9 §3): a job waiting in a long queue, or
+    running with a fresh heartbeat, is never failed or delivered free because of its hold's age.
+
+    1. ``running`` jobs without a heartbeat for HEARTBEAT_STALE s (worker killed) go back to
+       ``queued`` and are enqueued: they resume their stored Fal request id. A job that has used
+       all MAX_ATTEMPTS runs this way (it keeps killing its worker) is dead: it fails, released.
+    2. ``queued`` jobs untouched for QUEUED_STALE s with no task in the queue (an enqueue lost
        by a crash between commit and enqueue) are enqueued again.
+    3. The holds of every queued or running job that reach their expiry get another
+       RESERVATION_TTL (`billing.extend`): the job is alive, steps 1–2 saw to that.
+    4. `billing.expire_stale(now)`: what is left past its expiry has no live job; it goes back.
+    5. Jobs whose reservation is closed and that are not alive fail (the user is told nothing
+       was charged); one whose image was already sent is marked delivered (a counted anomaly).
     """
     cfg = cfg or config.get()
     now = now or utcnow()
     stale = now - datetime.timedelta(seconds=HEARTBEAT_STALE)
-    report = {"expired": billing.expire_stale(now), "failed": [], "resumed": [], "requeued": []}
-
-    closed = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
-              .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state != "reserved")))
-    for gen in closed:
-        if gen.status == "running" and gen.heartbeat_at is not None and gen.heartbeat_at > stale:
-            continue
-        if gen.result_message_id:  # the image was sent; its bookkeeping never finished
-            _finish_delivered(gen.id, gen.reservation_id)
-            logger.warning("generation %s: marked delivered (free) by the sweeper", gen.id)
-            continue
-        lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
-        _fail(gen, lang, "expired", "reservation expired before the job finished", cfg)
-        report["failed"].append(str(gen.id))
+    report = {"expired": [], "extended": 0, "failed": [], "resumed": [], "requeued": []}
 
     dead = (Generation.select().where((Generation.status == "running")
                                       & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))))
     for gen in dead:
+        if gen.attempts >= MAX_ATTEMPTS and not gen.result_message_id:
+            lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
+            _fail(gen, lang, "unavailable", "the worker died during each of %d runs" % gen.attempts, cfg)
+            report["failed"].append(str(gen.id))
+            continue
         moved = (Generation.update(status="queued", heartbeat_at=now)
                  .where((Generation.id == gen.id) & (Generation.status == "running")
                         & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))).execute())
@@ -993,6 +1057,30 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
             logger.warning("generation %s: queued with no task in the queue, enqueued again", gen.id)
             _enqueue(str(gen.id))
             report["requeued"].append(str(gen.id))
+
+    # A hold expiring within the next sweep is extended now, so it never lapses between passes.
+    horizon = now + datetime.timedelta(seconds=cfg.sweep_interval)
+    live = [row.reservation_id for row in Generation.select(Generation.reservation)
+            .join(Reservation, on=(Generation.reservation == Reservation.id))
+            .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state == "reserved")
+                   & (Reservation.expires_at <= horizon))]
+    report["extended"] = billing.extend(live, cfg.reservation_ttl, now)
+    if report["extended"]:
+        logger.info("sweep: extended the holds of %d live jobs by %s s", report["extended"], cfg.reservation_ttl)
+    report["expired"] = billing.expire_stale(now)
+
+    closed = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
+              .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state != "reserved")))
+    for gen in closed:
+        if gen.status == "running" and gen.heartbeat_at is not None and gen.heartbeat_at > stale:
+            continue
+        if gen.result_message_id:  # the image was sent; its bookkeeping never finished
+            _finish_delivered(gen.id, gen.reservation_id)
+            logger.error("anomaly: generation %s marked delivered FREE by the sweeper", gen.id)
+            continue
+        lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
+        _fail(gen, lang, "expired", "reservation expired before the job finished", cfg)
+        report["failed"].append(str(gen.id))
     return report
 
 
@@ -1003,51 +1091,99 @@ def _enqueue(generation_id: str) -> None:
         logger.error("generation %s: enqueue failed (%s)", generation_id, _describe(exc))
 
 
-@huey.periodic_task(crontab(minute="*"))
-def sweep():
-    """Every minute (effective interval: SWEEP_INTERVAL rounded up to whole minutes): `sweep_once`."""
+def sweep() -> dict:
+    """One sweeper pass with its own database connection (`sweep_once`); logs only when it did
+    something. Run every SWEEP_INTERVAL seconds by the consumer's `Ticker`."""
     cfg = config.get()
-    if not _due("sweep", cfg.sweep_interval):
-        return None
     with _DbSession():
         report = sweep_once(cfg=cfg)
     if any(report.values()):
-        logger.info("sweep: %s", {k: len(v) for k, v in report.items()})
+        logger.info("sweep: %s", {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()})
+    else:
+        logger.debug("sweep: nothing to do")
     return report
 
 
 def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list:
-    """Reconcile pending top-ups with YooKassa (`payments.reconcile`), then enqueue
+    """Reconcile pending top-ups and refunds with YooKassa (`payments.reconcile`), then enqueue
     `notify_payment` for each credited payment and for succeeded payments whose user was never
-    told (older than a minute, so the webhook's own notification goes first). Returns the
-    payment ids notified."""
+    told (older than a minute, so the webhook's own notification goes first), `notify_refund`
+    likewise for refunds, and tell the admins about orders that need attention and about
+    refused credentials. Returns the payment ids notified."""
     cfg = cfg or config.get()
     now = now or utcnow()
-    credited = []
+    report = payments.ReconcileReport()
     if cfg.yookassa_configured:
         try:
-            credited = payments.reconcile(cfg, now)
+            report = payments.reconcile(cfg, now)
         except payments.PaymentError as exc:
             logger.warning("reconcile failed (%s)", _describe(exc, cfg))
+    for payment_id in report.needs_attention:
+        order = Payment.get_by_id(payment_id)
+        alert_admins("needs_attention:%s" % payment_id, "admin_alert_needs_attention",
+                     order=payment_id, yookassa=order.yookassa_payment_id or "—", problem=order.problem or "—")
+    if report.auth_failed:
+        alert_admins("yookassa_auth", "admin_alert_yookassa_auth")
     unnotified = [str(p) for p in payments.unnotified_payments(older_than=60, now=now)]
-    ids = list(dict.fromkeys([str(p) for p in credited] + unnotified))
+    ids = list(dict.fromkeys([str(p) for p in report.credited] + unnotified))
     for payment_id in ids:
         try:
             notify_payment(payment_id)
         except Exception as exc:
             logger.error("payment %s: could not enqueue the notification (%s)", payment_id, _describe(exc, cfg))
+    for refund_id in dict.fromkeys(list(report.refunds) + payments.unnotified_refunds(older_than=60, now=now)):
+        try:
+            notify_refund(refund_id)
+        except Exception as exc:
+            logger.error("refund %s: could not enqueue the notification (%s)", refund_id, _describe(exc, cfg))
     return ids
 
 
-@huey.periodic_task(crontab(minute="*"))
-def reconcile_payments():
-    """Every minute (effective interval: RECONCILE_INTERVAL rounded up to whole minutes):
-    `reconcile_once`."""
-    cfg = config.get()
-    if not _due("reconcile", cfg.reconcile_interval):
-        return None
+def reconcile_payments() -> list:
+    """One reconciliation pass with its own database connection (`reconcile_once`). Run every
+    RECONCILE_INTERVAL seconds by the consumer's `Ticker`."""
     with _DbSession():
-        return reconcile_once(cfg)
+        return reconcile_once(config.get())
+
+
+class Ticker:
+    """Runs `sweep` every SWEEP_INTERVAL and `reconcile_payments` every RECONCILE_INTERVAL seconds,
+    as written (Huey's periodic tasks have minute granularity), from one daemon thread of the
+    consumer process. It calls them directly rather than through the queue, so a backlog of
+    generations never delays the sweeper that keeps their holds. A failing pass is logged and
+    tried again at the next tick. `stop()` ends the thread. `jobs` (a list of (callable, seconds))
+    replaces the two for tests."""
+
+    def __init__(self, cfg: config.Config, jobs: list | None = None):
+        self.jobs = jobs or [(sweep, cfg.sweep_interval), (reconcile_payments, cfg.reconcile_interval)]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ticker", daemon=True)
+
+    def start(self) -> "Ticker":
+        """Start the thread; return self."""
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (waits at most `timeout` seconds for a pass in progress)."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        due = [time.monotonic()] * len(self.jobs)
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for index, (job, interval) in enumerate(self.jobs):
+                if now >= due[index]:
+                    due[index] = now + interval
+                    try:
+                        job()
+                    except Exception as exc:   # noqa: BLE001 - the next tick tries again
+                        logger.error("%s failed: %s", job.__name__, _describe(exc))
+            self._stop.wait(max(0.05, min(due) - time.monotonic()))
+
+
+_ticker: list = []
 
 
 def payment_report_once(cfg: config.Config | None = None, day: datetime.date | None = None) -> dict | None:

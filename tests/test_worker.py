@@ -77,7 +77,7 @@ def test_make_huey_builds_the_backend_named_by_the_url(tmp_path):
 def test_the_test_queue_is_in_memory_and_holds_the_tasks():
     assert isinstance(worker.huey, MemoryHuey)
     names = {name.split(".")[-1] for name in worker.huey._registry._registry}
-    assert {"run_generation", "notify_payment", "sweep", "reconcile_payments"} <= names
+    assert {"run_generation", "notify_payment", "notify_refund", "alert_admins_task"} <= names
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,17 +428,31 @@ def test_sweep_resumes_a_running_job_without_heartbeat_but_leaves_live_ones(demo
     assert_audit_ok()
 
 
-def test_sweep_fails_a_job_whose_reservation_expired_and_tells_the_user(demo, fake_telegram):
+def test_a_queued_job_keeps_its_hold_past_the_ttl_and_is_charged_once(demo, fake_telegram):
+    """Issue 9 §3: a job simply waiting in the queue longer than RESERVATION_TTL is alive: the
+    sweeper extends its hold instead of failing it ("expired")."""
     user = make_user(fake_telegram, credits=10, free_ops=0)
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="x")
-    report = worker.sweep_once(now=later(demo.reservation_ttl + 1))
-    assert report["expired"] == [gen.reservation_id] and report["failed"] == [str(gen.id)]
+    first_expiry = Reservation.get_by_id(gen.reservation_id).expires_at
+    for ttls in (1, 2, 3):                                            # a backlog three TTLs long
+        report = worker.sweep_once(now=later(ttls * demo.reservation_ttl + 1))
+        assert report["expired"] == [] and report["failed"] == [] and report["extended"] == 1
+    assert Reservation.get_by_id(gen.reservation_id).expires_at > first_expiry
+    assert reload(gen).status == "queued"
+    drain()
     gen = reload(gen)
-    assert gen.status == "failed" and Reservation.get_by_id(gen.reservation_id).state == "expired"
-    assert billing.get_balance(user.id).credits == 10
-    assert "не удалось выполнить вовремя" in fake_telegram.last_message(TELEGRAM_ID)["text"]
-    drain()                                                           # its task finds nothing to do
-    assert fake_telegram.calls("sendPhoto") == [] and ledger_kinds(gen) == ["reserve", "expire"]
+    assert gen.status == "delivered" and ledger_kinds(gen) == ["reserve", "commit"]
+    assert billing.get_balance(user.id).credits == 0
+    assert_audit_ok()
+
+
+def test_a_hold_with_no_live_job_still_expires(demo, fake_telegram):
+    """Only dead holds expire: a reservation whose job ended without resolving it (or that has no
+    job) goes back to the user."""
+    user = make_user(fake_telegram, credits=10, free_ops=0)
+    orphan = billing.reserve(user.id, 10, reference="generation:lost", idempotency_key="generation:lost", ttl=60)
+    report = worker.sweep_once(now=later(61))
+    assert report["expired"] == [orphan.id] and billing.get_balance(user.id).credits == 10
     assert_audit_ok()
 
 
@@ -452,18 +466,28 @@ def test_a_job_claimed_after_its_reservation_expired_is_not_sent_to_the_provider
     assert "не удалось выполнить вовремя" in fake_telegram.last_message(TELEGRAM_ID)["text"]
 
 
-def test_sweep_leaves_a_running_job_with_an_expired_reservation_to_deliver_free(demo, fake_telegram):
+def test_a_running_job_keeps_its_hold_and_a_dead_one_is_resumed_until_its_runs_are_used(demo, fake_telegram):
+    """A running job with a fresh heartbeat past the TTL keeps its hold (no free delivery); when
+    its worker dies it is resumed, hold kept; a job that killed its worker MAX_ATTEMPTS times is
+    dead: it fails and its hold is released."""
     user = make_user(fake_telegram)
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="x")
     worker.huey.flush()
     ttl = demo.reservation_ttl + 1
-    Generation.update(status="running", heartbeat_at=later(ttl)).where(Generation.id == gen.id).execute()
+    Generation.update(status="running", heartbeat_at=later(ttl), attempts=1).where(Generation.id == gen.id).execute()
     report = worker.sweep_once(now=later(ttl))
-    assert report["expired"] == [gen.reservation_id] and report["failed"] == [] and report["resumed"] == []
-    assert reload(gen).status == "running"
-    # later its worker dies too: past the TTL with a stale heartbeat it fails, nothing charged
+    assert report["expired"] == [] and report["failed"] == [] and report["extended"] == 1
+    assert reload(gen).status == "running" and Reservation.get_by_id(gen.reservation_id).state == "reserved"
+    # its worker dies: resumed (queued again with a task), the hold stays
     report = worker.sweep_once(now=later(ttl + worker.HEARTBEAT_STALE + 1))
+    assert report["resumed"] == [str(gen.id)] and report["expired"] == []
+    assert Reservation.get_by_id(gen.reservation_id).state == "reserved"
+    worker.huey.flush()
+    Generation.update(status="running", heartbeat_at=utcnow(), attempts=worker.MAX_ATTEMPTS).where(
+        Generation.id == gen.id).execute()
+    report = worker.sweep_once(now=later(worker.HEARTBEAT_STALE + 1))
     assert report["failed"] == [str(gen.id)] and reload(gen).status == "failed"
+    assert Reservation.get_by_id(gen.reservation_id).state == "released"
     assert_audit_ok()
 
 
@@ -481,15 +505,48 @@ def test_heartbeat_touches_only_a_running_job(demo, fake_telegram):
     assert reload(gen).heartbeat_at is None
 
 
-def test_periodic_tasks_respect_their_interval(demo, fake_telegram):
-    worker._last_run.clear()
-    assert worker._due("probe", 120) is True
-    assert worker._due("probe", 120) is False
-    worker._last_run["probe"] = time.monotonic() - 121
-    assert worker._due("probe", 120) is True
-    worker._last_run.clear()
-    assert worker.sweep.call_local() == {"expired": [], "failed": [], "resumed": [], "requeued": []}
-    assert worker.sweep.call_local() is None                         # not due again within the minute
+def test_the_ticker_runs_each_job_at_its_interval_in_seconds(demo):
+    """SWEEP_INTERVAL / RECONCILE_INTERVAL are honoured as written in seconds (issue 9 §5)."""
+    calls = {"fast": 0, "slow": 0}
+    ticker = worker.Ticker(demo, jobs=[(lambda: calls.__setitem__("fast", calls["fast"] + 1), 0.05),
+                                       (lambda: calls.__setitem__("slow", calls["slow"] + 1), 3600)]).start()
+    try:
+        poll(lambda: calls["fast"] >= 4, timeout=5, what="four fast ticks")
+    finally:
+        ticker.stop()
+    assert calls["slow"] == 1                                          # once at start, then in an hour
+
+
+def test_the_ticker_survives_a_failing_pass(demo):
+    runs = []
+
+    def flaky():
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("database is locked")
+
+    ticker = worker.Ticker(demo, jobs=[(flaky, 0.05)]).start()
+    try:
+        poll(lambda: len(runs) >= 3, timeout=5, what="passes after a failure")
+    finally:
+        ticker.stop()
+
+
+def test_the_real_sweep_runs_from_the_ticker(demo, fake_telegram):
+    user = make_user(fake_telegram)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="x")
+    worker.huey.flush()
+    Generation.update(status="running", attempts=1,
+                      heartbeat_at=utcnow() - datetime.timedelta(seconds=worker.HEARTBEAT_STALE + 5)).where(
+        Generation.id == gen.id).execute()
+    ticker = worker.Ticker(demo, jobs=[(worker.sweep, 0.05)]).start()
+    try:
+        poll(lambda: reload(gen).status == "queued", timeout=5, what="the sweeper to resume the dead job")
+    finally:
+        ticker.stop()
+    drain()
+    assert reload(gen).status == "delivered"
+    assert_audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,7 +605,7 @@ def worker_text_keys() -> list:
 
 def test_every_worker_text_has_both_languages_and_formats():
     values = dict(mode="m", seed=1, cost=10, balance=90, left=3, total=4, reason="r", credits=100, limit=2,
-                  day="2026-11-21", topups="t", refunds="r")
+                  day="2026-11-21", topups="t", refunds="r", amount="90.00", order="o", yookassa="y", problem="p")
     keys = worker_text_keys()
     assert len(keys) > 20
     for key in keys:
