@@ -129,9 +129,13 @@ def _copy_snapshot(source: str, partial: str) -> dict:
 
 
 def _unique_name(folder: str, now: datetime.datetime, label: str) -> str:
+    """A new name after every existing backup of the same second (so it sorts newest, even when
+    an older one of that second was rotated away)."""
     stamp = now.strftime("%Y%m%d-%H%M%S")
     suffix = "-" + label if label else ""
-    n = 1
+    taken = [int(m.group(2) or 1) for m in map(NAME.match, os.listdir(folder) if os.path.isdir(folder) else ())
+             if m and m.group(1) == stamp]
+    n = max(taken) + 1 if taken else 1
     while True:
         name = "medialab-%s%s%s.db" % (stamp, "" if n == 1 else "-%d" % n, suffix)
         if not os.path.exists(os.path.join(folder, name)):

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="audit: print JSON")
     parser.add_argument("--backup", action="store_true", help="migrate: back up first when migrations are pending")
     parser.add_argument("--force", action="store_true", help="restore: even while the database is in use")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.path:
         args.path = os.path.abspath(args.path)     # a file named by the caller, from the caller's folder
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
