@@ -19,6 +19,7 @@
 # --root DIR (or DESTDIR) writes everything below DIR instead of / and skips what only makes sense
 # on the real host (the user, apt, chown, systemctl, nginx reload, certbot): tests use it.
 set -euo pipefail
+umask 022                   # the code must stay readable by the service user whatever root's umask is
 
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PREFIX="${PREFIX:-/opt/medialab}"
@@ -93,7 +94,6 @@ if [ "$REAL" = 1 ] && have apt-get; then
     changed "packages installed: ${want[*]}"
   fi
 fi
-PY=$(pick_python || true)
 
 OWNER=""
 if [ "$REAL" = 1 ]; then
@@ -121,8 +121,10 @@ put() {
 # fix_meta PATH MODE [OWNER]
 fix_meta() {
   local path="$1" mode="$2" owner="${3:-}"
-  if [ "$(stat -c %a "$path")" != "${mode#0}" ]; then chmod "$mode" "$path"; changed "mode $mode ${path#"$ROOT"}"; fi
-  if [ -n "$owner" ] && [ "$(stat -c %U:%G "$path")" != "$owner" ]; then
+  local meta
+  meta=$(stat -c '%a %U:%G' "$path")
+  if [ "${meta%% *}" != "${mode#0}" ]; then chmod "$mode" "$path"; changed "mode $mode ${path#"$ROOT"}"; fi
+  if [ -n "$owner" ] && [ "${meta#* }" != "$owner" ]; then
     chown "$owner" "$path"; changed "owner $owner ${path#"$ROOT"}"
   fi
 }
@@ -148,11 +150,24 @@ else
                          ! -name .env ! -path '*/__pycache__/*' ! -path './.ci/*' | sed 's#^\./##' | sort)
 fi
 CODE_BEFORE=$CHANGES
+# Compare in bulk (one sha256sum and one stat per side): a run that changes nothing stays quick.
+mapfile -t FILES < <(cd "$SRC" && for f in "${FILES[@]}"; do [ -f "$f" ] && printf '%s\n' "$f"; done)
+declare -A WANT=() HAVE=() MODE=()
+while read -r sum path; do WANT["$path"]=$sum; done < <(cd "$SRC" && sha256sum -- "${FILES[@]}")
+while read -r sum path; do HAVE["$path"]=$sum; done < <(cd "$DEST" && sha256sum -- "${FILES[@]}" 2>/dev/null || true)
+while read -r mode path; do MODE["$path"]=$mode; done < <(cd "$DEST" && stat -c '%a %n' -- "${FILES[@]}" 2>/dev/null || true)
+TODO=(); EXEC=(); PLAIN=()
 for f in "${FILES[@]}"; do
-  [ -f "$SRC/$f" ] || continue                  # deleted in the working tree
   mode=0644; [ -x "$SRC/$f" ] && mode=0755
-  put "$SRC/$f" "$DEST/$f" "$mode"
+  [ "${HAVE["$f"]:-}" = "${WANT["$f"]}" ] && [ "${MODE["$f"]:-}" = "${mode#0}" ] && continue
+  TODO+=("$f"); if [ $mode = 0755 ]; then EXEC+=("$DEST/$f"); else PLAIN+=("$DEST/$f"); fi
+  changed "$PREFIX/$f"
 done
+if [ ${#TODO[@]} -gt 0 ]; then    # a new file replaces the old one (a reader never sees half a file)
+  (cd "$SRC" && cp --parents --remove-destination --no-preserve=mode,ownership -- "${TODO[@]}" "$DEST/")
+  [ ${#PLAIN[@]} -eq 0 ] || chmod 0644 -- "${PLAIN[@]}"
+  [ ${#EXEC[@]} -eq 0 ] || chmod 0755 -- "${EXEC[@]}"
+fi
 MANIFEST="$DEST/.installed-files"
 declare -A SHIPPED=()
 for f in "${FILES[@]}"; do SHIPPED["$f"]=1; done
@@ -180,6 +195,7 @@ tmp=$(mktemp); printf 'DOMAIN=%s\nEMAIL=%s\n' "$DOMAIN" "$EMAIL" > "$tmp"; quiet
 
 # --- virtualenv: runtime requirements only ----------------------------------------------------
 if [ "$NO_VENV" != 1 ]; then
+  PY=$(pick_python || true)
   [ -n "$PY" ] || { echo "install.sh: Python 3.11+ is required (apt-get install python3.11 python3.11-venv)" >&2; exit 2; }
   stamp="$(cat "$SRC/requirements.txt" | sha256sum | cut -c1-16)-$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
   if [ ! -x "$DEST/.venv/bin/python" ]; then
