@@ -23,6 +23,13 @@ SERVICES = ("medialab-migrate", "medialab-bot", "medialab-bot-webhook", "mediala
 MAX_EXPOSURE = 4.0
 
 
+def missing_tool(reason):
+    """Skip, saying why — except in CI (.ci/run installs the tools and sets CI_REQUIRE_DEPLOY_TOOLS)."""
+    if os.environ.get("CI_REQUIRE_DEPLOY_TOOLS"):
+        pytest.fail("CI must have it: " + reason)
+    pytest.skip(reason)
+
+
 def install(root, *args):
     """Run install.sh into `root` (no virtualenv: the tests never download packages)."""
     env = {k: v for k, v in os.environ.items() if k not in ("DOMAIN", "EMAIL", "CERTBOT", "PREFIX", "DESTDIR")}
@@ -133,10 +140,10 @@ def test_units_have_the_shape_the_deploy_needs(installed):
 def systemd_analyze():
     tool = shutil.which("systemd-analyze")
     if not tool:
-        pytest.skip("systemd-analyze is not installed (apt-get install systemd): units not checked")
+        missing_tool("systemd-analyze is not installed (apt-get install systemd): units not checked")
     probe = subprocess.run([tool, "security", "--help"], capture_output=True, text=True)
     if "--offline" not in probe.stdout:
-        pytest.skip("this systemd-analyze has no `security --offline` (systemd < 250)")
+        missing_tool("this systemd-analyze has no `security --offline` (systemd < 250)")
     return tool
 
 
@@ -176,9 +183,9 @@ def nginx_check(tmp_path, site_text):
     """`nginx -t` on `site_text` inside a minimal nginx.conf, with a fresh self-signed certificate."""
     nginx, openssl = shutil.which("nginx") or "/usr/sbin/nginx", shutil.which("openssl")
     if not os.path.exists(nginx):
-        pytest.skip("nginx is not installed (apt-get install nginx; .ci/run does): site not checked")
+        missing_tool("nginx is not installed (apt-get install nginx; .ci/run does): site not checked")
     if not openssl:
-        pytest.skip("openssl is not installed: no test certificate for nginx -t")
+        missing_tool("openssl is not installed: no test certificate for nginx -t")
     cert, key = tmp_path / "fullchain.pem", tmp_path / "privkey.pem"
     subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-days", "1", "-subj", "/CN=" + DOMAIN, "-keyout", str(key), "-out", str(cert)],
