@@ -61,6 +61,10 @@ if [ "$REAL" = 1 ] && [ "$(id -u)" != 0 ]; then
   echo "install.sh: run it as root (sudo make install), or with --root DIR for a trial install" >&2; exit 2
 fi
 DEST="$ROOT$PREFIX"
+if [ "$(readlink -f "$SRC")" = "$(readlink -f "$DEST" 2>/dev/null || true)" ]; then
+  echo "install.sh: $SRC is the installed copy; run it from your checkout (git pull there, then sudo make install)" >&2
+  exit 2
+fi
 STATE="$DEST/.install.env"   # what later runs remember: DOMAIN, EMAIL
 CHANGES=0
 changed() { CHANGES=$((CHANGES + 1)); echo "  changed: $*"; }
@@ -74,8 +78,9 @@ fi
 echo "Media Lab: installing $SRC into $DEST${DOMAIN:+ for $DOMAIN}"
 
 # --- packages and the system user (real host only) ----------------------------------------------
-pick_python() {
-  for p in python3.13 python3.12 python3.11 python3; do
+pick_python() {   # the distribution's Python: one under /root or /home is hidden from the units (ProtectHome)
+  for p in /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11 /usr/bin/python3 \
+           /usr/local/bin/python3.13 /usr/local/bin/python3.12 /usr/local/bin/python3.11; do
     if have "$p" && "$p" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
       echo "$p"; return 0
     fi
@@ -147,7 +152,7 @@ if git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   mapfile -t FILES < <(git -C "$SRC" ls-files | grep -v -e '^\.ci/' -e '^\.git')
 else
   mapfile -t FILES < <(cd "$SRC" && find . -type f ! -path './.git*' ! -path './.venv/*' ! -path './data/*' \
-                         ! -name .env ! -path '*/__pycache__/*' ! -path './.ci/*' | sed 's#^\./##' | sort)
+                         ! -name .env ! -name '.install*' ! -path '*/__pycache__/*' ! -path './.ci/*' | sed 's#^\./##' | sort)
 fi
 CODE_BEFORE=$CHANGES
 # Compare in bulk (one sha256sum and one stat per side): a run that changes nothing stays quick.
@@ -198,6 +203,9 @@ if [ "$NO_VENV" != 1 ]; then
   PY=$(pick_python || true)
   [ -n "$PY" ] || { echo "install.sh: Python 3.11+ is required (apt-get install python3.11 python3.11-venv)" >&2; exit 2; }
   stamp="$(cat "$SRC/requirements.txt" | sha256sum | cut -c1-16)-$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+  if [ -x "$DEST/.venv/bin/python" ] && [ "$(readlink -f "$DEST/.venv/bin/python")" != "$(readlink -f "$PY")" ]; then
+    rm -rf "$DEST/.venv"                         # built on another interpreter: start again
+  fi
   if [ ! -x "$DEST/.venv/bin/python" ]; then
     "$PY" -m venv "$DEST/.venv"; changed "virtualenv $PREFIX/.venv"
   fi
