@@ -218,3 +218,27 @@ def test_a_relative_database_url_is_taken_against_the_project():
 def test_make_targets_exist(name):
     with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
         assert ("\n%s:" % name) in f.read()
+
+
+def test_a_money_operation_on_a_full_disk_fails_naming_the_cause_and_changes_nothing(database):
+    """Disk full, simulated for this connection with PRAGMA max_page_count (no billing change needed)."""
+    from peewee import OperationalError
+
+    uid = billing.get_or_create_user(5151)[0].id
+    billing.credit(uid, 100, kind="grant", reference="test", idempotency_key="grant:first")
+    pages = models.db.execute_sql("PRAGMA page_count").fetchone()[0]
+    models.db.execute_sql("PRAGMA max_page_count = %d" % pages)
+    try:
+        for i in range(5000):
+            before = (LedgerEntry.select().count(), billing.get_balance(uid).credits)
+            try:
+                billing.credit(uid, 1, kind="grant", reference="test", idempotency_key="grant:fill:%d" % i)
+            except OperationalError as exc:
+                assert "full" in str(exc), exc
+                break
+        else:
+            pytest.fail("the capped database never filled up")
+        assert (LedgerEntry.select().count(), billing.get_balance(uid).credits) == before
+    finally:
+        models.db.execute_sql("PRAGMA max_page_count = 1073741823")
+    assert billing.audit().ok
