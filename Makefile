@@ -10,6 +10,10 @@ ARGS ?=
 SECONDS ?= 60
 
 .PHONY: setup venv run bot web worker migrate seed-promo audit backup test demo bench soak lint clean
+.PHONY: install restore
+# An installed copy (deploy/install.sh) has a runtime-only virtualenv: its operator commands use it
+# as it is instead of installing the development tools into it.
+OPS := $(if $(wildcard $(VENV)/.runtime-only),,venv)
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=python3.11)")'
@@ -38,17 +42,25 @@ web: venv
 worker: venv
 	$(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -d 0.01 -m 1 -f -g INT -t 60
 
-migrate: venv
+migrate: $(OPS)
 	$(BIN)/python manage.py migrate
 
 seed-promo: venv
 	$(BIN)/python manage.py seed-promo
 
-audit: venv
+audit: $(OPS)
 	$(BIN)/python manage.py audit
 
-backup: venv
+backup: $(OPS)                   ## verified copy into data/backup/, keeps the newest BACKUP_KEEP, runs BACKUP_COMMAND
 	$(BIN)/python manage.py backup
+
+restore: $(OPS)                  ## make restore FILE=data/backup/medialab-….db [FORCE=1] — with the services stopped
+	@test -n "$(FILE)" || { echo "usage: make restore FILE=path/to/backup.db [FORCE=1]"; exit 2; }
+	$(BIN)/python manage.py restore "$(abspath $(FILE))" $(if $(FORCE),--force)
+
+install:                         ## sudo make install DOMAIN=bot.example.com [EMAIL=…] [CERTBOT=1] — see README "Deploying"
+	DOMAIN="$(DOMAIN)" EMAIL="$(EMAIL)" CERTBOT="$(CERTBOT)" PREFIX="$(or $(PREFIX),/opt/medialab)" \
+	  DESTDIR="$(DESTDIR)" deploy/install.sh $(INSTALL_ARGS)
 
 test: venv                       ## the suite; PostgreSQL/Redis tests run when TEST_POSTGRES_URL/TEST_REDIS_URL are set
 	$(BIN)/python -m pytest $(ARGS)

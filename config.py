@@ -111,6 +111,8 @@ class Config:
     font_path: str = field(default_factory=_default_font)
     log_level: str = "INFO"
     data_dir: str = os.path.join(ROOT, "data")
+    backup_keep: int = 14                   # newest backups kept in <data>/backup (0: keep all)
+    backup_command: str = ""                # run after a verified backup with its path appended
 
     def price(self, mode: str) -> int:
         """Return the price of one operation in `mode`, in credits (0 for free modes)."""
@@ -256,6 +258,8 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     text("FONT_PATH", "font_path")
     text("LOG_LEVEL", "log_level")
     text("DATA_DIR", "data_dir")
+    integer("BACKUP_KEEP", "backup_keep", 0, 10000)
+    text("BACKUP_COMMAND", "backup_command")
 
     prices = {}
     endpoints = dict(DEFAULT_ENDPOINTS)

@@ -1,4 +1,5 @@
-"""Operator commands: `python manage.py migrate | status | seed-promo | audit | backup [PATH]`.
+"""Operator commands: `python manage.py migrate [--backup] | status | seed-promo | audit | backup [PATH] |
+restore FILE [--force]`.
 
 Each is what a `make` target runs. Exit codes: 0 ok, 1 a check failed (audit, pending
 migrations), 2 bad configuration or usage.
@@ -9,9 +10,9 @@ import argparse
 import json
 import logging
 import os
-import sqlite3
 import sys
 
+import backup
 import config
 import models
 
@@ -19,7 +20,19 @@ logger = logging.getLogger("manage")
 
 
 def cmd_migrate(cfg, args) -> int:
-    """Apply pending migrations and print their names."""
+    """Apply pending migrations and print their names.
+
+    With --backup (what medialab-migrate.service runs) an existing SQLite database with pending
+    migrations is backed up and verified first; a failed backup stops the migration (exit 2).
+    """
+    path = _sqlite_file(cfg)
+    if args.backup and path and os.path.isfile(path) and os.path.getsize(path) > 0 and models.pending_migrations():
+        try:
+            backup.create_backup(path, _backup_dir(cfg), label="pre-migrate")
+            print("backup before migrating: done")
+        except backup.BackupError as exc:
+            print("migrate: no backup, not migrating: %s" % exc, file=sys.stderr)
+            return 2
     applied = models.migrate()
     print("applied: %s" % ", ".join(applied) if applied else "database is up to date")
     return 0
@@ -64,40 +77,109 @@ def cmd_audit(cfg, args) -> int:
     return 0 if report.ok else 1
 
 
+def _sqlite_file(cfg) -> str | None:
+    """The SQLite database file of `cfg`, a relative path taken against the project folder."""
+    return backup.sqlite_path(cfg.database_url, config.ROOT)
+
+
+def _backup_dir(cfg) -> str:
+    return os.path.join(os.path.join(config.ROOT, cfg.data_dir), "backup")
+
+
+def _backup_and_rotate(cfg, target=None, label="") -> int:
+    """Verified backup, rotation, then the BACKUP_COMMAND hook; return the exit code."""
+    result = backup.create_backup(_sqlite_file(cfg), _backup_dir(cfg), target, label=label)
+    tables = ", ".join("%s %d" % item for item in sorted(result.counts.items()) if item[0] != "migratehistory")
+    print("backup written: %s (%d bytes; integrity_check ok; rows equal to the source: %s)"
+          % (result.path, result.size, tables))
+    if not target:
+        for path in backup.rotate(_backup_dir(cfg), cfg.backup_keep):
+            print("backup rotated out (BACKUP_KEEP=%d): %s" % (cfg.backup_keep, path))
+    if cfg.backup_command:
+        code = backup.run_hook(cfg.backup_command, result.path)
+        if code != 0:
+            print("backup: BACKUP_COMMAND failed with exit code %d (the backup itself is kept: %s)"
+                  % (code, result.path), file=sys.stderr)
+            return 1
+        print("backup: BACKUP_COMMAND done")
+    return 0
+
+
 def cmd_backup(cfg, args) -> int:
-    """Copy the SQLite database with the online backup API (safe while the bot runs)."""
-    url = cfg.database_url
-    if not url.startswith("sqlite:///"):
-        print("backup: only SQLite databases are backed up here; use pg_dump for PostgreSQL")
+    """Back up the SQLite database with the online backup API (safe while the bot runs).
+
+    The copy is verified (integrity_check, row counts equal to the source's snapshot) and never
+    overwrites an earlier backup; the newest BACKUP_KEEP in <data>/backup are kept; BACKUP_COMMAND
+    then gets the file. Exit 0 ok, 1 the hook failed (backup kept), 2 refused or failed.
+    """
+    if _sqlite_file(cfg) is None:
+        print("backup: only SQLite databases are backed up here; use pg_dump for PostgreSQL", file=sys.stderr)
         return 2
-    source_path = url[len("sqlite:///"):]
-    target = args.path or os.path.join(cfg.data_dir, "backup", "medialab-%s.db"
-                                       % models.utcnow().strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    source = sqlite3.connect(source_path)
-    dest = sqlite3.connect(target)
     try:
-        with dest:
-            source.backup(dest)       # sqlite3.Connection.backup: page-by-page, consistent snapshot
-        check = dest.execute("PRAGMA integrity_check").fetchone()[0]
-    finally:
-        dest.close()
-        source.close()
-    print("backup written: %s (integrity_check: %s)" % (target, check))
-    return 0 if check == "ok" else 1
+        return _backup_and_rotate(cfg, args.path)
+    except backup.BackupError as exc:
+        print("backup: %s" % exc, file=sys.stderr)
+        return 2
+
+
+def cmd_restore(cfg, args) -> int:
+    """Put a backup file in place of the SQLite database (the services must be stopped).
+
+    Exit 0 restored, 2 refused (in use without --force, unreadable or foreign file) or failed.
+    """
+    path = _sqlite_file(cfg)
+    if path is None:
+        print("restore: only SQLite databases are restored here; use pg_restore for PostgreSQL", file=sys.stderr)
+        return 2
+    if not args.path:
+        print("restore: which file? python manage.py restore FILE [--force]", file=sys.stderr)
+        return 2
+    try:
+        result = backup.restore(args.path, path, _backup_dir(cfg), force=args.force)
+    except backup.BackupError as exc:
+        print("restore: %s" % exc, file=sys.stderr)
+        return 2
+    print("restored %s into %s (integrity_check ok, %d tables)" % (os.path.abspath(args.path), path,
+                                                                 len(result.counts)))
+    if result.previous:
+        print("the previous database is kept as %s" % result.previous)
+    print("next: make migrate (if the backup is older than the code), make audit, then start the services")
+    return 0
+
+
+def _become_data_owner(cfg) -> None:
+    """Run as root (`sudo make backup`)? Switch to the owner of the data folder (the `medialab`
+    user of an installed copy) so no file we create (backup, -wal, -shm, a restored database)
+    ends up owned by root where the services cannot open it."""
+    if os.geteuid() != 0:
+        return
+    folder = os.path.dirname(_sqlite_file(cfg) or "") or os.path.join(config.ROOT, cfg.data_dir)
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return
+    if st.st_uid != 0:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
 
 
 COMMANDS = {"migrate": cmd_migrate, "status": cmd_status, "seed-promo": cmd_seed_promo,
-            "audit": cmd_audit, "backup": cmd_backup}
+            "audit": cmd_audit, "backup": cmd_backup, "restore": cmd_restore}
 
 
 def main(argv=None) -> int:
     """Parse the command line, load the configuration, run one command; return the exit code."""
     parser = argparse.ArgumentParser(prog="manage.py", description=__doc__)
     parser.add_argument("command", choices=sorted(COMMANDS))
-    parser.add_argument("path", nargs="?", help="backup: target file")
+    parser.add_argument("path", nargs="?", help="backup: target file (default: a new one in <data>/backup); "
+                                               "restore: the backup to put in place")
     parser.add_argument("--json", action="store_true", help="audit: print JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--backup", action="store_true", help="migrate: back up first when migrations are pending")
+    parser.add_argument("--force", action="store_true", help="restore: even while the database is in use")
+    args = parser.parse_intermixed_args(argv)
+    if args.path:
+        args.path = os.path.abspath(args.path)     # a file named by the caller, from the caller's folder
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config.configure(config.load(require_token=False))
@@ -106,6 +188,9 @@ def main(argv=None) -> int:
         for line in exc.problems:
             print("  - " + line, file=sys.stderr)
         return 2
+    if _sqlite_file(cfg):  # like the services (WorkingDirectory = the project), whatever the caller's folder
+        cfg = config.configure(cfg.replace(database_url="sqlite:///" + _sqlite_file(cfg)))
+    _become_data_owner(cfg)
     models.init_db(cfg.database_url)
     try:
         return COMMANDS[args.command](cfg, args)

@@ -8,7 +8,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OURS = {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "bot", "web",
-        "manage", "demo"}
+        "manage", "demo", "backup"}
 
 ALLOWED = {
     "config": set(),
@@ -21,7 +21,8 @@ ALLOWED = {
     "worker": {"config", "models", "billing", "promo", "payments", "media", "texts"},
     "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker"},
     "web": {"config", "models", "payments", "worker", "texts"},
-    "manage": {"config", "models", "billing", "promo"},
+    "backup": set(),
+    "manage": {"config", "models", "billing", "promo", "backup"},
     "demo": OURS - {"demo", "bot", "web"},
 }
 
