@@ -250,7 +250,7 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     integer("MAX_ACTIVE_JOBS_PER_USER", "max_active_jobs_per_user", 1, 100)
     integer("MAX_PROMPT_LENGTH", "max_prompt_length", 1, 100000)
     integer("MAX_IMAGE_BYTES", "max_image_bytes", 1024, 20 * 1024 * 1024)
-    integer("RESERVATION_TTL", "reservation_ttl", 10, 7 * 86400)
+    integer("RESERVATION_TTL", "reservation_ttl", 3, 7 * 86400)
     integer("SWEEP_INTERVAL", "sweep_interval", 1, 86400)
     integer("RECONCILE_INTERVAL", "reconcile_interval", 1, 86400)
     integer("RECONCILE_AFTER", "reconcile_after", 0, 7 * 86400)
