@@ -38,6 +38,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 import zlib
@@ -57,6 +58,7 @@ import billing
 import config
 import media
 import models
+import ops
 import payments
 import promo
 import texts
@@ -1325,6 +1327,20 @@ class MediaLabBot(telebot.TeleBot):
                     part.update_id = update.update_id
         return super().process_new_updates(updates)
 
+    _beat_at: float | None = None
+
+    def get_updates(self, *args, **kwargs):
+        """getUpdates, first writing the bot's heartbeat (``process:bot``, at most every
+        ops.HEARTBEAT_EVERY seconds): a polling loop that stops makes /health answer 503."""
+        now = time.monotonic()
+        if self._beat_at is None or now - self._beat_at >= ops.HEARTBEAT_EVERY:
+            try:
+                ops.beat("process:bot")
+                self._beat_at = now
+            except Exception as exc:  # noqa: BLE001 - polling goes on; /health shows the stale beat
+                logger.warning("heartbeat failed (%s)", type(exc).__name__)
+        return super().get_updates(*args, **kwargs)
+
 
 def _prefix(prefix: str):
     return lambda call: (call.data or "").startswith(prefix)
@@ -1480,6 +1496,7 @@ def _serve_webhook(cfg: config.Config) -> int:
     from werkzeug.serving import run_simple
 
     app = create_webhook_app(cfg)
+    ops.HeartbeatThread("bot", cfg.database_url).start()     # no polling loop to beat in this mode
     sender = worker.telegram(cfg)
     worker.tg(sender.set_webhook, url=cfg.telegram_webhook_url, secret_token=cfg.telegram_webhook_secret,
               allowed_updates=ALLOWED_UPDATES)

@@ -111,6 +111,11 @@ class Config:
     font_path: str = field(default_factory=_default_font)
     log_level: str = "INFO"
     data_dir: str = os.path.join(ROOT, "data")
+    health_min_free_mb: int = 500           # /health answers 503 below this much free disk in data_dir
+    health_heartbeat_max_age: int = 180     # seconds: an older bot/worker heartbeat makes /health 503
+    alert_interval: int = 1800              # seconds: one admin alert per condition per interval
+    alert_task_stale: int = 600             # seconds without a sweep / reconciliation before an alert
+    metrics_token: str = ""                 # bearer token for /metrics from other hosts (else loopback only)
 
     def price(self, mode: str) -> int:
         """Return the price of one operation in `mode`, in credits (0 for free modes)."""
@@ -256,6 +261,11 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     text("FONT_PATH", "font_path")
     text("LOG_LEVEL", "log_level")
     text("DATA_DIR", "data_dir")
+    integer("HEALTH_MIN_FREE_MB", "health_min_free_mb", 0, 10**7)
+    integer("HEALTH_HEARTBEAT_MAX_AGE", "health_heartbeat_max_age", 30, 86400)
+    integer("ALERT_INTERVAL", "alert_interval", 60, 7 * 86400)
+    integer("ALERT_TASK_STALE", "alert_task_stale", 60, 7 * 86400)
+    text("METRICS_TOKEN", "metrics_token")
 
     prices = {}
     endpoints = dict(DEFAULT_ENDPOINTS)

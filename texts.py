@@ -259,6 +259,32 @@ TEXTS = {
         "ru": "⚠️ Сверка платежей за {day}: учёт бота и YooKassa расходятся.\nПополнения: {topups}\nВозвраты: {refunds}",
         "en": "⚠️ Payment reconciliation for {day}: the bot's ledger and YooKassa disagree.\nTop-ups: {topups}\nRefunds: {refunds}",
     },
+    "alert_fal_auth": {
+        "ru": "🚨 Fal ответил {status}: проверьте FAL_KEY и баланс аккаунта Fal. Генерации не работают.\n{detail}",
+        "en": "🚨 Fal answered {status}: check FAL_KEY and the Fal account balance. Generations are failing.\n{detail}",
+    },
+    "alert_webhook_failing": {
+        "ru": "🚨 Уведомления YooKassa не проходят проверку: {count} подряд (чужой адрес, API не ответил "
+              "или объект не совпал). Платежи догонит сверка; проверьте логи web.",
+        "en": "🚨 YooKassa notifications fail verification: {count} in a row (untrusted address, the API did "
+              "not answer or the object did not match). Reconciliation catches payments up; check the web logs.",
+    },
+    "alert_task_stale": {
+        "ru": "🚨 Периодическая задача {task} не запускалась {minutes} мин. Проверьте worker.",
+        "en": "🚨 The periodic task {task} has not run for {minutes} min. Check the worker.",
+    },
+    "alert_bot_stale": {
+        "ru": "🚨 Бот не подаёт признаков жизни {minutes} мин. Проверьте процесс bot.",
+        "en": "🚨 The bot has shown no sign of life for {minutes} min. Check the bot process.",
+    },
+    "alert_disk_low": {
+        "ru": "🚨 Мало места на диске с данными: {free} МБ свободно (порог {limit} МБ).",
+        "en": "🚨 The data disk is nearly full: {free} MB free (threshold {limit} MB).",
+    },
+    "alert_needs_attention": {
+        "ru": "🚨 Платёж {payment_id} требует внимания (needs_attention): проверьте его в кабинете YooKassa.",
+        "en": "🚨 Payment {payment_id} needs attention: check it in the YooKassa cabinet.",
+    },
     "job_running": {
         "ru": "🎨 Генерирую…",
         "en": "🎨 Generating…",

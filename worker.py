@@ -64,6 +64,7 @@ import billing
 import config
 import media
 import models
+import ops
 import payments
 import texts
 from models import Generation, Payment, Reservation, User, utcnow
@@ -202,6 +203,28 @@ class _DbSession:
 
 
 _keeper: list = []
+_process_heartbeat: list = []   # the consumer's ops.HeartbeatThread (process:worker)
+
+
+class _PeriodicAtDebug(logging.Filter):
+    """Huey logs "Enqueueing periodic task …", "Executing …" and "… executed in …" at INFO for every
+    task: three lines a minute per periodic task on an idle system. For periodic tasks these
+    become DEBUG records (shown only when the logger is at DEBUG); jobs keep their INFO lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.args and isinstance(record.args[0], PeriodicTask):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_periodic_logs() -> None:
+    """Install `_PeriodicAtDebug` on huey's loggers ("huey" for Executing/executed, and the
+    consumer's scheduler for Enqueueing); idempotent."""
+    for name in ("huey", "huey.consumer.Scheduler"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _PeriodicAtDebug) for f in target.filters):
+            target.addFilter(_PeriodicAtDebug())
 
 
 @huey.on_startup()
@@ -227,6 +250,8 @@ def _on_startup() -> None:
         # httpx logs every Fal status poll at INFO.
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        quiet_periodic_logs()
+        _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()
     try:
         with _DbSession():
@@ -787,6 +812,7 @@ def _may_retry(gen: Generation, reservation: Reservation | None, cfg: config.Con
 
 def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config) -> None:
     """Retry a transient failure later (RetryTask) or fail the job for good."""
+    _alert_fal_auth(exc, cfg)
     kind, retryable, at_least = _classify(exc)
     gen = Generation.get_by_id(gid)  # fresh: the request id may have been stored meanwhile
     reservation = Reservation.get_or_none(Reservation.id == gen.reservation_id)
@@ -1011,8 +1037,11 @@ def sweep():
         return None
     with _DbSession():
         report = sweep_once(cfg=cfg)
+        ops.beat("task:sweep")
     if any(report.values()):
         logger.info("sweep: %s", {k: len(v) for k, v in report.items()})
+    else:
+        logger.debug("sweep: nothing to do")
     return report
 
 
@@ -1047,7 +1076,10 @@ def reconcile_payments():
     if not _due("reconcile", cfg.reconcile_interval):
         return None
     with _DbSession():
-        return reconcile_once(cfg)
+        notified = reconcile_once(cfg)
+        ops.beat("task:reconcile")
+    logger.log(logging.INFO if notified else logging.DEBUG, "reconcile: %d payment(s) to tell", len(notified))
+    return notified
 
 
 def payment_report_once(cfg: config.Config | None = None, day: datetime.date | None = None) -> dict | None:
@@ -1086,6 +1118,105 @@ def daily_payment_report():
     """Every day at 03:15 UTC: `payment_report_once` for the day before."""
     with _DbSession():
         return payment_report_once()
+
+
+# --------------------------------------------------------------------------------------------
+# Admin alerts and the watchdog
+# --------------------------------------------------------------------------------------------
+
+FAL_AUTH_STATUSES = (401, 402, 403)   # Fal: bad key, out of credit, forbidden: every job fails until fixed
+WEBHOOK_FAILURES_ALERT = 3            # unverifiable / refused notifications between two watchdog runs
+
+
+def alert_admins(key: str, text: str, cfg: config.Config | None = None, now: datetime.datetime | None = None) -> bool:
+    """Tell every ADMIN_IDS chat `text`, at most once per ALERT_INTERVAL seconds for condition
+    `key` (deduplicated across processes through `ops.claim_alert`). Returns True when it was sent
+    (to at least the attempt), False when deduplicated. Logs the alert at WARNING; never raises."""
+    cfg = cfg or config.get()
+    try:
+        if not ops.claim_alert(key, cfg.alert_interval, now):
+            logger.debug("alert %s: already sent within %s s", key, cfg.alert_interval)
+            return False
+    except Exception as exc:  # noqa: BLE001 - an alert must never fail its caller
+        logger.warning("alert %s: could not record it (%s); sending anyway", key, _describe(exc, cfg))
+    logger.warning("alert %s: %s", key, text.replace("\n", " | "))
+    for admin_id in cfg.admin_ids:
+        try:
+            tg(telegram(cfg).send_message, admin_id, text)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not alert admin %s (%s)", admin_id, _describe(exc, cfg))
+    return True
+
+
+def alert_needs_attention(payment_id, cfg: config.Config | None = None) -> bool:
+    """Alert the admins once about payment `payment_id` needing a human (status
+    ``needs_attention``); returns what `alert_admins` returns."""
+    return alert_admins("needs_attention:%s" % payment_id,
+                        texts.t("alert_needs_attention", "ru", payment_id=payment_id), cfg)
+
+
+def _alert_fal_auth(exc: BaseException, cfg: config.Config) -> None:
+    """Fal answered 401/402/403: every job will fail until the key or the account is fixed."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, media.ProviderError) and status in FAL_AUTH_STATUSES:
+        alert_admins("fal_auth:%s" % status, texts.t("alert_fal_auth", "ru", status=status,
+                                                     detail=str(exc)[:200]), cfg)
+
+
+_webhook_failures_seen: list = []
+
+
+def watchdog_once(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list:
+    """Check what nobody would notice and alert the admins (each condition deduplicated):
+    the sweeper or reconciliation not run for ALERT_TASK_STALE seconds (from the heartbeat table;
+    reconciliation only when YooKassa is configured), the bot's heartbeat stale, free disk under
+    HEALTH_MIN_FREE_MB, WEBHOOK_FAILURES_ALERT or more notifications refused or unverifiable since
+    the last run, and payments in status ``needs_attention``. Returns the alert keys raised (sent
+    or deduplicated)."""
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    raised = []
+
+    def alert(key, text_key, **values):
+        raised.append(key)
+        alert_admins(key, texts.t(text_key, "ru", **values), cfg, now)
+
+    tasks = ("sweep", "reconcile") if cfg.yookassa_configured else ("sweep",)
+    for task in tasks:
+        interval = cfg.sweep_interval if task == "sweep" else cfg.reconcile_interval
+        limit = max(cfg.alert_task_stale, 2 * interval + 60)
+        seconds = ops.age("task:" + task, now)
+        if seconds is None:
+            seconds = ops.age("process:worker", now)      # a new install: count from the worker's start
+        if seconds is not None and seconds > limit:
+            alert("task_stale:" + task, "alert_task_stale", task=task, minutes=int(seconds // 60))
+    bot_age = ops.age("process:bot", now)
+    if bot_age is not None and bot_age > cfg.health_heartbeat_max_age:
+        alert("bot_stale", "alert_bot_stale", minutes=int(bot_age // 60))
+    try:
+        free = ops.free_disk_mb(cfg.data_dir)
+        if free < cfg.health_min_free_mb:
+            alert("disk_low", "alert_disk_low", free=int(free), limit=cfg.health_min_free_mb)
+    except OSError as exc:
+        logger.warning("watchdog: free disk unknown (%s)", type(exc).__name__)
+    failures = ops.webhook_failures()
+    seen = _webhook_failures_seen[0] if _webhook_failures_seen else failures
+    _webhook_failures_seen[:] = [failures]
+    if failures - seen >= WEBHOOK_FAILURES_ALERT:
+        alert("webhook_failing", "alert_webhook_failing", count=failures - seen)
+    for payment_id in Payment.select(Payment.id).where(Payment.status == "needs_attention").tuples():
+        raised.append("needs_attention:%s" % payment_id[0])
+        alert_needs_attention(payment_id[0], cfg)
+    return raised
+
+
+@huey.periodic_task(crontab(minute="*"))
+def watchdog():
+    """Every minute: `watchdog_once` (logs only when it raised something)."""
+    with _DbSession():
+        raised = watchdog_once()
+    logger.log(logging.INFO if raised else logging.DEBUG, "watchdog: %s", raised or "all well")
+    return raised
 
 
 BROADCAST_RATE = 20.0   # messages per second; Telegram allows about 30/s overall (Bot API FAQ)
