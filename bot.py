@@ -1138,7 +1138,76 @@ def cmd_user(message: types.Message, ctx: Ctx) -> None:
         free_access=ctx.t("yes" if view.free_access else "no"), credits=view.credits,
         reserved=view.credits_reserved, free_ops=view.free_ops,
         generations=Generation.select().where(Generation.user == user.id).count(),
-        payments=Payment.select().where((Payment.user == user.id) & (Payment.status == "succeeded")).count()))
+        payments=Payment.select().where((Payment.user == user.id) & (Payment.status == "succeeded")).count())
+        + "\n\n" + ctx.t("admin_user_ledger", lines="\n".join(_ledger_line(e) for e in ops.ledger_lines(user.id))
+                         or "—"))
+
+
+def _ledger_line(entry) -> str:
+    return "%s %s %s %+d → %d (%+d → %d) %s" % (
+        entry.created_at.strftime("%m-%d %H:%M"), entry.kind, entry.asset, entry.delta_available,
+        entry.available_after, entry.delta_reserved, entry.reserved_after, entry.reference)
+
+
+@_admin("admin_usage_payments")
+def cmd_payments(message: types.Message, ctx: Ctx) -> None:
+    """/payments <telegram id> (admins): the user's latest top-ups with YooKassa payment ids."""
+    args = _args(message)
+    if len(args) != 1:
+        raise AdminError()
+    user = _target_user(args[0])
+    lines = []
+    for p in ops.user_payments(user.id):
+        refunded = ctx.t("admin_payment_refunded", amount=_rub(p.refunded_kopecks)) if p.refunded_kopecks else ""
+        lines.append("%s %s — %s ₽, %s, %s%s" % (p.created_at.strftime("%Y-%m-%d %H:%M"),
+                                                     p.yookassa_payment_id or "—", _rub(p.amount_kopecks),
+                                                     p.credits, p.status, refunded))
+    _send(ctx, ctx.t("admin_payments", telegram_id=user.telegram_id, lines="\n".join(lines) or "—"))
+
+
+@_admin("admin_usage_jobs")
+def cmd_jobs(message: types.Message, ctx: Ctx) -> None:
+    """/jobs failed (admins): the latest failed generations with their error class."""
+    if _args(message) != ["failed"]:
+        raise AdminError()
+    lines = []
+    for gen in ops.failed_generations():
+        kind, exc = ops.error_class(gen.error)
+        when = (gen.finished_at or gen.created_at).strftime("%m-%d %H:%M")
+        lines.append("%s %s %s user %s: %s%s — %s" % (when, str(gen.id)[:8], gen.mode, gen.user_id, kind,
+                                                      "/" + exc if exc else "", (gen.error or "")[:120]))
+    _send(ctx, ctx.t("admin_jobs_failed", lines="\n".join(lines) or "—"))
+
+
+@_admin("admin_usage_refund")
+def cmd_refund(message: types.Message, ctx: Ctx) -> None:
+    """/refund <YooKassa payment id> [amount ₽] (admins): a real refund through YooKassa; the
+    credits are taken back by the refund path (`payments.refund_topup`)."""
+    args = _args(message)
+    if not 1 <= len(args) <= 2:
+        raise AdminError()
+    kopecks = None
+    if len(args) == 2:
+        try:
+            kopecks = payments.value_to_kopecks(args[1].replace(",", "."))
+        except ValueError:
+            raise AdminError() from None
+        if kopecks <= 0:
+            raise AdminError()
+    key = "refund:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
+    try:
+        result = payments.refund_topup(args[0], kopecks, idempotency_key=key, cfg=ctx.cfg)
+    except payments.PaymentError as exc:
+        logger.warning("admin %s: refund of %s failed: %s", ctx.telegram_id, args[0][:64], exc)
+        raise AdminError("admin_refund_failed", reason=str(exc)) from None
+    logger.info("admin %s refunded %s of %s: refund %s %s", ctx.telegram_id, _rub(result.kopecks), args[0][:64],
+                result.refund_id, result.status)
+    if result.applied is not None:
+        _send(ctx, ctx.t("admin_refund_done", refund_id=result.refund_id, amount=_rub(result.kopecks),
+                         credits=result.applied.credits_debited, shortfall=result.applied.shortfall))
+    else:
+        _send(ctx, ctx.t("admin_refund_pending", refund_id=result.refund_id, amount=_rub(result.kopecks),
+                         status=result.status))
 
 
 @_admin("admin_usage_grant")
@@ -1360,7 +1429,8 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
                           ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
                           ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
                           ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
-                          ("broadcast", cmd_broadcast)):
+                          ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs),
+                          ("refund", cmd_refund)):
         msg(g(handler), commands=[name], func=admin)
     msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))
     # Steps.
