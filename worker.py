@@ -1055,7 +1055,10 @@ def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | No
     credited = []
     if cfg.yookassa_configured:
         try:
-            credited = payments.reconcile(cfg, now)
+            report = payments.reconcile(cfg, now)
+            credited = list(getattr(report, "credited", report))   # a ReconcileReport since issue 9
+            for payment_id in getattr(report, "needs_attention", ()):
+                alert_needs_attention(payment_id, cfg)
         except payments.PaymentError as exc:
             logger.warning("reconcile failed (%s)", _describe(exc, cfg))
     unnotified = [str(p) for p in payments.unnotified_payments(older_than=60, now=now)]
