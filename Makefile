@@ -29,18 +29,21 @@ setup: venv                      ## venv, deps, .env, migrate, seed promo codes
 	$(BIN)/python manage.py migrate
 	$(BIN)/python manage.py seed-promo
 
-run: venv                        ## all three processes, for development (Ctrl-C stops them)
-	@trap 'kill 0' INT TERM EXIT; \
-	$(MAKE) --no-print-directory worker & $(MAKE) --no-print-directory web & $(MAKE) --no-print-directory bot & wait
+BOT_CMD = $(BIN)/python bot.py
+WEB_CMD = $(BIN)/gunicorn -c deploy/gunicorn.conf.py web:app
+WORKER_CMD = $(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -d 0.01 -m 1 -f -g INT -t 60
+
+run: venv                        ## all three processes; Ctrl-C, or any one exiting, stops all three
+	@$(BIN)/python scripts/run_all.py worker="$(WORKER_CMD)" web="$(WEB_CMD)" bot="$(BOT_CMD)"
 
 bot: venv
-	$(BIN)/python bot.py
+	$(BOT_CMD)
 
 web: venv
-	$(BIN)/gunicorn -c deploy/gunicorn.conf.py web:app
+	$(WEB_CMD)
 
 worker: venv
-	$(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -d 0.01 -m 1 -f -g INT -t 60
+	$(WORKER_CMD)
 
 migrate: $(OPS)
 	$(BIN)/python manage.py migrate

@@ -38,6 +38,7 @@ import logging
 import re
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 import zlib
@@ -57,6 +58,7 @@ import billing
 import config
 import media
 import models
+import ops
 import payments
 import promo
 import texts
@@ -1136,7 +1138,76 @@ def cmd_user(message: types.Message, ctx: Ctx) -> None:
         free_access=ctx.t("yes" if view.free_access else "no"), credits=view.credits,
         reserved=view.credits_reserved, free_ops=view.free_ops,
         generations=Generation.select().where(Generation.user == user.id).count(),
-        payments=Payment.select().where((Payment.user == user.id) & (Payment.status == "succeeded")).count()))
+        payments=Payment.select().where((Payment.user == user.id) & (Payment.status == "succeeded")).count())
+        + "\n\n" + ctx.t("admin_user_ledger", lines="\n".join(_ledger_line(e) for e in ops.ledger_lines(user.id))
+                         or "—"))
+
+
+def _ledger_line(entry) -> str:
+    return "%s %s %s %+d → %d (%+d → %d) %s" % (
+        entry.created_at.strftime("%m-%d %H:%M"), entry.kind, entry.asset, entry.delta_available,
+        entry.available_after, entry.delta_reserved, entry.reserved_after, entry.reference)
+
+
+@_admin("admin_usage_payments")
+def cmd_payments(message: types.Message, ctx: Ctx) -> None:
+    """/payments <telegram id> (admins): the user's latest top-ups with YooKassa payment ids."""
+    args = _args(message)
+    if len(args) != 1:
+        raise AdminError()
+    user = _target_user(args[0])
+    lines = []
+    for p in ops.user_payments(user.id):
+        refunded = ctx.t("admin_payment_refunded", amount=_rub(p.refunded_kopecks)) if p.refunded_kopecks else ""
+        lines.append("%s %s — %s ₽, %s, %s%s" % (p.created_at.strftime("%Y-%m-%d %H:%M"),
+                                                     p.yookassa_payment_id or "—", _rub(p.amount_kopecks),
+                                                     p.credits, p.status, refunded))
+    _send(ctx, ctx.t("admin_payments", telegram_id=user.telegram_id, lines="\n".join(lines) or "—"))
+
+
+@_admin("admin_usage_jobs")
+def cmd_jobs(message: types.Message, ctx: Ctx) -> None:
+    """/jobs failed (admins): the latest failed generations with their error class."""
+    if _args(message) != ["failed"]:
+        raise AdminError()
+    lines = []
+    for gen in ops.failed_generations():
+        kind, exc = ops.error_class(gen.error)
+        when = (gen.finished_at or gen.created_at).strftime("%m-%d %H:%M")
+        lines.append("%s %s %s user %s: %s%s — %s" % (when, str(gen.id)[:8], gen.mode, gen.user_id, kind,
+                                                      "/" + exc if exc else "", (gen.error or "")[:120]))
+    _send(ctx, ctx.t("admin_jobs_failed", lines="\n".join(lines) or "—"))
+
+
+@_admin("admin_usage_refund")
+def cmd_refund(message: types.Message, ctx: Ctx) -> None:
+    """/refund <YooKassa payment id> [amount ₽] (admins): a real refund through YooKassa; the
+    credits are taken back by the refund path (`payments.refund_topup`)."""
+    args = _args(message)
+    if not 1 <= len(args) <= 2:
+        raise AdminError()
+    kopecks = None
+    if len(args) == 2:
+        try:
+            kopecks = payments.value_to_kopecks(args[1].replace(",", "."))
+        except ValueError:
+            raise AdminError() from None
+        if kopecks <= 0:
+            raise AdminError()
+    key = "refund:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
+    try:
+        result = payments.refund_topup(args[0], kopecks, idempotency_key=key, cfg=ctx.cfg)
+    except payments.PaymentError as exc:
+        logger.warning("admin %s: refund of %s failed: %s", ctx.telegram_id, args[0][:64], exc)
+        raise AdminError("admin_refund_failed", reason=str(exc)) from None
+    logger.info("admin %s refunded %s of %s: refund %s %s", ctx.telegram_id, _rub(result.kopecks), args[0][:64],
+                result.refund_id, result.status)
+    if result.applied is not None:
+        _send(ctx, ctx.t("admin_refund_done", refund_id=result.refund_id, amount=_rub(result.kopecks),
+                         credits=result.applied.credits_debited, shortfall=result.applied.shortfall))
+    else:
+        _send(ctx, ctx.t("admin_refund_pending", refund_id=result.refund_id, amount=_rub(result.kopecks),
+                         status=result.status))
 
 
 @_admin("admin_usage_grant")
@@ -1325,6 +1396,20 @@ class MediaLabBot(telebot.TeleBot):
                     part.update_id = update.update_id
         return super().process_new_updates(updates)
 
+    _beat_at: float | None = None
+
+    def get_updates(self, *args, **kwargs):
+        """getUpdates, first writing the bot's heartbeat (``process:bot``, at most every
+        ops.HEARTBEAT_EVERY seconds): a polling loop that stops makes /health answer 503."""
+        now = time.monotonic()
+        if self._beat_at is None or now - self._beat_at >= ops.HEARTBEAT_EVERY:
+            try:
+                ops.beat("process:bot")
+                self._beat_at = now
+            except Exception as exc:  # noqa: BLE001 - polling goes on; /health shows the stale beat
+                logger.warning("heartbeat failed (%s)", type(exc).__name__)
+        return super().get_updates(*args, **kwargs)
+
 
 def _prefix(prefix: str):
     return lambda call: (call.data or "").startswith(prefix)
@@ -1344,7 +1429,8 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
                           ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
                           ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
                           ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
-                          ("broadcast", cmd_broadcast)):
+                          ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs),
+                          ("refund", cmd_refund)):
         msg(g(handler), commands=[name], func=admin)
     msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))
     # Steps.
@@ -1480,6 +1566,7 @@ def _serve_webhook(cfg: config.Config) -> int:
     from werkzeug.serving import run_simple
 
     app = create_webhook_app(cfg)
+    ops.HeartbeatThread("bot", cfg.database_url).start()     # no polling loop to beat in this mode
     sender = worker.telegram(cfg)
     worker.tg(sender.set_webhook, url=cfg.telegram_webhook_url, secret_token=cfg.telegram_webhook_secret,
               allowed_updates=ALLOWED_UPDATES)

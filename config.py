@@ -113,6 +113,11 @@ class Config:
     data_dir: str = os.path.join(ROOT, "data")
     backup_keep: int = 14                   # newest backups kept in <data>/backup (0: keep all)
     backup_command: str = ""                # run after a verified backup with its path appended
+    health_min_free_mb: int = 500           # /health answers 503 below this much free disk in data_dir
+    health_heartbeat_max_age: int = 180     # seconds: an older bot/worker heartbeat makes /health 503
+    alert_interval: int = 1800              # seconds: one admin alert per condition per interval
+    alert_task_stale: int = 600             # seconds without a sweep / reconciliation before an alert
+    metrics_token: str = ""                 # bearer token for /metrics from other hosts (else loopback only)
 
     def price(self, mode: str) -> int:
         """Return the price of one operation in `mode`, in credits (0 for free modes)."""
@@ -260,6 +265,11 @@ def load(environ: dict | None = None, env_file: str | None = None, require_token
     text("DATA_DIR", "data_dir")
     integer("BACKUP_KEEP", "backup_keep", 0, 10000)
     text("BACKUP_COMMAND", "backup_command")
+    integer("HEALTH_MIN_FREE_MB", "health_min_free_mb", 0, 10**7)
+    integer("HEALTH_HEARTBEAT_MAX_AGE", "health_heartbeat_max_age", 30, 86400)
+    integer("ALERT_INTERVAL", "alert_interval", 60, 7 * 86400)
+    integer("ALERT_TASK_STALE", "alert_task_stale", 60, 7 * 86400)
+    text("METRICS_TOKEN", "metrics_token")
 
     prices = {}
     endpoints = dict(DEFAULT_ENDPOINTS)

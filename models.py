@@ -277,8 +277,19 @@ class ConversationState(BaseModel):
     updated_at = DateTimeField(default=utcnow)
 
 
+class Heartbeat(BaseModel):
+    """A named timestamp and counter (migrations/0003): process liveness (``process:bot`` …),
+    periodic task runs (``task:sweep`` …), alert dedupe (``alert:<key>``) and webhook outcome
+    counts (``webhook:<status>:<detail>``). Written and read through `ops`."""
+
+    name = CharField(primary_key=True)
+    at = DateTimeField(null=True)
+    value = BigIntegerField(default=0)
+
+
 ALL_MODELS = [User, Balance, LedgerEntry, Reservation, Generation, PromoCode, Payment,
-              PromoRedemption, Refund, ConversationState, AdminAction]
+              PromoRedemption, Refund, ConversationState, AdminAction,
+              Heartbeat]
 
 
 class NotMigrated(Exception):

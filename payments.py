@@ -889,6 +889,80 @@ def _refund_notification(notification, cfg: config.Config) -> NotificationOutcom
     return NotificationOutcome(200, None, "refunded", refund_id=refund_id)
 
 
+# --- refunds made by an admin -------------------------------------------------------------------
+
+class RefundNotPossible(PaymentError):
+    """This payment cannot be refunded (not succeeded, nothing left, or a wrong amount)."""
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    """What ``Refund.create`` answered: the YooKassa refund id, its status, the amount in kopecks,
+    and our applied `Refund` row when it succeeded at once (else None: the ``refund.succeeded``
+    notification applies it when it comes)."""
+
+    refund_id: str
+    status: str
+    kopecks: int
+    applied: Refund | None
+
+
+def find_order(reference: str) -> Payment | None:
+    """Our order for `reference`: a YooKassa payment id as the cabinet shows it, or our order uuid."""
+    reference = (reference or "").strip()
+    order = Payment.get_or_none(Payment.yookassa_payment_id == reference) if reference else None
+    if order is None:
+        try:
+            order = Payment.get_or_none(Payment.id == uuid.UUID(reference))
+        except ValueError:
+            return None
+    return order
+
+
+def refund_topup(reference: str, kopecks: int | None = None, *, idempotency_key: str,
+                 cfg: config.Config | None = None) -> RefundResult:
+    """Refund `kopecks` (default: all that is left) of a succeeded top-up through YooKassa
+    ``Refund.create`` with `idempotency_key` (a retried command never refunds twice).
+
+    `reference` is the YooKassa payment id or our order uuid. The credits come back through the
+    usual path: when the API answers ``succeeded`` at once the refund is applied here with the same
+    `_apply_refund` the ``refund.succeeded`` notification uses (once per refund id, whichever comes
+    first); a pending refund is applied by that notification. Receipts (YOOKASSA_RECEIPTS) are not
+    sent with refunds.
+
+    :raises UnknownPayment: no such order (or it never reached YooKassa).
+    :raises RefundNotPossible: the order is not succeeded, nothing is left, or `kopecks` is out of range.
+    :raises PaymentsNotConfigured, ProviderUnavailable (outcome unknown: retry with the same key),
+        PaymentRejected (YooKassa refused it).
+    """
+    cfg = cfg or config.get()
+    configure_sdk(cfg)
+    order = find_order(reference)
+    if order is None or not order.yookassa_payment_id:
+        raise UnknownPayment("no order for %r" % str(reference)[:64])
+    left = order.amount_kopecks - order.refunded_kopecks
+    kopecks = left if kopecks is None else int(kopecks)
+    if order.status != "succeeded" or left <= 0 or not 0 < kopecks <= left:
+        raise RefundNotPossible("order %s is %s with %s left; asked %s" % (
+            order.id, order.status, kopecks_to_value(max(left, 0)), kopecks_to_value(max(kopecks, 0))))
+    params = {"payment_id": order.yookassa_payment_id, "description": "Возврат по заказу %s" % order.id,
+              "amount": {"value": kopecks_to_value(kopecks), "currency": order.currency}}
+    try:
+        response = yookassa.Refund.create(params, idempotency_key=idempotency_key)
+    except Exception as exc:
+        if _transient(exc):
+            raise ProviderUnavailable("Refund.create for order %s failed: %s" % (order.id, _describe(exc))) from exc
+        if isinstance(exc, (ApiError, ValueError, TypeError)):
+            raise PaymentRejected("YooKassa refused the refund of order %s: %s" % (order.id, _describe(exc))) from exc
+        raise
+    applied = None
+    if response.status == "succeeded" and response.payment_id == order.yookassa_payment_id:
+        applied = _apply_refund(order.id, response.id, value_to_kopecks(response.amount.value))
+    logger.info("refund requested: order=%s yookassa=%s refund=%s amount=%s status=%s applied=%s", order.id,
+                order.yookassa_payment_id, response.id, kopecks_to_value(kopecks), response.status, applied is not None)
+    return RefundResult(str(response.id), str(response.status), kopecks, applied)
+
+
 # --- the button, reconciliation, reports ------------------------------------------------------
 
 def check_payment(payment_id, user_id: int, cfg: config.Config | None = None) -> Payment:

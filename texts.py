@@ -232,6 +232,26 @@ TEXTS = {
                                 "en": "📣 Broadcast started. You will get a report when it is done."},
     "admin_broadcast_done": {"ru": "📣 Рассылка завершена: отправлено {sent}, не доставлено {failed}.",
                              "en": "📣 Broadcast finished: {sent} sent, {failed} failed."},
+    "admin_user_ledger": {"ru": "Последние операции (вид, актив, Δ доступно → после, Δ резерв → после, ссылка):\n{lines}",
+                          "en": "Latest ledger lines (kind, asset, Δ available → after, Δ held → after, reference):\n{lines}"},
+    "admin_payments": {"ru": "💳 Платежи {telegram_id} (дата, id в YooKassa — сумма, кредиты, статус):\n{lines}",
+                       "en": "💳 Payments of {telegram_id} (date, YooKassa id — amount, credits, status):\n{lines}"},
+    "admin_payment_refunded": {"ru": ", возвращено {amount} ₽", "en": ", refunded {amount} ₽"},
+    "admin_jobs_failed": {"ru": "❌ Последние неудачные генерации (время, id, режим, пользователь: класс ошибки — текст):\n{lines}",
+                          "en": "❌ Latest failed generations (time, id, mode, user: error class — text):\n{lines}"},
+    "admin_refund_done": {"ru": "↩️ Возврат {refund_id} на {amount} ₽ проведён: списано {credits} кредитов "
+                                "(не хватило {shortfall}).",
+                          "en": "↩️ Refund {refund_id} of {amount} ₽ succeeded: {credits} credits taken back "
+                                "({shortfall} short)."},
+    "admin_refund_pending": {"ru": "↩️ Возврат {refund_id} на {amount} ₽ создан, статус {status}: кредиты спишутся "
+                                   "по уведомлению refund.succeeded.",
+                             "en": "↩️ Refund {refund_id} of {amount} ₽ created, status {status}: the credits are "
+                                   "taken back on the refund.succeeded notification."},
+    "admin_refund_failed": {"ru": "⚠️ Возврат не выполнен: {reason}", "en": "⚠️ Refund failed: {reason}"},
+    "admin_usage_payments": {"ru": "Использование: /payments <telegram id>", "en": "Usage: /payments <telegram id>"},
+    "admin_usage_jobs": {"ru": "Использование: /jobs failed", "en": "Usage: /jobs failed"},
+    "admin_usage_refund": {"ru": "Использование: /refund <id платежа YooKassa> [сумма ₽]",
+                           "en": "Usage: /refund <YooKassa payment id> [amount ₽]"},
     "admin_usage_stats": {"ru": "Использование: /stats", "en": "Usage: /stats"},
     "admin_usage_user": {"ru": "Использование: /user <telegram id>", "en": "Usage: /user <telegram id>"},
     "admin_usage_grant": {"ru": "Использование: /grant <telegram id> <кредиты> <причина>",
@@ -258,6 +278,28 @@ TEXTS = {
     "admin_report_mismatch": {
         "ru": "⚠️ Сверка платежей за {day}: учёт бота и YooKassa расходятся.\nПополнения: {topups}\nВозвраты: {refunds}",
         "en": "⚠️ Payment reconciliation for {day}: the bot's ledger and YooKassa disagree.\nTop-ups: {topups}\nRefunds: {refunds}",
+    },
+    "alert_fal_auth": {
+        "ru": "🚨 Fal ответил {status}: проверьте FAL_KEY и баланс аккаунта Fal. Генерации не работают.\n{detail}",
+        "en": "🚨 Fal answered {status}: check FAL_KEY and the Fal account balance. Generations are failing.\n{detail}",
+    },
+    "alert_webhook_failing": {
+        "ru": "🚨 Уведомления YooKassa не проходят проверку: {count} подряд (чужой адрес, API не ответил "
+              "или объект не совпал). Платежи догонит сверка; проверьте логи web.",
+        "en": "🚨 YooKassa notifications fail verification: {count} in a row (untrusted address, the API did "
+              "not answer or the object did not match). Reconciliation catches payments up; check the web logs.",
+    },
+    "alert_task_stale": {
+        "ru": "🚨 Периодическая задача {task} не запускалась {minutes} мин. Проверьте worker.",
+        "en": "🚨 The periodic task {task} has not run for {minutes} min. Check the worker.",
+    },
+    "alert_bot_stale": {
+        "ru": "🚨 Бот не подаёт признаков жизни {minutes} мин. Проверьте процесс bot.",
+        "en": "🚨 The bot has shown no sign of life for {minutes} min. Check the bot process.",
+    },
+    "alert_disk_low": {
+        "ru": "🚨 Мало места на диске с данными: {free} МБ свободно (порог {limit} МБ).",
+        "en": "🚨 The data disk is nearly full: {free} MB free (threshold {limit} MB).",
     },
     "job_running": {
         "ru": "🎨 Генерирую…",

@@ -10,6 +10,8 @@ the worker (``worker.notify_payment``), never inside the request.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import logging
 import os
 import sqlite3
@@ -21,7 +23,9 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config
+import metrics
 import models
+import ops
 import payments
 import worker
 
@@ -73,9 +77,13 @@ def create_app(cfg: config.Config | None = None) -> Flask:
     Routes: ``POST /yookassa/webhook`` (the body, at most 64 KB, goes to
     payments.handle_notification with the client address; the answer is an empty body with the
     outcome's status; after a credit ``worker.notify_payment`` is enqueued) and
-    ``GET /yookassa/health`` (JSON ``{"yookassa_configured": bool, "database": "ok"|"error"}``,
-    200 when both are fine, else 503). The database is bound on the first request and each request
-    opens and closes its own connection.
+    ``GET /yookassa/health`` (JSON ``{"yookassa_configured": bool, "database": "ok"|"error",
+    "live": bool}``, 200 when all are fine, else 503), ``GET /health`` (JSON with the problems:
+    503 when the database takes no write, the bot's or the worker's heartbeat is stale, or DATA_DIR
+    is under HEALTH_MIN_FREE_MB; `ops.check_health`) and ``GET /metrics`` (Prometheus text from
+    `metrics`, for loopback clients or the METRICS_TOKEN bearer only; 403 otherwise). Each
+    notification's outcome is counted (`ops.count_webhook`). The database is bound on the first
+    request and each request opens and closes its own connection.
     """
     cfg = cfg or config.get()
     app = Flask(__name__)
@@ -124,22 +132,61 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         except Exception:
             logger.exception("could not enqueue the follow-up of notification %s", outcome.detail)
         logger.info("notification answered %s (%s) from %s", outcome.http_status, outcome.detail, request.remote_addr)
+        ops.count_webhook(outcome.http_status, outcome.detail)
         return Response(status=outcome.http_status)
+
+    def _health() -> ops.Health:
+        if g.db_error:
+            return ops.Health(ok=False, problems=["database not reachable"], database="error")
+        health = ops.check_health(cfg)
+        if not health.ok:
+            logger.warning("health: %s", "; ".join(health.problems))
+        return health
 
     @app.get("/yookassa/health")
     def yookassa_health():
-        database = "error"
-        if not g.db_error:
-            try:
-                models.db.execute_sql("SELECT 1")
-                database = "ok"
-            except Exception as exc:         # noqa: BLE001 - reported, not raised
-                logger.error("health: database error: %s", type(exc).__name__)
-        body = {"yookassa_configured": cfg.yookassa_configured, "database": database}
-        ok = database == "ok" and cfg.yookassa_configured
+        health = _health()
+        # Proxied by nginx to the world: no details beyond these three.
+        body = {"yookassa_configured": cfg.yookassa_configured, "database": health.database, "live": health.ok}
+        ok = health.ok and cfg.yookassa_configured
         return jsonify(body), 200 if ok else 503
 
+    @app.get("/health")
+    def health():
+        health = _health()
+        body = {"ok": health.ok, "problems": health.problems, "database": health.database,
+                "heartbeats": health.heartbeats, "free_mb": health.free_mb}
+        return jsonify(body), 200 if health.ok else 503
+
+    registry = metrics.registry(cfg, worker.huey)
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        if not _metrics_allowed(cfg):
+            return Response(status=403)
+        if g.db_error:
+            return Response(status=503)
+        return Response(metrics.render(registry), content_type=metrics.CONTENT_TYPE)
+
     return app
+
+
+def _loopback(address: str | None) -> bool:
+    try:
+        return ipaddress.ip_address((address or "").strip()).is_loopback
+    except ValueError:
+        return False
+
+
+def _metrics_allowed(cfg: config.Config) -> bool:
+    """/metrics (not proxied by nginx): a loopback client — both the socket peer and the address
+    ProxyFix resolved, so nothing forwarded by a local proxy counts — or the METRICS_TOKEN bearer."""
+    if cfg.metrics_token:
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), ("Bearer " + cfg.metrics_token).encode()):
+            return True
+    peer = request.environ.get("werkzeug.proxy_fix.orig", {}).get("REMOTE_ADDR", request.environ.get("REMOTE_ADDR"))
+    return _loopback(peer) and _loopback(request.remote_addr)
 
 
 def _app_from_environment() -> Flask:

@@ -66,6 +66,7 @@ import billing
 import config
 import media
 import models
+import ops
 import payments
 import texts
 from models import Generation, Payment, Reservation, User, utcnow
@@ -204,6 +205,28 @@ class _DbSession:
 
 
 _keeper: list = []
+_process_heartbeat: list = []   # the consumer's ops.HeartbeatThread (process:worker)
+
+
+class _PeriodicAtDebug(logging.Filter):
+    """Huey logs "Enqueueing periodic task …", "Executing …" and "… executed in …" at INFO for every
+    task: three lines a minute per periodic task on an idle system. For periodic tasks these
+    become DEBUG records (shown only when the logger is at DEBUG); jobs keep their INFO lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.args and isinstance(record.args[0], PeriodicTask):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_periodic_logs() -> None:
+    """Install `_PeriodicAtDebug` on huey's loggers ("huey" for Executing/executed, and the
+    consumer's scheduler for Enqueueing); idempotent."""
+    for name in ("huey", "huey.consumer.Scheduler"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _PeriodicAtDebug) for f in target.filters):
+            target.addFilter(_PeriodicAtDebug())
 
 
 @huey.on_startup()
@@ -229,6 +252,8 @@ def _on_startup() -> None:
         # httpx logs every Fal status poll at INFO.
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        quiet_periodic_logs()
+        _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()
     try:
         with _DbSession():
@@ -816,6 +841,7 @@ def _may_retry(gen: Generation, reservation: Reservation | None, cfg: config.Con
 
 def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config) -> None:
     """Retry a transient failure later (RetryTask) or fail the job for good."""
+    _alert_fal_auth(exc, cfg)
     kind, retryable, at_least = _classify(exc)
     gen = Generation.get_by_id(gid)  # fresh: the request id may have been stored meanwhile
     reservation = Reservation.get_or_none(Reservation.id == gen.reservation_id)
@@ -957,34 +983,12 @@ def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
     return True
 
 
-ALERT_EVERY = 30 * 60     # seconds: one alert per condition (key) in this window
-
-
-def alert_admins(key: str, text_key: str, cfg: config.Config | None = None, **values) -> bool:
-    """Tell every ADMIN_IDS user `texts[text_key]` (in Russian) about condition `key`, at most once
-    per ALERT_EVERY seconds per key across processes (an AdminAction row per window). Never
-    raises; returns True if this call sent it."""
-    cfg = cfg or config.get()
-    window = int(time.time() // ALERT_EVERY)
-    try:
-        if not cfg.admin_ids or not billing.claim_action("alert:%s:%d" % (key, window)):
-            return False
-        text = texts.t(text_key, "ru", **values)
-        bot = telegram(cfg)
-        for admin_id in cfg.admin_ids:
-            _best_effort(bot.send_message, admin_id, text)
-        logger.warning("admins alerted: %s", key)
-        return True
-    except Exception as exc:   # noqa: BLE001 - an alert must never break its caller
-        logger.error("could not alert the admins about %s (%s)", key, _describe(exc, cfg))
-        return False
-
-
 @huey.task()
 def alert_admins_task(key: str, text_key: str, **values):
-    """`alert_admins` from a process that must not wait on Telegram (the web app)."""
+    """`alert_admins` with text `texts[text_key]` (Russian) formatted with `values`, from a process
+    that must not wait on Telegram (the web app)."""
     with _DbSession():
-        return alert_admins(key, text_key, **values)
+        return alert_admins(key, texts.t(text_key, "ru", **values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1097,6 +1101,7 @@ def sweep() -> dict:
     cfg = config.get()
     with _DbSession():
         report = sweep_once(cfg=cfg)
+        ops.beat("task:sweep")
     if any(report.values()):
         logger.info("sweep: %s", {k: (len(v) if isinstance(v, list) else v) for k, v in report.items()})
     else:
@@ -1119,11 +1124,9 @@ def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | No
         except payments.PaymentError as exc:
             logger.warning("reconcile failed (%s)", _describe(exc, cfg))
     for payment_id in report.needs_attention:
-        order = Payment.get_by_id(payment_id)
-        alert_admins("needs_attention:%s" % payment_id, "admin_alert_needs_attention",
-                     order=payment_id, yookassa=order.yookassa_payment_id or "—", problem=order.problem or "—")
+        alert_needs_attention(payment_id, cfg)
     if report.auth_failed:
-        alert_admins("yookassa_auth", "admin_alert_yookassa_auth")
+        alert_admins("yookassa_auth", texts.t("admin_alert_yookassa_auth", "ru"), cfg)
     unnotified = [str(p) for p in payments.unnotified_payments(older_than=60, now=now)]
     ids = list(dict.fromkeys([str(p) for p in report.credited] + unnotified))
     for payment_id in ids:
@@ -1143,7 +1146,10 @@ def reconcile_payments() -> list:
     """One reconciliation pass with its own database connection (`reconcile_once`). Run every
     RECONCILE_INTERVAL seconds by the consumer's `Ticker`."""
     with _DbSession():
-        return reconcile_once(config.get())
+        notified = reconcile_once(config.get())
+        ops.beat("task:reconcile")
+    logger.log(logging.INFO if notified else logging.DEBUG, "reconcile: %d payment(s) to tell", len(notified))
+    return notified
 
 
 class Ticker:
@@ -1222,6 +1228,109 @@ def daily_payment_report():
     """Every day at 03:15 UTC: `payment_report_once` for the day before."""
     with _DbSession():
         return payment_report_once()
+
+
+# --------------------------------------------------------------------------------------------
+# Admin alerts and the watchdog
+# --------------------------------------------------------------------------------------------
+
+FAL_AUTH_STATUSES = (401, 402, 403)   # Fal: bad key, out of credit, forbidden: every job fails until fixed
+WEBHOOK_FAILURES_ALERT = 3            # unverifiable / refused notifications between two watchdog runs
+
+
+def alert_admins(key: str, text: str, cfg: config.Config | None = None, now: datetime.datetime | None = None) -> bool:
+    """Tell every ADMIN_IDS chat `text`, at most once per ALERT_INTERVAL seconds for condition
+    `key` (deduplicated across processes through `ops.claim_alert`). Returns True when it was sent
+    (to at least the attempt), False when deduplicated. Logs the alert at WARNING; never raises."""
+    cfg = cfg or config.get()
+    try:
+        if not ops.claim_alert(key, cfg.alert_interval, now):
+            logger.debug("alert %s: already sent within %s s", key, cfg.alert_interval)
+            return False
+    except Exception as exc:  # noqa: BLE001 - an alert must never fail its caller
+        logger.warning("alert %s: could not record it (%s); sending anyway", key, _describe(exc, cfg))
+    logger.warning("alert %s: %s", key, text.replace("\n", " | "))
+    for admin_id in cfg.admin_ids:
+        try:
+            tg(telegram(cfg).send_message, admin_id, text)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not alert admin %s (%s)", admin_id, _describe(exc, cfg))
+    return True
+
+
+def alert_needs_attention(payment_id, cfg: config.Config | None = None) -> bool:
+    """Alert the admins once about payment `payment_id` needing a human (status
+    ``needs_attention``: YooKassa does not know it, or it does not match our order); returns what
+    `alert_admins` returns."""
+    order = Payment.get_or_none(Payment.id == payment_id)
+    return alert_admins("needs_attention:%s" % payment_id, texts.t(
+        "admin_alert_needs_attention", "ru", order=payment_id,
+        yookassa=(order.yookassa_payment_id if order else None) or "—",
+        problem=(order.problem if order else None) or "—"), cfg)
+
+
+def _alert_fal_auth(exc: BaseException, cfg: config.Config) -> None:
+    """Fal answered 401/402/403: every job will fail until the key or the account is fixed."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, media.ProviderError) and status in FAL_AUTH_STATUSES:
+        alert_admins("fal_auth:%s" % status, texts.t("alert_fal_auth", "ru", status=status,
+                                                     detail=str(exc)[:200]), cfg)
+
+
+_webhook_failures_seen: list = []
+
+
+def watchdog_once(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list:
+    """Check what nobody would notice and alert the admins (each condition deduplicated):
+    the sweeper or reconciliation not run for ALERT_TASK_STALE seconds (from the heartbeat table;
+    reconciliation only when YooKassa is configured), the bot's heartbeat stale, free disk under
+    HEALTH_MIN_FREE_MB, WEBHOOK_FAILURES_ALERT or more notifications refused or unverifiable since
+    the last run, and payments in status ``needs_attention``. Returns the alert keys raised (sent
+    or deduplicated)."""
+    cfg = cfg or config.get()
+    now = now or utcnow()
+    raised = []
+
+    def alert(key, text_key, **values):
+        raised.append(key)
+        alert_admins(key, texts.t(text_key, "ru", **values), cfg, now)
+
+    tasks = ("sweep", "reconcile") if cfg.yookassa_configured else ("sweep",)
+    for task in tasks:
+        interval = cfg.sweep_interval if task == "sweep" else cfg.reconcile_interval
+        limit = max(cfg.alert_task_stale, 2 * interval + 60)
+        seconds = ops.age("task:" + task, now)
+        if seconds is None:
+            seconds = ops.age("process:worker", now)      # a new install: count from the worker's start
+        if seconds is not None and seconds > limit:
+            alert("task_stale:" + task, "alert_task_stale", task=task, minutes=int(seconds // 60))
+    bot_age = ops.age("process:bot", now)
+    if bot_age is not None and bot_age > cfg.health_heartbeat_max_age:
+        alert("bot_stale", "alert_bot_stale", minutes=int(bot_age // 60))
+    try:
+        free = ops.free_disk_mb(cfg.data_dir)
+        if free < cfg.health_min_free_mb:
+            alert("disk_low", "alert_disk_low", free=int(free), limit=cfg.health_min_free_mb)
+    except OSError as exc:
+        logger.warning("watchdog: free disk unknown (%s)", type(exc).__name__)
+    failures = ops.webhook_failures()
+    seen = _webhook_failures_seen[0] if _webhook_failures_seen else failures
+    _webhook_failures_seen[:] = [failures]
+    if failures - seen >= WEBHOOK_FAILURES_ALERT:
+        alert("webhook_failing", "alert_webhook_failing", count=failures - seen)
+    for payment_id in Payment.select(Payment.id).where(Payment.status == "needs_attention").tuples():
+        raised.append("needs_attention:%s" % payment_id[0])
+        alert_needs_attention(payment_id[0], cfg)
+    return raised
+
+
+@huey.periodic_task(crontab(minute="*"))
+def watchdog():
+    """Every minute: `watchdog_once` (logs only when it raised something)."""
+    with _DbSession():
+        raised = watchdog_once()
+    logger.log(logging.INFO if raised else logging.DEBUG, "watchdog: %s", raised or "all well")
+    return raised
 
 
 BROADCAST_RATE = 20.0   # messages per second; Telegram allows about 30/s overall (Bot API FAQ)

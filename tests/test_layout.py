@@ -1,4 +1,5 @@
-"""Imports point one way: bot/web → worker → payments → promo → billing → models → config.
+"""Imports point one way: bot/web → worker → payments → promo → billing → models → config
+(`ops` — heartbeats, health, admin views — and `metrics` sit beside billing: models, config only).
 
 Parses every top-level module with `ast` and fails on an import the layering forbids.
 """
@@ -8,7 +9,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OURS = {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "bot", "web",
-        "manage", "demo", "backup"}
+        "manage", "demo", "backup", "ops", "metrics"}
 
 ALLOWED = {
     "config": set(),
@@ -16,11 +17,13 @@ ALLOWED = {
     "models": {"config"},
     "media": {"config"},
     "billing": {"config", "models"},
+    "ops": {"config", "models"},
+    "metrics": {"config", "models", "ops"},
     "promo": {"config", "models", "billing"},
     "payments": {"config", "models", "billing", "promo"},
-    "worker": {"config", "models", "billing", "promo", "payments", "media", "texts"},
-    "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker"},
-    "web": {"config", "models", "payments", "worker", "texts"},
+    "worker": {"config", "models", "billing", "promo", "payments", "media", "texts", "ops"},
+    "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "ops"},
+    "web": {"config", "models", "payments", "worker", "texts", "ops", "metrics"},
     "backup": set(),
     "manage": {"config", "models", "billing", "promo", "backup"},
     "demo": OURS - {"demo", "bot", "web"},

@@ -271,8 +271,9 @@ def test_admin_alerts_are_sent_once_per_window(shop, fake_telegram):
     config.configure(shop.cfg.replace(telegram_api_url=fake_telegram.url))
     admin = config.get().admin_ids[0]
     fake_telegram.add_user(admin)
-    assert worker.alert_admins("yookassa_auth", "admin_alert_yookassa_auth") is True
-    assert worker.alert_admins("yookassa_auth", "admin_alert_yookassa_auth") is False
+    text = worker.texts.t("admin_alert_yookassa_auth", "ru")
+    assert worker.alert_admins("yookassa_auth", text) is True
+    assert worker.alert_admins("yookassa_auth", text) is False
     assert [m["text"][:2] for m in fake_telegram.messages(admin)] == ["⚠️"]
 
 

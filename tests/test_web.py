@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 
 import billing
 import config
+import ops
 import payments
 import promo
 import web
@@ -67,16 +68,24 @@ def nothing_changed():
     assert notify_tasks() == []
 
 
+def processes_alive():
+    """The bot's and the worker's heartbeats, as if both were running (/health requires them)."""
+    for process in ops.PROCESSES:
+        ops.beat("process:" + process)
+
+
 def test_health(yk, tmp_path):
+    processes_alive()
+    ok = {"yookassa_configured": True, "database": "ok", "live": True}
     response = web.create_app(yk.cfg).test_client().get("/yookassa/health")
-    assert (response.status_code, response.get_json()) == (200, {"yookassa_configured": True, "database": "ok"})
+    assert (response.status_code, response.get_json()) == (200, ok)
     bare = web.create_app(yk.cfg.replace(yookassa_shop_id="", yookassa_secret_key=""))
     response = bare.test_client().get("/yookassa/health")
-    assert (response.status_code, response.get_json()) == (503, {"yookassa_configured": False, "database": "ok"})
+    assert (response.status_code, response.get_json()) == (503, dict(ok, yookassa_configured=False))
     (tmp_path / "a-file").write_text("not a folder")
     broken = web.create_app(yk.cfg.replace(database_url="sqlite:///%s/a-file/db.sqlite" % tmp_path))
     response = broken.test_client().get("/yookassa/health")
-    assert (response.status_code, response.get_json()) == (503, {"yookassa_configured": True, "database": "error"})
+    assert (response.status_code, response.get_json()) == (503, dict(ok, database="error", live=False))
     assert post(broken, fixture_body("payment.succeeded"), forwarded=YK_IP).status_code == 503
 
 
@@ -235,6 +244,7 @@ def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path):
     queue_url = "sqlite:///%s" % (tmp_path / "queue.db")
     env = dict(TEST_ENV, DATABASE_URL=db_url, QUEUE_URL=queue_url, YOOKASSA_API_URL=yk.fake.api_url,
                YOOKASSA_TIMEOUT="5", TRUSTED_PROXY_COUNT="1", LOG_LEVEL="WARNING")
+    processes_alive()
     process, base = start_gunicorn(env, str(tmp_path / "gunicorn.log"))
     try:
         statuses = yk.fake.notify("payment.succeeded", order.yookassa_payment_id, base + "/yookassa/webhook",
