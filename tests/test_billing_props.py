@@ -4,6 +4,9 @@ A Hypothesis `RuleBasedStateMachine` drives random sequences of users, top-ups, 
 reservations (free access → free operation → credits), commit / release / expire, the
 sweeper with a moving clock, refunds (`take_back`), free access on and off, blocked users,
 and replayed or conflicting idempotency keys, against a small in-memory reference model.
+Issue 9 added: discount codes with use limits reserved on orders, orders paid or canceled
+(consume / release), partial refunds of paid orders (the cumulative rule), and queued jobs
+whose holds the worker's sweeper must keep however long the backlog.
 After every step the balances and reservation states must equal the model's and
 `billing.audit()` must be clean.
 
@@ -34,7 +37,10 @@ from hypothesis.stateful import (
 import billing
 import config
 import models
-from models import Balance, LedgerEntry, Payment, Reservation, User
+import payments
+import promo
+import worker
+from models import Balance, Generation, LedgerEntry, Payment, PromoCode, PromoRedemption, Reservation, User
 from tests.conftest import postgres_url
 
 T0 = datetime.datetime(2030, 1, 1)
@@ -77,6 +83,25 @@ class ModelReservation:
     amount: int
     state: str
     expires_at: datetime.datetime
+    job: bool = False            # a queued job holds it: the worker's sweeper keeps it alive
+
+
+@dataclasses.dataclass
+class ModelCode:
+    max_uses: int | None
+    uses: int = 0
+    holders: dict = dataclasses.field(default_factory=dict)   # user id -> ("reserved", order) | ("consumed", order) | ("released", order)
+
+
+@dataclasses.dataclass
+class ModelOrder:
+    user_id: int
+    code: str
+    credits: int
+    kopecks: int
+    status: str = "pending"
+    refunded: int = 0            # kopecks
+    taken: int = 0               # credits asked back by its refunds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +128,8 @@ class BillingMachine(RuleBasedStateMachine):
     users = Bundle("users")
     reservations = Bundle("reservations")
     keys = Bundle("keys")
+    codes = Bundle("codes")
+    orders = Bundle("orders")
 
     open_database = None   # set by the test: a callable returning a cleanup callable
 
@@ -113,9 +140,13 @@ class BillingMachine(RuleBasedStateMachine):
         self.model_users: dict[int, ModelUser] = {}
         self.model_reservations: dict[int, ModelReservation] = {}
         self.keys_by_reservation: dict[int, KeyUse] = {}
+        self.model_codes: dict[str, ModelCode] = {}
+        self.model_orders: dict = {}
         self.serial = 0
+        worker.huey.flush()
 
     def teardown(self):
+        worker.huey.flush()
         self.cleanup()
 
     # --- helpers -----------------------------------------------------------------------------
@@ -337,7 +368,152 @@ class BillingMachine(RuleBasedStateMachine):
             raise AssertionError("reusing reservation key %s with another %s succeeded" % (use.key, change))
         assert self.snapshot() == before
 
+    # --- promo codes on orders (issue 9 §2) ----------------------------------------------------
+
+    @rule(target=codes, percent=st.integers(1, 60), max_uses=st.sampled_from([None, 1, 2]))
+    def add_code(self, percent, max_uses):
+        name = self.fresh("CODE").replace(":", "")
+        promo.add_code(name, "discount", percent=percent, max_uses=max_uses)
+        self.model_codes[name] = ModelCode(max_uses)
+        return name
+
+    def _reserved_by_others(self, code: ModelCode, user_id: int) -> int:
+        return sum(1 for holder, (state, order) in code.holders.items()
+                   if holder != user_id and state == "reserved" and self.model_orders[order].status == "pending")
+
+    @rule(target=orders, user_id=users, code=codes)
+    def open_order(self, user_id, code):
+        model = self.model_codes[code]
+        credits = 100 + self.serial           # a new amount each time: never re-uses an open order
+        self.fresh("order")
+        state, order = model.holders.get(user_id, (None, None))
+        if state == "consumed" or (state == "reserved" and self.model_orders[order].status == "pending"):
+            expected = promo.CodeAlreadyUsed
+        elif model.max_uses is not None and model.uses + self._reserved_by_others(model, user_id) >= model.max_uses:
+            expected = promo.CodeExhausted
+        else:
+            expected = None
+        before = self.snapshot()
+        if expected is not None:
+            with pytest.raises(expected):
+                payments._find_or_create_order(user_id, credits, code, models.utcnow())
+            assert self.snapshot() == before
+            return multiple()
+        created = payments._find_or_create_order(user_id, credits, code, models.utcnow())
+        Payment.update(yookassa_payment_id=str(uuid.uuid4())).where(Payment.id == created.id).execute()
+        self.model_orders[created.id] = ModelOrder(user_id, code, credits, created.amount_kopecks)
+        model.holders[user_id] = ("reserved", created.id)
+        return created.id
+
+    @rule(target=orders, user_id=users, code=codes)
+    def open_another_order(self, user_id, code):   # doubles the weight of orders
+        return self.open_order(user_id, code)
+
+    @rule(order_id=orders)
+    def pay_another_order(self, order_id):         # doubles the weight of payments
+        self.pay_order(order_id)
+
+    @rule(order_id=orders, share=st.sampled_from([0.1, 0.333, 0.5, 1.0]))
+    def refund_another_part(self, order_id, share):
+        self.refund_part(order_id, share)
+
+    @rule(order_id=orders)
+    def pay_order(self, order_id):
+        order = self.model_orders[order_id]
+        if order.status != "pending":
+            return   # a payment that succeeds after its cancel is the one logged anomaly; not modelled
+        assert payments._mark_succeeded(order_id, False, "model") is True
+        assert payments._mark_succeeded(order_id, False, "model") is False        # once
+        order.status = "succeeded"
+        self.model_users[order.user_id].credits += order.credits
+        code = self.model_codes[order.code]
+        state, held_order = code.holders[order.user_id]
+        if held_order == order_id and state in ("reserved", "released"):
+            code.holders[order.user_id] = ("consumed", order_id)
+            if code.max_uses is None or code.uses < code.max_uses:
+                code.uses += 1
+
+    @rule(order_id=orders)
+    def cancel_order(self, order_id):
+        order = self.model_orders[order_id]
+        changed = payments._mark_canceled(order_id, "model")
+        assert changed == (order.status == "pending")
+        if changed:
+            order.status = "canceled"
+            code = self.model_codes[order.code]
+            state, held_order = code.holders[order.user_id]
+            if state == "reserved" and held_order == order_id:
+                code.holders[order.user_id] = ("released", order_id)
+
+    @rule(order_id=orders, share=st.floats(0.01, 1.0))
+    def refund_part(self, order_id, share):
+        """A partial refund: credits back follow the cumulative refunded total (issue 9 §5)."""
+        order = self.model_orders[order_id]
+        left = order.kopecks - order.refunded
+        if order.status != "succeeded" or left <= 0:
+            return
+        kopecks = max(1, min(left, int(left * share)))
+        refund_id = self.fresh("refund")
+        row = payments._apply_refund(order_id, refund_id, kopecks)
+        assert payments._apply_refund(order_id, refund_id, kopecks) is None       # once
+        target = order.credits * (order.refunded + kopecks) // order.kopecks
+        asked = target - order.taken
+        user = self.model_users[order.user_id]
+        debited = min(asked, user.credits)
+        assert (row.credits_requested, row.credits_debited, row.shortfall) == (asked, debited, asked - debited)
+        user.credits -= debited
+        order.refunded += kopecks
+        order.taken = target
+        if order.refunded == order.kopecks:
+            assert order.taken == order.credits           # a whole refund takes back exactly its credits
+
+    # --- queued jobs and the worker's sweeper (issue 9 §3) --------------------------------------
+
+    @rule(reservation_id=reservations)
+    def queue_a_job(self, reservation_id):
+        r = self.model_reservations[reservation_id]
+        if r.state != "reserved" or r.job:
+            return
+        Generation.create(user=r.user_id, chat_id=1, mode="generate", status="queued", prompt="p",
+                          reservation=reservation_id, cost=r.amount if r.asset == "credits" else 0)
+        r.job = True
+
+    @precondition(lambda self: self.model_users)
+    @rule(seconds=st.sampled_from([30, 600, 901, 3600, 86400]))
+    def a_backlog_waits_and_the_worker_sweeps(self, seconds):
+        self.clock += datetime.timedelta(seconds=seconds)
+        cfg = config.get()
+        horizon = self.clock + datetime.timedelta(seconds=cfg.sweep_interval)
+        for r in self.model_reservations.values():
+            if r.state == "reserved" and r.job and r.expires_at <= horizon:
+                r.expires_at = self.clock + datetime.timedelta(seconds=cfg.reservation_ttl)
+        expected = sorted(rid for rid, r in self.model_reservations.items()
+                          if r.state == "reserved" and r.expires_at <= self.clock)
+        report = worker.sweep_once(now=self.clock, cfg=cfg)
+        assert sorted(report["expired"]) == expected
+        for rid in expected:
+            self._close(rid, "expired")
+        for rid, r in self.model_reservations.items():
+            if r.job and r.state != "reserved":
+                r.job = False                 # the sweeper failed the job whose hold had ended
+        live = {g.reservation_id for g in Generation.select().where(Generation.status == "queued")}
+        assert live == {rid for rid, r in self.model_reservations.items() if r.job}
+        for rid in live:                      # a queued job's hold never lapses, however long it waits
+            assert Reservation.get_by_id(rid).expires_at > self.clock
+
     # --- invariants --------------------------------------------------------------------------
+
+    @invariant()
+    def promo_limits_and_holders_match_the_model(self):
+        for name, model in self.model_codes.items():
+            code = PromoCode.get(PromoCode.code == name)
+            assert code.uses == model.uses, name
+            if model.max_uses is not None:
+                reserved = promo.open_reservations(code.id)
+                assert code.uses + reserved <= model.max_uses, name
+            actual = {r.user_id: (r.state, r.payment_id) for r in PromoRedemption.select().where(
+                PromoRedemption.promo == code.id)}
+            assert actual == {u: tuple(v) for u, v in model.holders.items()}, name
 
     @invariant()
     def balances_match_the_model(self):
