@@ -27,7 +27,7 @@ def test_public_names_are_read():
     cfg = config.load({
         "TELEGRAM_BOT_TOKEN": "1:x", "TELEGRAM_API_URL": "http://127.0.0.1:8081",
         "DATABASE_URL": "postgresql://u@h/db", "QUEUE_URL": "redis://127.0.0.1:6379/0",
-        "FAL_KEY": "k", "FAL_QUEUE_URL": "http://127.0.0.1:9000",
+        "FAL_KEY": "key-id:k", "FAL_QUEUE_URL": "http://127.0.0.1:9000",
         "YOOKASSA_SHOP_ID": "1", "YOOKASSA_SECRET_KEY": "s", "YOOKASSA_API_URL": "http://127.0.0.1:9001/v3",
         "YOOKASSA_RETURN_URL": "https://t.me/x_bot", "YOOKASSA_TRUSTED_NETWORKS": "127.0.0.1/32, ::1",
         "TRUSTED_PROXY_COUNT": "2", "PRICE_PER_OPERATION": "15", "PRICE_UPSCALE": "5",
@@ -35,7 +35,7 @@ def test_public_names_are_read():
         "ADMIN_IDS": "7,8", "FAL_ENDPOINT_UPSCALE": "fal-ai/clarity-upscaler",
     })
     assert cfg.telegram_api_url == "http://127.0.0.1:8081"
-    assert cfg.queue_url.startswith("redis://") and cfg.fal_key == "k" and cfg.yookassa_configured
+    assert cfg.queue_url.startswith("redis://") and cfg.fal_key == "key-id:k" and cfg.yookassa_configured
     assert [str(n) for n in cfg.yookassa_trusted_networks] == ["127.0.0.1/32", "::1/128"]
     assert cfg.trusted_proxy_count == 2 and cfg.admin_ids == (7, 8)
     assert cfg.price("generate") == 15 and cfg.price("upscale") == 5 and cfg.price("add_text") == 0
