@@ -229,11 +229,14 @@ def check_database(cfg, timeout: float = CHECK_TIMEOUT) -> None:
     :raises config.ConfigError: a SQLite file cannot be opened (a path or permission mistake).
     :raises models.NotMigrated: migrations are pending.
     """
-    database = models.open_database(cfg.database_url)
     sqlite = cfg.database_url.startswith("sqlite")
+    where = config._no_password(cfg.database_url)
+    try:
+        database = models.open_database(cfg.database_url)     # creates a SQLite file's folder
+    except OSError as exc:
+        raise config.ConfigError(["DATABASE_URL %s cannot be opened (%s)" % (where, _first_line(exc))]) from None
     if not sqlite:
         database.connect_params.setdefault("connect_timeout", max(1, int(timeout)))
-    where = config._no_password(cfg.database_url)
     try:
         try:
             database.connect()
