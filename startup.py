@@ -78,9 +78,8 @@ def secret_variants(cfg) -> list[tuple[str, str]]:
 class SecretFilter(logging.Filter):
     """A logging filter that rewrites each record with every configured secret replaced.
 
-    The message is formatted once (``msg % args``) and redacted, the traceback (``exc_text``)
-    and ``stack_info`` too; the record is then marked so later handlers do not redo the work.
-    Never drops a record.
+    The message is formatted (``msg % args``) and redacted, the traceback (``exc_text``) and
+    ``stack_info`` too. Never drops a record.
     """
 
     def __init__(self):
@@ -102,9 +101,8 @@ class SecretFilter(logging.Filter):
         return BOT_URL_TOKEN.sub("bot<TELEGRAM_BOT_TOKEN>", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Redact `record` in place; always True."""
-        if getattr(record, "_secrets_redacted", False):
-            return True
+        """Redact `record` in place (idempotent: a record passing several handlers, or another
+        filter with other secrets, is redacted again at the cost of one string scan); always True."""
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken format string still gets logged, redacted
@@ -116,7 +114,6 @@ class SecretFilter(logging.Filter):
             record.exc_text = self.redact(record.exc_text)
         if record.stack_info:
             record.stack_info = self.redact(record.stack_info)
-        record._secrets_redacted = True
         return True
 
 
