@@ -9,7 +9,7 @@ WORKERS ?= 4
 ARGS ?=
 SECONDS ?= 60
 
-.PHONY: setup venv run bot web worker migrate seed-promo audit backup test demo bench soak lint clean
+.PHONY: setup venv run bot web worker migrate env-example seed-promo audit backup test demo bench soak lint clean
 .PHONY: install restore
 # An installed copy (deploy/install.sh) has a runtime-only virtualenv: its operator commands use it
 # as it is instead of installing the development tools into it.
@@ -25,7 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 venv: $(STAMP)
 
 setup: venv                      ## venv, deps, .env, migrate, seed promo codes
-	@test -f .env || (cp .env.example .env && echo "created .env from .env.example: put your TELEGRAM_BOT_TOKEN there")
+	@test -f .env || (umask 077 && cp .env.example .env && chmod 600 .env && echo "created .env (mode 0600) from .env.example: put your TELEGRAM_BOT_TOKEN there")
 	$(BIN)/python manage.py migrate
 	$(BIN)/python manage.py seed-promo
 
@@ -47,6 +47,9 @@ worker: venv
 
 migrate: $(OPS)
 	$(BIN)/python manage.py migrate
+
+env-example: venv               ## regenerate .env.example from the declarations in config.py
+	$(BIN)/python config.py --env-example > .env.example
 
 seed-promo: venv
 	$(BIN)/python manage.py seed-promo

@@ -35,6 +35,7 @@ import datetime
 import functools
 import hmac
 import logging
+import random
 import re
 import sys
 import threading
@@ -61,6 +62,7 @@ import models
 import ops
 import payments
 import promo
+import startup
 import texts
 import worker
 from models import ConversationState, Generation, Payment, User
@@ -1486,33 +1488,145 @@ def set_commands(bot: telebot.TeleBot) -> None:
         worker.tg(bot.set_my_commands, commands, language_code=code)
 
 
+STARTUP_FIRST_DELAY = 1.0     # seconds before the second try of a start-up call
+STARTUP_MAX_DELAY = 60.0      # seconds: the cap of the exponential back-off
+STARTUP_TIMEOUT = 10.0        # seconds: connect and read timeout of each start-up call
+
+
+def backoff_delay(attempt: int, *, first: float = STARTUP_FIRST_DELAY, cap: float = STARTUP_MAX_DELAY,
+                  rng=random.random) -> float:
+    """Seconds to wait after failed try number `attempt` (1-based): `first` doubled each try,
+    capped at `cap`, then jittered to 50–100 % (`rng()` in [0, 1)) so restarted bots spread out."""
+    return min(cap, first * 2 ** (max(1, attempt) - 1)) * (0.5 + 0.5 * rng())
+
+
+class _StartupTimeouts:
+    """Lower pyTelegramBotAPI's per-request timeouts to `STARTUP_TIMEOUT` while starting.
+
+    ``apihelper.CONNECT_TIMEOUT`` / ``READ_TIMEOUT`` are module globals read by every request
+    (``apihelper._make_request``); get_me and set_my_commands take no timeout argument. Start-up
+    is single-threaded (polling has not begun), so the old values are restored afterwards.
+    """
+
+    def __enter__(self):
+        self.saved = apihelper.CONNECT_TIMEOUT, apihelper.READ_TIMEOUT
+        apihelper.CONNECT_TIMEOUT = apihelper.READ_TIMEOUT = STARTUP_TIMEOUT
+        return self
+
+    def __exit__(self, *exc):
+        apihelper.CONNECT_TIMEOUT, apihelper.READ_TIMEOUT = self.saved
+
+
+def _startup_problem(exc: Exception, what: str):
+    """Classify a failed start-up call: (None, reason) to retry, or (ConfigError, None) to stop.
+
+    Transient: network errors and timeouts, HTTP 5xx, 429, an answer that is not JSON. A 401 (or
+    404, what Telegram answers for a token it does not know) is a configuration error; any other
+    Bot API error is raised unchanged.
+    """
+    if isinstance(exc, requests.RequestException):
+        reason = "no answer within %g s" % STARTUP_TIMEOUT if isinstance(exc, requests.Timeout) else \
+            "cannot connect" if isinstance(exc, requests.ConnectionError) else "request failed"
+        return None, "%s (%s)" % (reason, type(exc).__name__)
+    if isinstance(exc, apihelper.ApiTelegramException):
+        code, text = exc.error_code, exc.description
+    elif isinstance(exc, apihelper.ApiException):
+        code, text = getattr(exc.result, "status_code", 0), getattr(exc.result, "reason", "") or "not JSON"
+    else:
+        raise exc
+    if code in (401, 404) and what == "getMe":
+        return config.ConfigError(["TELEGRAM_BOT_TOKEN was refused by Telegram (getMe: %s %s): copy the token "
+                                   "from @BotFather again; check TELEGRAM_API_URL too" % (code, text)]), None
+    if code == 401:
+        return config.ConfigError(["TELEGRAM_BOT_TOKEN was refused by Telegram (%s: 401 %s)" % (what, text)]), None
+    if code == 400 and what == "setWebhook":
+        return config.ConfigError(["TELEGRAM_WEBHOOK_URL was refused by Telegram (setWebhook: 400 %s)" % text]), None
+    if code == 429 or code >= 500 or isinstance(exc, apihelper.ApiInvalidJSONException):
+        return None, "HTTP %s %s" % (code, text)
+    raise exc
+
+
+def call_until_answered(call, what: str, *, sleep=time.sleep, rng=random.random, max_attempts: int | None = None):
+    """Run the start-up Telegram call `call()` until Telegram answers it and return the result.
+
+    Each failed try logs one line (the call, the try number, the reason — never the URL, which
+    carries the token) and waits `backoff_delay` seconds (at least a 429's retry_after) through
+    `sleep`; after `max_attempts` tries (None: no limit) the last error is raised.
+
+    :raises config.ConfigError: Telegram refused the token (401, or 404 for getMe).
+    :raises telebot.apihelper.ApiException: any other Bot API error (a 400 ...).
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            with _StartupTimeouts():
+                return call()
+        except Exception as exc:  # noqa: BLE001 - classified below; anything unknown is re-raised
+            problem, reason = _startup_problem(exc, what)
+            if problem is not None:
+                raise problem from None
+            if max_attempts is not None and attempt >= max_attempts:
+                raise
+            delay = backoff_delay(attempt, rng=rng)
+            if isinstance(exc, apihelper.ApiTelegramException) and exc.error_code == 429:
+                delay = max(delay, worker.retry_after(exc))
+            logger.warning("Telegram %s failed (try %d: %s); retrying in %.1f s", what, attempt, reason, delay)
+            sleep(delay)
+
+
+def start_up(cfg: config.Config, bot: telebot.TeleBot, *, sleep=time.sleep, rng=random.random) -> config.Config:
+    """The start-up calls of `python bot.py` before serving: getMe until Telegram answers (the
+    token is checked; YOOKASSA_RETURN_URL defaults to the bot's t.me link), then deleteWebhook
+    (long polling only) and setMyCommands, retried the same way. Returns the configuration
+    (with the return URL filled in).
+
+    :raises config.ConfigError: Telegram refused the token.
+    """
+    me = call_until_answered(bot.get_me, "getMe", sleep=sleep, rng=rng)
+    logger.info("Telegram answered: bot @%s", me.username)
+    if not cfg.yookassa_return_url:  # the payment page returns the user to this bot
+        cfg = config.configure(cfg.replace(yookassa_return_url="https://t.me/%s" % me.username))
+    steps = [] if cfg.telegram_webhook_url else [("deleteWebhook", bot.delete_webhook)]
+    steps.append(("setMyCommands", lambda: set_commands(bot)))
+    for what, step in steps:
+        try:   # conveniences: a Bot API server refusing them must not stop the bot
+            call_until_answered(step, what, sleep=sleep, rng=rng)
+        except telebot.apihelper.ApiException as exc:
+            logger.warning("start-up call %s refused, going on: %s", what, exc.__class__.__name__)
+    return cfg
+
+
 def main() -> int:
-    """Run the bot (`python bot.py`): long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set."""
+    """Run the bot (`python bot.py`): long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set.
+
+    Returns the exit code: 78 (config.EX_CONFIG) for a bad configuration, a token Telegram
+    refuses, a YooKassa key YooKassa refuses or an unmigrated database; 69 when PostgreSQL/Redis
+    does not answer. Telegram being unreachable is not an error: start-up retries until it answers.
+    """
     try:
         cfg = config.configure(config.load())
     except config.ConfigError as exc:
-        for problem in exc.problems:
-            print("config: %s" % problem, file=sys.stderr)
-        return 2
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    models.init_db(cfg.database_url)
+        return startup.refuse(exc)
+    startup.configure_logging(cfg)
     try:
-        models.ensure_migrated()
-    except models.NotMigrated as exc:
-        print(exc, file=sys.stderr)                        # "... pending: 0001_initial — run `make migrate`"
-        return 2
-    if not cfg.yookassa_return_url:  # the payment page returns the user to this bot
-        me = worker.tg(worker.telegram(cfg).get_me)
-        cfg = config.configure(cfg.replace(yookassa_return_url="https://t.me/%s" % me.username))
+        for warning in startup.check_services(cfg):
+            logger.warning("%s", warning)
+    except (config.ConfigError, models.NotMigrated, startup.Unavailable) as exc:
+        return startup.refuse(exc)
+    models.init_db(cfg.database_url)
+    bot = worker.telegram(cfg) if cfg.telegram_webhook_url else create_bot(cfg)
+    try:
+        cfg = start_up(cfg, bot)
+        if cfg.telegram_webhook_url:
+            app = create_webhook_app(cfg)
+            call_until_answered(lambda: bot.set_webhook(url=cfg.telegram_webhook_url,
+                                                        secret_token=cfg.telegram_webhook_secret,
+                                                        allowed_updates=ALLOWED_UPDATES), "setWebhook")
+    except config.ConfigError as exc:
+        return startup.refuse(exc)
     if cfg.telegram_webhook_url:
-        return _serve_webhook(cfg)
-    bot = create_bot(cfg)
-    for step in (bot.delete_webhook, lambda: set_commands(bot)):
-        try:   # conveniences: a Bot API server without them must not stop the bot
-            worker.tg(step)
-        except telebot.apihelper.ApiException as exc:
-            logger.warning("start-up call failed, going on: %s", exc.__class__.__name__)
+        return _serve_webhook(cfg, app)
     logger.info("bot starting (long polling)")
     bot.infinity_polling(skip_pending=False, allowed_updates=ALLOWED_UPDATES, timeout=30, long_polling_timeout=25)
     return 0
@@ -1561,19 +1675,11 @@ def create_webhook_app(cfg: config.Config | None = None):
     return app
 
 
-def _serve_webhook(cfg: config.Config) -> int:
-    """Register the webhook with Telegram and serve updates on TELEGRAM_WEBHOOK_LISTEN."""
+def _serve_webhook(cfg: config.Config, app) -> int:
+    """Serve the webhook app (registered with Telegram by `main`) on TELEGRAM_WEBHOOK_LISTEN."""
     from werkzeug.serving import run_simple
 
-    app = create_webhook_app(cfg)
     ops.HeartbeatThread("bot", cfg.database_url).start()     # no polling loop to beat in this mode
-    sender = worker.telegram(cfg)
-    worker.tg(sender.set_webhook, url=cfg.telegram_webhook_url, secret_token=cfg.telegram_webhook_secret,
-              allowed_updates=ALLOWED_UPDATES)
-    try:
-        set_commands(sender)
-    except telebot.apihelper.ApiException as exc:
-        logger.warning("setMyCommands failed, going on: %s", exc.__class__.__name__)
     host, _, port = cfg.telegram_webhook_listen.rpartition(":")
     logger.info("bot starting (webhook mode, listening on %s:%s)", host, port)
     run_simple(host.strip("[]"), int(port), app, threaded=True)

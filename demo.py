@@ -97,7 +97,7 @@ class Demo:
     def __init__(self):
         self.telegram = FakeTelegram(bot_username="medialab_demo_bot").start()
         self.yookassa = FakeYooKassa().start()
-        self.fal = FakeFal(key="demo-fal-key").start()
+        self.fal = FakeFal(key="demo-fal-id:demo-fal-key").start()
         self.web_port = free_port()
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.t = Transcript(self.telegram)
@@ -110,7 +110,7 @@ class Demo:
             "TELEGRAM_API_URL": self.telegram.url,
             "DATABASE_URL": "sqlite:///" + os.path.join(OUT, "medialab.db"),
             "QUEUE_URL": "sqlite:///" + os.path.join(OUT, "queue.db"),
-            "FAL_KEY": "demo-fal-key",
+            "FAL_KEY": "demo-fal-id:demo-fal-key",
             "FAL_QUEUE_URL": self.fal.url,
             "FAL_POLL_INTERVAL": "0.2",
             "YOOKASSA_SHOP_ID": self.yookassa.shop_id,

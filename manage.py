@@ -1,8 +1,11 @@
 """Operator commands: `python manage.py migrate [--backup] | status | seed-promo | audit | backup [PATH] |
-restore FILE [--force]`.
+restore FILE [--force] | env-example`.
 
 Each is what a `make` target runs. Exit codes: 0 ok, 1 a check failed (audit, pending
-migrations), 2 bad configuration or usage.
+migrations), 2 bad usage or a refused backup/restore, 78 bad configuration or an unmigrated
+database, 69 the database does not answer (startup.py "Exit codes").
+
+`python manage.py env-example` prints `.env.example` as generated from config.SETTINGS.
 """
 from __future__ import annotations
 
@@ -12,9 +15,12 @@ import logging
 import os
 import sys
 
+import peewee
+
 import backup
 import config
 import models
+import startup
 
 logger = logging.getLogger("manage")
 
@@ -165,7 +171,7 @@ def _become_data_owner(cfg) -> None:
 
 
 COMMANDS = {"migrate": cmd_migrate, "status": cmd_status, "seed-promo": cmd_seed_promo,
-            "audit": cmd_audit, "backup": cmd_backup, "restore": cmd_restore}
+            "audit": cmd_audit, "backup": cmd_backup, "restore": cmd_restore, "env-example": None}
 
 
 def main(argv=None) -> int:
@@ -178,16 +184,16 @@ def main(argv=None) -> int:
     parser.add_argument("--backup", action="store_true", help="migrate: back up first when migrations are pending")
     parser.add_argument("--force", action="store_true", help="restore: even while the database is in use")
     args = parser.parse_intermixed_args(argv)
+    if args.command == "env-example":
+        sys.stdout.write(config.env_example())
+        return 0
     if args.path:
         args.path = os.path.abspath(args.path)     # a file named by the caller, from the caller's folder
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = config.configure(config.load(require_token=False))
     except config.ConfigError as exc:
-        print("configuration problems:", file=sys.stderr)
-        for line in exc.problems:
-            print("  - " + line, file=sys.stderr)
-        return 2
+        return startup.refuse(exc)
+    startup.configure_logging(cfg, level="WARNING")
     if _sqlite_file(cfg):  # like the services (WorkingDirectory = the project), whatever the caller's folder
         cfg = config.configure(cfg.replace(database_url="sqlite:///" + _sqlite_file(cfg)))
     _become_data_owner(cfg)
@@ -195,8 +201,11 @@ def main(argv=None) -> int:
     try:
         return COMMANDS[args.command](cfg, args)
     except models.NotMigrated as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        return startup.refuse(exc)
+    except peewee.OperationalError as exc:
+        return startup.refuse(startup.Unavailable("the database %s does not answer (%s)" % (
+            config._no_password(cfg.database_url), str(exc).strip().splitlines()[0] if str(exc).strip() else
+            type(exc).__name__)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import binascii
 import io
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -360,21 +359,17 @@ def mode_extra_args(mode: str, environ: dict | None = None) -> dict:
     Example: ``FAL_ARGS_UPSCALE='{"scale": 4, "model": "RealESRGAN_x4plus"}'``. The object is merged over
     the defaults by `build_request`; a ``null`` value removes a default argument.
 
-    :param environ: mapping to read (default: ``os.environ`` at call time).
+    :param environ: mapping to read (default: the process configuration, ``config.get().fal_args``,
+        validated when it was loaded).
     :raises ValueError: the variable is not valid JSON or not a JSON object (message names the variable).
     """
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        return dict(config.get().fal_args.get(mode, {}))
     name = "FAL_ARGS_%s" % mode.upper()
     raw = (environ.get(name) or "").strip()
     if not raw:
         return {}
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError("%s is not valid JSON (%s); expected an object like {\"scale\": 4}" % (name, exc)) from None
-    if not isinstance(value, dict):
-        raise ValueError("%s must be a JSON object like {\"scale\": 4}, got %s" % (name, type(value).__name__))
-    return value
+    return config.json_object(name, raw)
 
 
 def build_request(

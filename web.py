@@ -27,6 +27,7 @@ import metrics
 import models
 import ops
 import payments
+import startup
 import worker
 
 logger = logging.getLogger(__name__)
@@ -190,24 +191,27 @@ def _metrics_allowed(cfg: config.Config) -> bool:
 
 
 def _app_from_environment() -> Flask:
-    """The app gunicorn serves: a bad configuration or an unmigrated database stops the start
-    with a clear message instead of serving errors. Exit code 3 is gunicorn's WORKER_BOOT_ERROR,
-    which halts the master rather than respawning workers forever."""
+    """The app gunicorn serves: a bad configuration, an unreachable or unmigrated database stops
+    the start with one clear line per problem instead of serving errors.
+
+    Exit code 3 is gunicorn's WORKER_BOOT_ERROR, the only code that halts the master rather than
+    respawning workers forever (gunicorn/arbiter.py); under ``-c deploy/gunicorn.conf.py`` (make
+    web, systemd) the master has already run the same checks and exited 78 / 69 itself
+    (startup.py "Exit codes"). YooKassa's keys are checked by the master only.
+    """
     try:
         cfg = config.get()
     except config.ConfigError as exc:
-        config.report(exc)
+        startup.refuse(exc)
         raise SystemExit(3) from None
     if not os.path.basename(sys.argv[0] or "").startswith("gunicorn"):
         return create_app(cfg)       # imported by tests or a script: they bind their own database
-    database = models.open_database(cfg.database_url)
+    startup.install_redaction(cfg)
     try:
-        models.ensure_migrated(database)
-    except models.NotMigrated as exc:
-        print(exc, file=sys.stderr)
+        startup.check_database(cfg)
+    except (config.ConfigError, models.NotMigrated, startup.Unavailable) as exc:
+        startup.refuse(exc)
         raise SystemExit(3) from None
-    finally:
-        database.close()
     return create_app(cfg)
 
 
@@ -215,6 +219,5 @@ app = _app_from_environment()
 
 
 if __name__ == "__main__":
-    _cfg = config.get()
-    logging.basicConfig(level=_cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    startup.configure_logging(config.get())
     app.run(host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)

@@ -68,6 +68,7 @@ import media
 import models
 import ops
 import payments
+import startup
 import texts
 from models import Generation, Payment, Reservation, User, utcnow
 
@@ -147,36 +148,45 @@ def make_huey(url: str):
     raise ValueError("QUEUE_URL must be sqlite:///path, redis://host:port/db or memory://")
 
 
+def _is_consumer() -> bool:
+    """True in the `huey_consumer` process (the module is also imported by the bot, web and tests)."""
+    return os.path.basename(sys.argv[0] or "").startswith("huey_consumer")
+
+
 def _queue_url() -> str:
     """QUEUE_URL for the queue built at import. Importing worker (the bot and web do) never fails
-    on a configuration problem — their entry points report it; the consumer reports it here."""
+    on a configuration problem — their entry points report it; the consumer reports it here and
+    exits 78 (config.EX_CONFIG)."""
     try:
         return config.get().queue_url
     except config.ConfigError as exc:
-        if os.path.basename(sys.argv[0] or "").startswith("huey_consumer"):
-            config.report(exc)
-            raise SystemExit(2) from None
+        if _is_consumer():
+            raise SystemExit(startup.refuse(exc)) from None
         return config.queue_url_from_env()
 
 
 huey = make_huey(_queue_url())
 
 
-def _refuse_unmigrated_consumer() -> None:
-    """`huey_consumer worker.huey` on an unmigrated database says so and exits (before any task)."""
-    if not os.path.basename(sys.argv[0] or "").startswith("huey_consumer"):
+def _check_consumer_start() -> None:
+    """`huey_consumer worker.huey` checks, before any task runs, that it can work: logging is
+    configured (secrets redacted), the database answers and is migrated, a Redis queue answers,
+    YooKassa accepts the shop's keys. A problem is one line and exit 78 (configuration, unmigrated,
+    refused keys) or 69 (database or Redis down); YooKassa not answering is only a warning."""
+    if not _is_consumer():
         return
-    database = models.open_database(config.get().database_url)
+    cfg = config.get()
+    startup.configure_logging(cfg)
+    logging.getLogger("huey").propagate = False     # huey_consumer gives it its own handler next
     try:
-        models.ensure_migrated(database)
-    except models.NotMigrated as exc:
-        print(exc, file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        database.close()
+        warnings = startup.check_services(cfg)
+    except (config.ConfigError, models.NotMigrated, startup.Unavailable) as exc:
+        raise SystemExit(startup.refuse(exc)) from None
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
-_refuse_unmigrated_consumer()
+_check_consumer_start()
 
 _setup_lock = threading.Lock()
 _started = False
@@ -244,14 +254,11 @@ def _on_startup() -> None:
         if _started:
             return
         _started = True
-        if not logging.getLogger().handlers:
-            logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-            if logging.getLogger("huey").handlers:  # huey_consumer gave it its own handler
-                logging.getLogger("huey").propagate = False
-        # urllib3 logs request paths at DEBUG, and a Bot API path carries the bot token;
-        # httpx logs every Fal status poll at INFO.
-        logging.getLogger("urllib3").setLevel(logging.WARNING)
-        logging.getLogger("httpx").setLevel(logging.WARNING)
+        if logging.getLogger("huey").handlers:  # huey_consumer gave it its own handler
+            logging.getLogger("huey").propagate = False
+        # A root handler at LOG_LEVEL, urllib3/httpx quiet (request URLs, Fal polls), and the
+        # secrets filter on every handler, huey's included (it was added after our import).
+        startup.configure_logging(cfg)
         quiet_periodic_logs()
         _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()

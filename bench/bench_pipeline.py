@@ -73,7 +73,7 @@ import sys
 sys.path.insert(0, %r)
 from tests.fakes import fal as fake_module
 fake_module._Server.request_queue_size = max(fake_module._Server.request_queue_size, 128)
-fake = fake_module.FakeFal(key="bench-fal-key").start()
+fake = fake_module.FakeFal(key="bench-fal-id:bench-fal-key").start()
 print(fake.url, flush=True)
 sys.stdin.read()
 fake.stop()
@@ -220,7 +220,7 @@ def run(quick: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOOKASSA_", "FAL_", "TELEGRAM_"))}
     env.update(
         TELEGRAM_BOT_TOKEN=TOKEN, TELEGRAM_API_URL=telegram.url, DATABASE_URL="sqlite:///" + db_path,
-        QUEUE_URL="sqlite:///" + queue_path, FAL_KEY="bench-fal-key", FAL_QUEUE_URL=fal.url,
+        QUEUE_URL="sqlite:///" + queue_path, FAL_KEY="bench-fal-id:bench-fal-key", FAL_QUEUE_URL=fal.url,
         FAL_POLL_INTERVAL="0.05", LOG_LEVEL="WARNING", YOOKASSA_SHOP_ID="123456",
         YOOKASSA_SECRET_KEY="bench_secret", YOOKASSA_API_URL="http://127.0.0.1:9/v3",
         YOOKASSA_RETURN_URL="https://t.me/medialab_bench_bot", WEB_BIND="127.0.0.1:%d" % web_port,

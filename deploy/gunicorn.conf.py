@@ -2,11 +2,35 @@
 
 Bound to loopback: only nginx reaches it, so ProxyFix can trust TRUSTED_PROXY_COUNT hops.
 No preload: each worker opens its own database connections after the fork.
+
+This file runs in the master before any worker starts: it loads the settings (WEB_BIND,
+WEB_WORKERS, LOG_LEVEL … from .env and the environment, validated by config.py) and runs the
+start-up checks (database reachable and migrated, Redis queue reachable, YooKassa keys accepted).
+A problem is one line and the master exits 78 (configuration; systemd does not restart it) or 69
+(database/Redis down; systemd restarts it) — see startup.py "Exit codes".
 """
 import os
+import sys
 
-bind = os.environ.get("WEB_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("WEB_WORKERS", "2"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Private names: gunicorn reads every module-level name that matches one of its settings
+# (`config` is one).
+import config as _config  # noqa: E402
+import models as _models  # noqa: E402
+import startup as _startup  # noqa: E402
+
+_cfg = _startup.load_config()          # exits 78 with one line per problem
+_startup.install_redaction(_cfg)
+try:
+    _warnings = _startup.check_services(_cfg)
+except (_config.ConfigError, _models.NotMigrated, _startup.Unavailable) as _exc:
+    sys.exit(_startup.refuse(_exc))
+for _warning in _warnings:
+    print("warning: %s" % _warning, file=sys.stderr, flush=True)
+
+bind = _cfg.web_bind
+workers = _cfg.web_workers
 worker_class = "gthread"
 threads = 4
 timeout = 30               # a webhook answers within a few seconds (YooKassa calls are 10 s max)
@@ -20,9 +44,6 @@ forwarded_allow_ips = "127.0.0.1,::1"
 
 
 def post_fork(server, worker):
-    """Log our money and notification lines at LOG_LEVEL (gunicorn configures only its own loggers)."""
-    import logging
-
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    logging.getLogger("urllib3").setLevel(logging.WARNING)   # request paths never reach the log
+    """Log our money and notification lines at LOG_LEVEL (gunicorn configures only its own
+    loggers), with every secret redacted from every handler, gunicorn's included."""
+    _startup.configure_logging(_cfg, fmt="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")

@@ -60,8 +60,9 @@ def stop(proc, sig=signal.SIGINT):
 def backlog(database, db_url, fake_telegram, fake_fal, tmp_path, cfg):
     """JOBS accepted jobs in a SQLite queue file, the environment of a consumer for them."""
     import config
+    fake_fal.key = "test-fal-id:test-fal-key"       # FAL_KEY must look like a real key: key_id:key_secret
     config.configure(config.get().replace(telegram_api_url=fake_telegram.url, fal_queue_url=fake_fal.url,
-                                          fal_key="test-fal-key", reservation_ttl=TTL, fal_timeout=2.0))
+                                          fal_key=fake_fal.key, reservation_ttl=TTL, fal_timeout=2.0))
     fake_fal.set_default("latency", seconds=FAL_SECONDS)
     worker.huey.flush()
     queue_path = str(tmp_path / "queue.db")
@@ -77,7 +78,7 @@ def backlog(database, db_url, fake_telegram, fake_fal, tmp_path, cfg):
     while (data := worker.huey.storage.dequeue()) is not None:
         queue.storage.enqueue(data, 0)
     env = dict(os.environ, DATABASE_URL=db_url, QUEUE_URL="sqlite:///" + queue_path,
-               TELEGRAM_API_URL=fake_telegram.url, FAL_KEY="test-fal-key", FAL_QUEUE_URL=fake_fal.url,
+               TELEGRAM_API_URL=fake_telegram.url, FAL_KEY=fake_fal.key, FAL_QUEUE_URL=fake_fal.url,
                FAL_POLL_INTERVAL="0.05", FAL_TIMEOUT="2", RESERVATION_TTL=str(TTL), SWEEP_INTERVAL="1",
                RECONCILE_INTERVAL="3600", LOG_LEVEL="INFO", PYTHONPATH=ROOT)
     return gens, env

@@ -552,10 +552,10 @@ def test_collect_stats_counts_payments_and_failures(app):
 # --- main() ----------------------------------------------------------------------------------------
 
 
-def test_main_reports_each_config_problem_and_exits_2(monkeypatch, capsys, cfg):
+def test_main_reports_each_config_problem_and_exits_78(monkeypatch, capsys, cfg):
     monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "not a token")
     monkeypatch.setenv("PRICE_PER_OPERATION", "ten")
-    assert bot.main() == 2
+    assert bot.main() == 78
     err = capsys.readouterr().err
     assert "TELEGRAM_BOT_TOKEN does not look like a bot token" in err
     assert "PRICE_PER_OPERATION must be a whole number" in err
@@ -563,5 +563,5 @@ def test_main_reports_each_config_problem_and_exits_2(monkeypatch, capsys, cfg):
 
 def test_main_refuses_an_unmigrated_database(monkeypatch, capsys, cfg, tmp_path):
     monkeypatch.setenv("DATABASE_URL", "sqlite:///%s" % (tmp_path / "blank.db"))
-    assert bot.main() == 2
+    assert bot.main() == 78
     assert "make migrate" in capsys.readouterr().err

@@ -1,5 +1,9 @@
 """The three processes, started as the Makefile and systemd start them, refuse a bad
-configuration or an unmigrated database with a clear message instead of a traceback."""
+configuration or an unmigrated database with a clear message instead of a traceback.
+
+Exit codes (startup.py): 78 (EX_CONFIG, systemd RestartPreventExitStatus=78) from the bot, the
+consumer, manage.py and the gunicorn master under deploy/gunicorn.conf.py; 3 from a bare
+`gunicorn web:app`, whose workers must use gunicorn's WORKER_BOOT_ERROR to halt the master."""
 import os
 import subprocess
 import sys
@@ -12,9 +16,11 @@ BIN = os.path.dirname(sys.executable)
 COMMANDS = {
     "bot": [sys.executable, os.path.join(ROOT, "bot.py")],
     "web": [os.path.join(BIN, "gunicorn"), "-b", "127.0.0.1:0", "web:app"],
+    "web-conf": [os.path.join(BIN, "gunicorn"), "-c", os.path.join(ROOT, "deploy", "gunicorn.conf.py"), "web:app"],
     "worker": [os.path.join(BIN, "huey_consumer"), "worker.huey"],
+    "manage": [sys.executable, os.path.join(ROOT, "manage.py"), "seed-promo"],
 }
-EXIT = {"bot": 2, "web": 3, "worker": 2}    # 3: gunicorn's WORKER_BOOT_ERROR halts the master
+EXIT = {"bot": 78, "web": 3, "web-conf": 78, "worker": 78, "manage": 78}    # 3: gunicorn's WORKER_BOOT_ERROR
 
 
 def start(name, tmp_path, **env):
@@ -23,6 +29,7 @@ def start(name, tmp_path, **env):
     base.update({"DATABASE_URL": "sqlite:///%s" % (tmp_path / "blank.db"),
                  "QUEUE_URL": "sqlite:///%s" % (tmp_path / "queue.db"),
                  "TELEGRAM_BOT_TOKEN": "123456:TEST-TOKEN", "TELEGRAM_API_URL": "http://127.0.0.1:9",
+                 "WEB_BIND": "127.0.0.1:0",
                  "ENV_FILE": os.devnull})             # a developer's .env must not leak in
     base.update(env)
     base = {k: v for k, v in base.items() if v is not None}
@@ -43,6 +50,7 @@ def test_an_unmigrated_database_is_refused(name, tmp_path):
 def test_a_bad_configuration_is_refused_line_by_line(name, tmp_path):
     code, output = start(name, tmp_path, TELEGRAM_BOT_TOKEN=None, PRICE_PER_OPERATION="ten")
     assert code == EXIT[name], output[-2000:]
-    assert "TELEGRAM_BOT_TOKEN is not set" in output
+    if name != "manage":                      # operator commands need no token
+        assert "TELEGRAM_BOT_TOKEN is not set" in output
     assert "PRICE_PER_OPERATION must be a whole number, got 'ten'" in output
     assert "Traceback" not in output

@@ -9,23 +9,24 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 OURS = {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "bot", "web",
-        "manage", "demo", "backup", "ops", "metrics"}
+        "manage", "demo", "backup", "ops", "metrics", "startup"}
 
 ALLOWED = {
     "config": set(),
     "texts": set(),
     "models": {"config"},
+    "startup": {"config", "models"},          # entry points only: logging, start-up checks
     "media": {"config"},
     "billing": {"config", "models"},
     "ops": {"config", "models"},
     "metrics": {"config", "models", "ops"},
     "promo": {"config", "models", "billing"},
     "payments": {"config", "models", "billing", "promo"},
-    "worker": {"config", "models", "billing", "promo", "payments", "media", "texts", "ops"},
-    "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "ops"},
-    "web": {"config", "models", "payments", "worker", "texts", "ops", "metrics"},
+    "worker": {"config", "models", "billing", "promo", "payments", "media", "texts", "ops", "startup"},
+    "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "ops", "startup"},
+    "web": {"config", "models", "payments", "worker", "texts", "ops", "metrics", "startup"},
     "backup": set(),
-    "manage": {"config", "models", "billing", "promo", "backup"},
+    "manage": {"config", "models", "billing", "promo", "backup", "startup"},
     "demo": OURS - {"demo", "bot", "web"},
 }
 

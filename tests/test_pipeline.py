@@ -469,8 +469,9 @@ def test_two_workers_racing_on_one_job_deliver_once(pipeline, fake_telegram, fak
 
 def consumer_env(db_url, queue_path, fake_telegram, fake_fal) -> dict:
     env = dict(os.environ)
+    fake_fal.key = "test-fal-id:test-fal-key"       # FAL_KEY must look like a real key: key_id:key_secret
     env.update(DATABASE_URL=db_url, QUEUE_URL="sqlite:///" + queue_path, TELEGRAM_API_URL=fake_telegram.url,
-               FAL_KEY="test-fal-key", FAL_QUEUE_URL=fake_fal.url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="INFO",
+               FAL_KEY=fake_fal.key, FAL_QUEUE_URL=fake_fal.url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="INFO",
                PYTHONPATH=ROOT)
     return env
 

@@ -622,6 +622,9 @@ class FakeYooKassa:
             if len(segs) == 3 and method == "POST" and segs[2] in ("capture", "cancel"):
                 action = self._capture_payment if segs[2] == "capture" else self._cancel_payment
                 return self._idempotent(method, path, headers, raw_body, lambda body: action(segs[1], body))
+        elif segs == ["me"] and method == "GET":   # shop settings (SDK: yookassa.Settings.get_account_settings)
+            return self._ok({"account_id": self.shop_id, "test": True, "fiscalization_enabled": False,
+                             "payment_methods": ["bank_card", "yoo_money", "sbp"], "status": "enabled"})
         elif segs[0] == "refunds":
             if len(segs) == 1 and method == "GET":
                 return self._ok(self._list(self.refunds, query, ("status", "payment_id")))
