@@ -493,7 +493,7 @@ class BillingMachine(RuleBasedStateMachine):
         assert sorted(report["expired"]) == expected
         for rid in expected:
             self._close(rid, "expired")
-        for rid, r in self.model_reservations.items():
+        for r in self.model_reservations.values():
             if r.job and r.state != "reserved":
                 r.job = False                 # the sweeper failed the job whose hold had ended
         live = {g.reservation_id for g in Generation.select().where(Generation.status == "queued")}
