@@ -558,3 +558,60 @@ def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
     assert billing.get_balance(user.id).credits == 20
     assert "resuming" in log and stored in log
     assert_audit_ok()
+
+
+# --------------------------------------------------------------------------------------------
+# cancel (issue 9 §4): never a release for an image that was or will be delivered
+# --------------------------------------------------------------------------------------------
+
+
+def _one_timed_out_attempt(fake_telegram, fake_fal, latency):
+    """A job whose first attempt timed out: queued for a retry, its Fal request id stored."""
+    configure(fake_telegram, fake_fal, fal_timeout=0.3)
+    user = make_user(fake_telegram, credits=10, free_ops=0)
+    fake_fal.script("latency", seconds=latency)
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="cancel me")
+    task = worker.huey.dequeue()
+    worker.huey.execute(task)                    # times out → RetryTask: back to queued, retry scheduled
+    gen = reload(gen)
+    assert gen.status == "queued" and gen.fal_request_id
+    return user, gen
+
+
+def test_cancel_of_a_submitted_job_releases_only_when_fal_confirms(pipeline, fake_telegram, fake_fal):
+    user, gen = _one_timed_out_attempt(fake_telegram, fake_fal, latency=30)
+    assert worker.cancel_generation(gen.id, user.id) is True            # Fal: CANCELLATION_REQUESTED
+    assert fake_fal.cancelled == [gen.fal_request_id]
+    drain()                                                             # the scheduled retry finds it canceled
+    gen = reload(gen)
+    assert gen.status == "canceled" and fake_telegram.calls("sendPhoto") == []
+    assert ledger_kinds(gen) == ["reserve", "release"] and billing.get_balance(user.id).credits == 10
+    assert_audit_ok()
+
+
+def test_cancel_after_fal_finished_is_refused_and_the_image_is_delivered_and_charged(
+        pipeline, fake_telegram, fake_fal):
+    user, gen = _one_timed_out_attempt(fake_telegram, fake_fal, latency=0.5)
+    fake_fal.wait_until(lambda: fake_fal.submission(gen.fal_request_id)["status"] == "COMPLETED", timeout=5)
+    assert worker.cancel_generation(gen.id, user.id) is False           # Fal: ALREADY_COMPLETED
+    assert Reservation.get_by_id(gen.reservation_id).state == "reserved"
+    drain()
+    gen = reload(gen)
+    assert gen.status == "delivered" and len(fake_fal.submissions) == 1
+    assert ledger_kinds(gen) == ["reserve", "commit"] and billing.get_balance(user.id).credits == 0
+    assert_audit_ok()
+
+
+def test_cancel_is_refused_for_a_sent_image_and_for_a_run_that_may_submit_any_moment(
+        pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram, credits=20, free_ops=0)
+    sent = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a")
+    starting = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="b")
+    worker.huey.flush()
+    Generation.update(status="running", result_message_id=99).where(Generation.id == sent.id).execute()
+    Generation.update(status="running").where(Generation.id == starting.id).execute()
+    assert worker.cancel_generation(sent.id, user.id) is False
+    assert worker.cancel_generation(starting.id, user.id) is False
+    assert worker.cancel_generation(starting.id, user.id + 1) is False  # not this user's
+    assert {Reservation.get_by_id(g.reservation_id).state for g in (sent, starting)} == {"reserved"}
+    assert fake_fal.cancelled == []
