@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-import os
 import sqlite3
 import sys
 
@@ -190,9 +189,10 @@ def _metrics_allowed(cfg: config.Config) -> bool:
     return _loopback(peer) and _loopback(request.remote_addr)
 
 
-def _app_from_environment() -> Flask:
-    """The app gunicorn serves: a bad configuration, an unreachable or unmigrated database stops
-    the start with one clear line per problem instead of serving errors.
+def served_app() -> Flask:
+    """The app gunicorn serves (``web:app``, built on first access, never at import): a bad
+    configuration, an unreachable or unmigrated database stops the start with one clear line per
+    problem instead of serving errors.
 
     Exit code 3 is gunicorn's WORKER_BOOT_ERROR, the only code that halts the master rather than
     respawning workers forever (gunicorn/arbiter.py); under ``-c deploy/gunicorn.conf.py`` (make
@@ -204,8 +204,6 @@ def _app_from_environment() -> Flask:
     except config.ConfigError as exc:
         startup.refuse(exc)
         raise SystemExit(3) from None
-    if not os.path.basename(sys.argv[0] or "").startswith("gunicorn"):
-        return create_app(cfg)       # imported by tests or a script: they bind their own database
     startup.install_redaction(cfg)
     try:
         startup.check_database(cfg)
@@ -215,9 +213,19 @@ def _app_from_environment() -> Flask:
     return create_app(cfg)
 
 
-app = _app_from_environment()
+_served: list = []
+
+
+def __getattr__(name: str):
+    """``web.app`` (what ``gunicorn web:app`` loads) is built by `served_app` on first access
+    (PEP 562), so importing this module does nothing but define it."""
+    if name == "app":
+        if not _served:
+            _served.append(served_app())
+        return _served[0]
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
 if __name__ == "__main__":
     startup.configure_logging(config.get())
-    app.run(host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)
+    served_app().run(host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000)

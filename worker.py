@@ -54,7 +54,7 @@ import uuid
 
 import requests
 import telebot
-from huey import MemoryHuey, RedisHuey, SqliteHuey, crontab
+from huey import Huey, MemoryHuey, RedisHuey, SqliteHuey, crontab
 from huey.api import PeriodicTask
 from huey.exceptions import RetryTask
 from huey.signals import SIGNAL_INTERRUPTED
@@ -148,45 +148,65 @@ def make_huey(url: str):
     raise ValueError("QUEUE_URL must be sqlite:///path, redis://host:port/db or memory://")
 
 
-def _is_consumer() -> bool:
-    """True in the `huey_consumer` process (the module is also imported by the bot, web and tests)."""
-    return os.path.basename(sys.argv[0] or "").startswith("huey_consumer")
+class _Huey(Huey):
+    """The process's Huey instance. Its storage is opened on first use — from QUEUE_URL, or the
+    URL given (tests) — so importing this module creates no queue file and opens no connection
+    (issue 10: no work at import). ``huey_consumer worker.huey`` touches the storage first when it
+    starts; a configuration problem then is one line and exit 78, not a traceback."""
+
+    def __init__(self, name: str, url: str | None = None):
+        self._url = url
+        self._storage = None
+        self._storage_lock = threading.Lock()
+        super().__init__(name, results=False)
+
+    def create_storage(self):
+        """Deferred: see `storage`."""
+        return None
+
+    @property
+    def storage(self):
+        """The queue storage for QUEUE_URL (``make_huey(url).storage``), opened on first use."""
+        if self._storage is None:
+            with self._storage_lock:
+                if self._storage is None:
+                    try:
+                        url = self._url or config.get().queue_url
+                    except config.ConfigError as exc:
+                        _die(startup.refuse(exc))
+                    self._storage = make_huey(url).storage
+        return self._storage
+
+    @storage.setter
+    def storage(self, value):
+        self._storage = value
 
 
-def _queue_url() -> str:
-    """QUEUE_URL for the queue built at import. Importing worker (the bot and web do) never fails
-    on a configuration problem — their entry points report it; the consumer reports it here and
-    exits 78 (config.EX_CONFIG)."""
-    try:
-        return config.get().queue_url
-    except config.ConfigError as exc:
-        if _is_consumer():
-            raise SystemExit(startup.refuse(exc)) from None
-        return config.queue_url_from_env()
+huey = _Huey(HUEY_NAME)
 
 
-huey = make_huey(_queue_url())
+def _die(code: int) -> None:
+    """End the consumer process with `code` from whichever thread found the problem (a
+    SystemExit would end only that thread; huey catches exceptions in its hooks)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
-def _check_consumer_start() -> None:
-    """`huey_consumer worker.huey` checks, before any task runs, that it can work: logging is
-    configured (secrets redacted), the database answers and is migrated, a Redis queue answers,
-    YooKassa accepts the shop's keys. A problem is one line and exit 78 (configuration, unmigrated,
-    refused keys) or 69 (database or Redis down); YooKassa not answering is only a warning."""
-    if not _is_consumer():
-        return
-    cfg = config.get()
-    startup.configure_logging(cfg)
-    logging.getLogger("huey").propagate = False     # huey_consumer gives it its own handler next
+def _check_consumer_start(cfg: config.Config) -> None:
+    """The consumer checks, before any task runs, that it can work: the database answers and is
+    migrated, a Redis queue answers, YooKassa accepts the shop's keys. A problem is one line and
+    the process ends with 78 (configuration, unmigrated, refused keys) or 69 (database or Redis
+    down); YooKassa not answering is only a warning. Called from the start-up hook, in a worker
+    thread, hence ``os._exit``."""
     try:
         warnings = startup.check_services(cfg)
     except (config.ConfigError, models.NotMigrated, startup.Unavailable) as exc:
-        raise SystemExit(startup.refuse(exc)) from None
+        _die(startup.refuse(exc))
     for warning in warnings:
         logger.warning("%s", warning)
 
-
-_check_consumer_start()
 
 _setup_lock = threading.Lock()
 _started = False
@@ -260,6 +280,7 @@ def _on_startup() -> None:
         # secrets filter on every handler, huey's included (it was added after our import).
         startup.configure_logging(cfg)
         quiet_periodic_logs()
+        _check_consumer_start(cfg)
         _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()
     try:

@@ -16,6 +16,7 @@ import uuid
 
 import pytest
 from huey import MemoryHuey, RedisHuey, SqliteHuey
+from huey.storage import MemoryStorage
 from PIL import Image, ImageChops
 from telebot import apihelper
 from telebot.apihelper import ApiTelegramException
@@ -75,7 +76,7 @@ def test_make_huey_builds_the_backend_named_by_the_url(tmp_path):
 
 
 def test_the_test_queue_is_in_memory_and_holds_the_tasks():
-    assert isinstance(worker.huey, MemoryHuey)
+    assert isinstance(worker.huey.storage, MemoryStorage) and worker.huey.results is False
     names = {name.split(".")[-1] for name in worker.huey._registry._registry}
     assert {"run_generation", "notify_payment", "notify_refund", "alert_admins_task"} <= names
 
