@@ -292,6 +292,47 @@ ALL_MODELS = [User, Balance, LedgerEntry, Reservation, Generation, PromoCode, Pa
               Heartbeat]
 
 
+# --- lifecycles ---------------------------------------------------------------------------------
+# Every status change of a Generation or a Payment goes through `move`, a conditional UPDATE that
+# only follows these tables (tests/test_lifecycles.py walks them and refuses everything else).
+
+GENERATION_TRANSITIONS = {
+    "queued": ("running", "delivered", "failed", "canceled"),   # delivered: the sweeper finishing a sent image
+    "running": ("queued", "delivered", "failed", "canceled"),   # queued: a retry, a resume, a shutdown
+    "delivered": (),
+    "failed": (),
+    "canceled": (),
+}
+
+PAYMENT_TRANSITIONS = {
+    "pending": ("succeeded", "canceled", "needs_attention"),
+    "canceled": ("succeeded",),          # YooKassa says paid after our cancel: the user paid
+    "needs_attention": ("succeeded",),   # verified later (a notification, the check button)
+    "succeeded": (),
+}
+
+
+class IllegalTransition(ValueError):
+    """A status change the lifecycle table does not allow (a programming error)."""
+
+
+def move(model, row_id, from_states, to: str, *where, **fields) -> bool:
+    """Move row `row_id` of `model` (Generation or Payment) from one of `from_states` (a state or a
+    tuple of states) to `to`, setting `fields` too, in one conditional ``UPDATE … WHERE id = ? AND
+    status IN (…) [AND where…]``; return True if this call moved it (False: another writer did, or
+    the row is in another state). Extra peewee expressions in `where` narrow the condition.
+
+    :raises IllegalTransition: a from → to pair not in GENERATION_TRANSITIONS / PAYMENT_TRANSITIONS.
+    """
+    table = {Generation: GENERATION_TRANSITIONS, Payment: PAYMENT_TRANSITIONS}[model]
+    sources = (from_states,) if isinstance(from_states, str) else tuple(from_states)
+    for source in sources:
+        if to not in table.get(source, ()):
+            raise IllegalTransition("%s: %s → %s is not allowed" % (model.__name__, source, to))
+    query = model.update(status=to, **fields).where((model.id == row_id) & model.status.in_(sources), *where)
+    return bool(query.execute())
+
+
 class NotMigrated(Exception):
     """The database schema is not up to date: run `make migrate`."""
 

@@ -636,9 +636,8 @@ def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
     """
     now = utcnow()
     order = Payment.get_by_id(order_id)
-    changed = (Payment.update(status="succeeded", succeeded_at=now, updated_at=now, test=test)
-               .where((Payment.id == order_id)
-                      & (Payment.status.in_(["pending", "canceled", "needs_attention"]))).execute())
+    changed = models.move(Payment, order_id, ("pending", "canceled", "needs_attention"), "succeeded",
+                          succeeded_at=now, updated_at=now, test=test)
     if not changed:
         return False
     if order.status != "pending":
@@ -657,8 +656,7 @@ def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
 def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
     """pending → canceled and the promo reservation released; True if this call changed it."""
     now = utcnow()
-    changed = (Payment.update(status="canceled", cancel_reason=reason, updated_at=now)
-               .where((Payment.id == order_id) & (Payment.status == "pending")).execute())
+    changed = models.move(Payment, order_id, "pending", "canceled", cancel_reason=reason, updated_at=now)
     if changed:
         promo.release_for_payment(order_id, now)
         logger.info("payment canceled: order=%s reason=%s", order_id, reason)
@@ -1009,8 +1007,8 @@ def _backoff(order: Payment, cfg: config.Config, now: datetime.datetime) -> None
 
 def _needs_attention(order: Payment, problem: str, now: datetime.datetime) -> bool:
     """pending → needs_attention (the API cannot verify the order); True for the call that moved it."""
-    changed = (Payment.update(status="needs_attention", problem=problem[:500], checked_at=now, updated_at=now)
-               .where((Payment.id == order.id) & (Payment.status == "pending")).execute())
+    changed = models.move(Payment, order.id, "pending", "needs_attention", problem=problem[:500], checked_at=now,
+                          updated_at=now)
     if changed:
         promo.release_for_payment(order.id, now)
         logger.error("payment needs attention: order=%s yookassa=%s user=%s amount=%s: %s", order.id,

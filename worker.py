@@ -570,11 +570,9 @@ def _cancel(gid: uuid.UUID, user_id: int, request_id: str | None) -> bool:
     Fal request is the one whose cancel was confirmed (`request_id`, None: never submitted)."""
     request_match = (Generation.fal_request_id.is_null() if request_id is None
                      else (Generation.fal_request_id == request_id))
-    changed = (Generation.update(status="canceled", finished_at=utcnow())
-               .where((Generation.id == gid) & (Generation.user == user_id)
-                      & Generation.status.in_(ACTIVE_STATES if request_id else ("queued",))
-                      & Generation.result_message_id.is_null() & request_match)
-               .execute())
+    changed = models.move(Generation, gid, ACTIVE_STATES if request_id else "queued", "canceled",
+                          Generation.user == user_id, Generation.result_message_id.is_null(), request_match,
+                          finished_at=utcnow())
     if not changed:
         return False
     gen = Generation.get_by_id(gid)
@@ -630,9 +628,8 @@ def run_generation(generation_id: str):
 
 def _claim(gid: str) -> Generation | None:
     now = utcnow()
-    claimed = (Generation.update(status="running", started_at=fn.COALESCE(Generation.started_at, now),
-                                 heartbeat_at=now, attempts=Generation.attempts + 1)
-               .where((Generation.id == gid) & (Generation.status == "queued")).execute())
+    claimed = models.move(Generation, gid, "queued", "running", started_at=fn.COALESCE(Generation.started_at, now),
+                          heartbeat_at=now, attempts=Generation.attempts + 1)
     gen = Generation.get_or_none(Generation.id == gid)
     if not claimed:
         logger.info("generation %s: not run, status is %s", gid, gen.status if gen else "unknown")
@@ -811,8 +808,7 @@ def _deliver(bot, gen: Generation, lang: str, data: bytes, seed: int | None, cfg
 def _finish_delivered(gid, reservation_id: int) -> str:
     """Mark the job delivered and commit its reservation in one transaction; return
     "committed", or "expired"/"released"/"already" when the reservation was closed before."""
-    (Generation.update(status="delivered", finished_at=utcnow(), error=None)
-     .where((Generation.id == gid) & (Generation.status.in_(ACTIVE_STATES))).execute())
+    models.move(Generation, gid, ACTIVE_STATES, "delivered", finished_at=utcnow(), error=None)
     try:
         billing.commit(reservation_id)
         return "committed"
@@ -878,9 +874,8 @@ def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config)
     if gen.result_message_id and reservation is not None and reservation.state == "reserved":
         retryable = True  # the image is out; only the bookkeeping failed: always finish it
     if retryable and (_may_retry(gen, reservation, cfg, delay, now) or gen.result_message_id):
-        requeued = (Generation.update(status="queued", heartbeat_at=now + datetime.timedelta(seconds=delay),
-                                      error=_describe(exc, cfg))
-                    .where((Generation.id == gid) & (Generation.status == "running")).execute())
+        requeued = models.move(Generation, gid, "running", "queued",
+                               heartbeat_at=now + datetime.timedelta(seconds=delay), error=_describe(exc, cfg))
         logger.warning("generation %s: running → queued, retry in %g s after attempt %d of %d (%s: %s), "
                        "request=%s", gid, delay, gen.attempts, MAX_ATTEMPTS, kind, _describe(exc, cfg),
                        gen.fal_request_id)
@@ -895,8 +890,7 @@ def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config)
 
 @billing.money_transaction
 def _finish_failed(gid, reservation_id: int, error: str) -> bool:
-    changed = (Generation.update(status="failed", finished_at=utcnow(), error=error[:1000])
-               .where((Generation.id == gid) & (Generation.status.in_(ACTIVE_STATES))).execute())
+    changed = models.move(Generation, gid, ACTIVE_STATES, "failed", finished_at=utcnow(), error=error[:1000])
     if not changed:
         return False
     try:
@@ -948,8 +942,7 @@ def _on_interrupted(signal_name, task, *args, **kwargs):
     try:
         if isinstance(task, run_generation.task_class) and task.args:
             with _DbSession():
-                (Generation.update(status="queued", heartbeat_at=utcnow())
-                 .where((Generation.id == str(task.args[0])) & (Generation.status == "running")).execute())
+                models.move(Generation, str(task.args[0]), "running", "queued", heartbeat_at=utcnow())
             logger.warning("generation %s: interrupted by shutdown, re-enqueued", task.args[0])
         huey.enqueue(task)
     except Exception as exc:
@@ -1066,9 +1059,8 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
             _fail(gen, lang, "unavailable", "the worker died during each of %d runs" % gen.attempts, cfg)
             report["failed"].append(str(gen.id))
             continue
-        moved = (Generation.update(status="queued", heartbeat_at=now)
-                 .where((Generation.id == gen.id) & (Generation.status == "running")
-                        & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))).execute())
+        moved = models.move(Generation, gen.id, "running", "queued",
+                            Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale), heartbeat_at=now)
         if moved:
             logger.warning("generation %s: running → queued by the sweeper (no heartbeat since %s), "
                            "resumes request %s", gen.id, gen.heartbeat_at, gen.fal_request_id)
