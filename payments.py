@@ -769,7 +769,34 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
     if not is_trusted_source(client_ip, cfg.yookassa_trusted_networks):
         logger.warning("security: notification from untrusted source %r refused", str(client_ip)[:64])
         return NotificationOutcome(403, None, "untrusted_source")
-    raw_body = raw_body or b""
+    parsed = _parse_notification(raw_body or b"")
+    if isinstance(parsed, NotificationOutcome):
+        return parsed
+    event, notification = parsed
+    object_id = notification.object.id
+    if not cfg.yookassa_configured:
+        logger.error("notification %s for %s cannot be verified: payments are not configured", event, object_id)
+        return NotificationOutcome(503, None, "not_configured")
+    configure_sdk(cfg)
+    try:
+        with _api_timeout(min(cfg.yookassa_timeout, WEBHOOK_API_TIMEOUT)):
+            if event in REFUND_EVENTS:
+                return _refund_notification(notification, cfg)
+            return _payment_notification(event, object_id, cfg)
+    except NotAtProvider as exc:
+        logger.warning("security: notification %s for %s: %s — ignored (a retry cannot fix it)", event, object_id, exc)
+        return NotificationOutcome(200, None, "not_at_provider")
+    except ProviderAuthFailed as exc:
+        logger.error("notification %s for %s not verified: %s — asking YooKassa to retry", event, object_id, exc)
+        return NotificationOutcome(503, None, "auth_failed")
+    except ProviderUnavailable as exc:
+        logger.warning("notification %s for %s not verified, asking YooKassa to retry: %s", event, object_id, exc)
+        return NotificationOutcome(503, None, "provider_unavailable")
+
+
+def _parse_notification(raw_body: bytes):
+    """(event, SDK notification object) for a well-formed body of an event we handle, else the
+    NotificationOutcome to answer: 413 too large, 400 malformed, 200 an event we ignore."""
     if len(raw_body) > MAX_NOTIFICATION_BYTES:
         logger.warning("notification refused: body of %s bytes", len(raw_body))
         return NotificationOutcome(413, None, "too_large")
@@ -792,7 +819,7 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
         logger.info("notification ignored: event=%s object=%s", event[:64], obj["id"][:64])
         return NotificationOutcome(200, None, "ignored_event")
     try:
-        # Every payment.* event parses as the base WebhookNotification (notes §2.1): branch on `event`.
+        # Every payment.* event parses as the base WebhookNotification: branch on `event`.
         notification = WebhookNotificationFactory().create(data)
         object_id = notification.object.id
     except Exception as exc:                # noqa: BLE001 - any parse failure is a bad body
@@ -800,24 +827,7 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
         return NotificationOutcome(400, None, "unparseable")
     if not isinstance(object_id, str) or not object_id:
         return NotificationOutcome(400, None, "missing_fields")
-    if not cfg.yookassa_configured:
-        logger.error("notification %s for %s cannot be verified: payments are not configured", event, object_id)
-        return NotificationOutcome(503, None, "not_configured")
-    configure_sdk(cfg)
-    try:
-        with _api_timeout(min(cfg.yookassa_timeout, WEBHOOK_API_TIMEOUT)):
-            if event in REFUND_EVENTS:
-                return _refund_notification(notification, cfg)
-            return _payment_notification(event, object_id, cfg)
-    except NotAtProvider as exc:
-        logger.warning("security: notification %s for %s: %s — ignored (a retry cannot fix it)", event, object_id, exc)
-        return NotificationOutcome(200, None, "not_at_provider")
-    except ProviderAuthFailed as exc:
-        logger.error("notification %s for %s not verified: %s — asking YooKassa to retry", event, object_id, exc)
-        return NotificationOutcome(503, None, "auth_failed")
-    except ProviderUnavailable as exc:
-        logger.warning("notification %s for %s not verified, asking YooKassa to retry: %s", event, object_id, exc)
-        return NotificationOutcome(503, None, "provider_unavailable")
+    return event, notification
 
 
 def _depth(value, limit: int = MAX_JSON_DEPTH + 1) -> int:
@@ -1045,39 +1055,14 @@ def reconcile(cfg: config.Config | None = None, now: datetime.datetime | None = 
     if not cfg.yookassa_configured:
         return report
     configure_sdk(cfg)
-    expiry = now - datetime.timedelta(seconds=ORDER_EXPIRY)
     for order in due_for_reconciliation(cfg, now, limit):
         report.checked += 1
-        if not order.yookassa_payment_id:
-            if order.created_at <= expiry and _mark_canceled(order.id, "not_confirmed"):
-                report.canceled += 1
-            else:
-                _backoff(order, cfg, now)
-            continue
         try:
-            result = _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "reconcile")
-        except NotAtProvider as exc:
-            if _needs_attention(order, str(exc), now):
-                report.needs_attention.append(order.id)
-            continue
+            _reconcile_order(order, cfg, now, report)
         except ProviderAuthFailed as exc:
             logger.error("reconcile stopped: %s", exc)
             report.auth_failed = True
             return report
-        except ProviderUnavailable as exc:
-            report.failed += 1
-            logger.warning("reconcile: order %s skipped: %s", order.id, exc)
-            _backoff(order, cfg, now)
-            continue
-        if result.credited:
-            report.credited.append(result.credited)
-        elif result.detail == "canceled":
-            report.canceled += 1
-        elif result.detail == "mismatch":
-            if _needs_attention(order, "the API object does not match the order (see the security log)", now):
-                report.needs_attention.append(order.id)
-        else:
-            _backoff(order, cfg, now)
     try:
         report.refunds = reconcile_refunds(cfg, now)
     except ProviderAuthFailed as exc:
@@ -1090,6 +1075,39 @@ def reconcile(cfg: config.Config | None = None, now: datetime.datetime | None = 
                     report.checked, len(report.credited), report.canceled, len(report.needs_attention),
                     report.failed, len(report.refunds))
     return report
+
+
+def _reconcile_order(order: Payment, cfg: config.Config, now: datetime.datetime, report: ReconcileReport) -> None:
+    """Re-check one pending order and record the outcome in `report`. Raises ProviderAuthFailed."""
+    if not order.yookassa_payment_id:
+        if order.created_at <= now - datetime.timedelta(seconds=ORDER_EXPIRY) and _mark_canceled(
+                order.id, "not_confirmed"):
+            report.canceled += 1
+        else:
+            _backoff(order, cfg, now)
+        return
+    try:
+        result = _apply(order, _fetch_payment(order.yookassa_payment_id), cfg, "reconcile")
+    except NotAtProvider as exc:
+        if _needs_attention(order, str(exc), now):
+            report.needs_attention.append(order.id)
+        return
+    except ProviderAuthFailed:
+        raise
+    except ProviderUnavailable as exc:
+        report.failed += 1
+        logger.warning("reconcile: order %s skipped: %s", order.id, exc)
+        _backoff(order, cfg, now)
+        return
+    if result.credited:
+        report.credited.append(result.credited)
+    elif result.detail == "canceled":
+        report.canceled += 1
+    elif result.detail == "mismatch":
+        if _needs_attention(order, "the API object does not match the order (see the security log)", now):
+            report.needs_attention.append(order.id)
+    else:
+        _backoff(order, cfg, now)
 
 
 def reconcile_refunds(cfg: config.Config | None = None, now: datetime.datetime | None = None) -> list[str]:

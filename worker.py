@@ -1048,9 +1048,27 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
     """
     cfg = cfg or config.get()
     now = now or utcnow()
-    stale = now - datetime.timedelta(seconds=HEARTBEAT_STALE)
     report = {"expired": [], "extended": 0, "failed": [], "resumed": [], "requeued": []}
+    _resume_dead_jobs(now, cfg, report)
+    _requeue_lost_jobs(now, report)
+    # A hold expiring within the next sweep is extended now, so it never lapses between passes.
+    horizon = now + datetime.timedelta(seconds=cfg.sweep_interval)
+    live = [row.reservation_id for row in Generation.select(Generation.reservation)
+            .join(Reservation, on=(Generation.reservation == Reservation.id))
+            .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state == "reserved")
+                   & (Reservation.expires_at <= horizon))]
+    report["extended"] = billing.extend(live, cfg.reservation_ttl, now)
+    if report["extended"]:
+        logger.info("sweep: extended the holds of %d live jobs by %s s", report["extended"], cfg.reservation_ttl)
+    report["expired"] = billing.expire_stale(now)
+    _end_jobs_without_a_hold(now, cfg, report)
+    return report
 
+
+def _resume_dead_jobs(now: datetime.datetime, cfg: config.Config, report: dict) -> None:
+    """Step 1 of `sweep_once`: running jobs without a fresh heartbeat are resumed, or failed once
+    they have used MAX_ATTEMPTS runs."""
+    stale = now - datetime.timedelta(seconds=HEARTBEAT_STALE)
     dead = (Generation.select().where((Generation.status == "running")
                                       & (Generation.heartbeat_at.is_null() | (Generation.heartbeat_at < stale))))
     for gen in dead:
@@ -1067,32 +1085,31 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
             _enqueue(str(gen.id))
             report["resumed"].append(str(gen.id))
 
+
+def _requeue_lost_jobs(now: datetime.datetime, report: dict) -> None:
+    """Step 2 of `sweep_once`: queued jobs untouched for QUEUED_STALE s with no task in the queue
+    are enqueued again."""
     waiting = now - datetime.timedelta(seconds=QUEUED_STALE)
     lost = list(Generation.select().where(
         (Generation.status == "queued")
         & (fn.COALESCE(Generation.heartbeat_at, Generation.created_at) < waiting)))
-    if lost:
-        in_queue = _queued_task_ids()
-        for gen in lost:
-            if str(gen.id) in in_queue:
-                continue
-            Generation.update(heartbeat_at=now).where((Generation.id == gen.id)
-                                                      & (Generation.status == "queued")).execute()
-            logger.warning("generation %s: queued with no task in the queue, enqueued again", gen.id)
-            _enqueue(str(gen.id))
-            report["requeued"].append(str(gen.id))
+    if not lost:
+        return
+    in_queue = _queued_task_ids()
+    for gen in lost:
+        if str(gen.id) in in_queue:
+            continue
+        Generation.update(heartbeat_at=now).where((Generation.id == gen.id)
+                                                  & (Generation.status == "queued")).execute()
+        logger.warning("generation %s: queued with no task in the queue, enqueued again", gen.id)
+        _enqueue(str(gen.id))
+        report["requeued"].append(str(gen.id))
 
-    # A hold expiring within the next sweep is extended now, so it never lapses between passes.
-    horizon = now + datetime.timedelta(seconds=cfg.sweep_interval)
-    live = [row.reservation_id for row in Generation.select(Generation.reservation)
-            .join(Reservation, on=(Generation.reservation == Reservation.id))
-            .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state == "reserved")
-                   & (Reservation.expires_at <= horizon))]
-    report["extended"] = billing.extend(live, cfg.reservation_ttl, now)
-    if report["extended"]:
-        logger.info("sweep: extended the holds of %d live jobs by %s s", report["extended"], cfg.reservation_ttl)
-    report["expired"] = billing.expire_stale(now)
 
+def _end_jobs_without_a_hold(now: datetime.datetime, cfg: config.Config, report: dict) -> None:
+    """Step 5 of `sweep_once`: jobs whose reservation is closed and that are not alive fail; one
+    whose image was already sent is marked delivered (a counted anomaly)."""
+    stale = now - datetime.timedelta(seconds=HEARTBEAT_STALE)
     closed = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
               .where(Generation.status.in_(ACTIVE_STATES) & (Reservation.state != "reserved")))
     for gen in closed:
@@ -1105,7 +1122,6 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
         lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
         _fail(gen, lang, "expired", "reservation expired before the job finished", cfg)
         report["failed"].append(str(gen.id))
-    return report
 
 
 def _enqueue(generation_id: str) -> None:
