@@ -560,6 +560,57 @@ def _status_event(status: Any) -> dict:
     return {"status": type(status).__name__.upper()}
 
 
+class DeadlinePassed(TimeoutError):
+    """`call_with_deadline`: the call did not finish before its deadline."""
+
+
+def call_with_deadline(fn: Callable[[], Any], deadline: float, *, on_late: Callable[[Any], None] | None = None,
+                       name: str = "bounded-call") -> Any:
+    """Run `fn()` in a daemon thread and wait for it until `deadline` (a ``time.monotonic()``
+    value); return its value or re-raise its exception. The one deadline helper of the project
+    (Fal calls here, Telegram downloads in the worker): libraries whose own timeouts do not bound
+    the whole call are bounded by it.
+
+    A call still running at the deadline is abandoned (its thread finishes in the background);
+    when it later returns a value, `on_late(value)` runs in that thread (e.g. cancel a Fal request
+    that was submitted after all). Raises DeadlinePassed (no time left, or the deadline passed).
+    """
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise DeadlinePassed("no time left before the call")
+    box: dict = {}
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def target():
+        try:
+            value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = exc
+        else:
+            with lock:
+                late = box.get("abandoned", False)
+                box["value"] = value
+            if late and on_late is not None:
+                try:
+                    on_late(value)
+                except Exception:
+                    logger.warning("late-completion handler failed", exc_info=True)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    if not done.wait(remaining):
+        with lock:
+            box["abandoned"] = True
+            finished = "value" in box or "error" in box
+        if not finished:
+            raise DeadlinePassed("the deadline passed")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class FalGateway:
     """Runs `FalRequest`s on Fal's queue API with fal-client 1.0.3 (``fal_client.SyncClient``).
 
@@ -604,46 +655,17 @@ class FalGateway:
     # A fal call in a daemon thread, waited for until `deadline` (time.monotonic()).
     def _call(self, fn: Callable[[], Any], deadline: float, request_id: str | None,
               on_late: Callable[[Any], None] | None = None) -> Any:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise ProviderTimeout("no time left before the call", request_id=request_id)
-        box: dict = {}
-        done = threading.Event()
-        lock = threading.Lock()
-
-        def target():
-            try:
-                value = fn()
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                box["error"] = exc
-            else:
-                with lock:
-                    late = box.get("abandoned", False)
-                    box["value"] = value
-                if late and on_late is not None:
-                    try:
-                        on_late(value)
-                    except Exception:
-                        logger.warning("late-completion handler failed", exc_info=True)
-            finally:
-                done.set()
-
-        threading.Thread(target=target, name="fal-call", daemon=True).start()
-        if not done.wait(remaining):
-            with lock:
-                box["abandoned"] = True
-                finished = "value" in box
-            if not finished:
-                raise ProviderTimeout("deadline passed", request_id=request_id)
-        if "error" in box:
-            error = box["error"]
+        try:
+            return call_with_deadline(fn, deadline, on_late=on_late, name="fal-call")
+        except DeadlinePassed as exc:
+            raise ProviderTimeout(str(exc), request_id=request_id) from None
+        except Exception as error:
             mapped = _map_exception(error, request_id)
             if mapped is error:
-                raise error
+                raise
             if isinstance(error, fal_client.FalClientHTTPError):
                 raise mapped from None  # its text may echo the arguments (data URIs) into tracebacks
             raise mapped from error
-        return box["value"]
 
     def run(
         self,

@@ -518,21 +518,23 @@ def _provider_error(exc: BaseException, what: str) -> ProviderUnavailable:
     raise exc
 
 
-def _fetch_payment(yookassa_id: str):
-    """``Payment.find_one`` → PaymentResponse. Raises NotAtProvider, ProviderAuthFailed or
-    ProviderUnavailable (we could not verify)."""
+def _api(call, what: str):
+    """Run one read-only SDK call; its errors become our domain errors (`_provider_error`):
+    NotAtProvider, ProviderAuthFailed or ProviderUnavailable (we could not verify)."""
     try:
-        return yookassa.Payment.find_one(yookassa_id)
+        return call()
     except Exception as exc:
-        raise _provider_error(exc, "Payment.find_one(%s)" % yookassa_id) from exc
+        raise _provider_error(exc, what) from exc
+
+
+def _fetch_payment(yookassa_id: str):
+    """``Payment.find_one`` → PaymentResponse. Raises like `_api`."""
+    return _api(lambda: yookassa.Payment.find_one(yookassa_id), "Payment.find_one(%s)" % yookassa_id)
 
 
 def _fetch_refund(refund_id: str):
-    """``Refund.find_one`` → RefundResponse. Raises like `_fetch_payment`."""
-    try:
-        return yookassa.Refund.find_one(refund_id)
-    except Exception as exc:
-        raise _provider_error(exc, "Refund.find_one(%s)" % refund_id) from exc
+    """``Refund.find_one`` → RefundResponse. Raises like `_api`."""
+    return _api(lambda: yookassa.Refund.find_one(refund_id), "Refund.find_one(%s)" % refund_id)
 
 
 def _mismatches(order: Payment, fetched, cfg: config.Config) -> list[str]:
@@ -1176,10 +1178,7 @@ def _list_all(method, params: dict, max_pages: int = 100) -> list:
     items, cursor = [], None
     for _ in range(max_pages):
         page_params = dict(params, limit=100, **({"cursor": cursor} if cursor else {}))
-        try:
-            page = method(page_params)
-        except Exception as exc:
-            raise _provider_error(exc, "list") from exc
+        page = _api(lambda: method(page_params), "list")  # noqa: B023 - called at once
         items.extend(page.items or [])
         cursor = getattr(page, "next_cursor", None)
         if not cursor:

@@ -363,24 +363,12 @@ def tg(func, *args, _attempts: int = TG_MAX_ATTEMPTS, _max_wait: float = TG_MAX_
 
 
 def _bounded(call, timeout: float, what: str):
-    """Run `call()` in a daemon thread and wait at most `timeout` seconds for it."""
-    box: dict = {}
-    done = threading.Event()
-
-    def target():
-        try:
-            box["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            box["error"] = exc
-        finally:
-            done.set()
-
-    threading.Thread(target=target, name="tg-download", daemon=True).start()
-    if not done.wait(timeout):
-        raise TelegramUnavailable("%s took longer than %g s" % (what, timeout))
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    """`media.call_with_deadline` for a Telegram call: at most `timeout` seconds, else
+    TelegramUnavailable."""
+    try:
+        return media.call_with_deadline(call, time.monotonic() + timeout, name="tg-download")
+    except media.DeadlinePassed:
+        raise TelegramUnavailable("%s took longer than %g s" % (what, timeout)) from None
 
 
 def download_file(file_id: str, cfg: config.Config | None = None, *, timeout: float = DOWNLOAD_TIMEOUT) -> bytes:
