@@ -62,6 +62,10 @@ class BillingError(Exception):
         return self.args[0] if self.args else (self.__doc__ or "").strip()
 
 
+class StorageFull(BillingError):
+    """The disk holding the database is full: nothing was changed. Free space and try again."""
+
+
 class InvalidAmount(BillingError):
     """Amount must be a positive whole number of credits within int64."""
 
@@ -103,6 +107,15 @@ class ReservationExpired(ReservationClosed):
 
 
 _CLOSED = {"committed": AlreadyCommitted, "released": AlreadyReleased, "expired": ReservationExpired}
+
+
+_FULL = ("database or disk is full", "no space left on device", "could not extend file", "disk full")
+
+
+def _is_full(exc: Exception) -> bool:
+    """SQLite's SQLITE_FULL ("database or disk is full") or PostgreSQL's disk_full (53100)."""
+    text = str(exc).lower()
+    return getattr(exc, "pgcode", None) == "53100" or any(word in text for word in _FULL)
 
 
 def _is_retryable(exc: Exception) -> bool:
@@ -179,7 +192,8 @@ def money_transaction(func):
 
     Nested inside another money transaction it runs in a savepoint and is not retried
     (the outermost caller owns the retry). `database is locked` never reaches a caller
-    unless the lock stays taken for MAX_TX_ATTEMPTS × the 30 s busy timeout.
+    unless the lock stays taken for MAX_TX_ATTEMPTS × the 30 s busy timeout. A full disk
+    raises StorageFull (the transaction rolled back: nothing changed).
     """
 
     @functools.wraps(func)
@@ -192,6 +206,9 @@ def money_transaction(func):
                 with writer_turn(), db.atomic():
                     return func(*args, **kwargs)
             except OperationalError as exc:
+                if _is_full(exc):
+                    logger.error("%s: the disk is full, nothing changed (%s)", func.__name__, exc)
+                    raise StorageFull("disk full: %s" % exc) from exc
                 if not _is_retryable(exc) or attempt == MAX_TX_ATTEMPTS - 1:
                     raise
                 logger.warning("%s: database busy, retrying (%s)", func.__name__, attempt + 1)

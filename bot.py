@@ -406,6 +406,8 @@ def _error_reply(ctx: Ctx, exc: Exception):
         return ctx.t("insufficient_credits"), _topup_button_markup(ctx)
     if isinstance(exc, billing.UserBlocked):
         return ctx.t("blocked"), None
+    if isinstance(exc, billing.StorageFull):
+        return ctx.t("storage_full"), _menu_button_markup(ctx)
     if isinstance(exc, worker.TooManyJobs):
         return ctx.t("too_many_jobs", limit=exc.limit), _menu_button_markup(ctx)
     if isinstance(exc, media.InvalidInput):

@@ -794,6 +794,9 @@ def handle_notification(raw_body: bytes, client_ip: str, cfg: config.Config | No
     except ProviderUnavailable as exc:
         logger.warning("notification %s for %s not verified, asking YooKassa to retry: %s", event, object_id, exc)
         return NotificationOutcome(503, None, "provider_unavailable")
+    except billing.StorageFull as exc:
+        logger.error("notification %s for %s not applied, asking YooKassa to retry: %s", event, object_id, exc)
+        return NotificationOutcome(503, None, "storage_full")
 
 
 def _parse_notification(raw_body: bytes):

@@ -422,6 +422,10 @@ TEXTS = {
         "ru": "🎟️ Этот промокод сейчас нельзя использовать.",
         "en": "🎟️ This promo code cannot be used right now.",
     },
+    "storage_full": {
+        "ru": "⚠️ Сервис временно не может сохранить данные. Ничего не списано — попробуйте чуть позже.",
+        "en": "⚠️ The service cannot save data right now. Nothing was charged — please try again a bit later.",
+    },
     "promo_exists": {
         "ru": "🎟️ Такой промокод уже есть.",
         "en": "🎟️ This promo code already exists.",

@@ -221,9 +221,8 @@ def test_make_targets_exist(name):
 
 
 def test_a_money_operation_on_a_full_disk_fails_naming_the_cause_and_changes_nothing(database):
-    """Disk full, simulated for this connection with PRAGMA max_page_count (no billing change needed)."""
-    from peewee import OperationalError
-
+    """Disk full, simulated for this connection with PRAGMA max_page_count: billing.StorageFull
+    names the cause, nothing changed."""
     uid = billing.get_or_create_user(5151)[0].id
     billing.credit(uid, 100, kind="grant", reference="test", idempotency_key="grant:first")
     pages = models.db.execute_sql("PRAGMA page_count").fetchone()[0]
@@ -233,8 +232,8 @@ def test_a_money_operation_on_a_full_disk_fails_naming_the_cause_and_changes_not
             before = (LedgerEntry.select().count(), billing.get_balance(uid).credits)
             try:
                 billing.credit(uid, 1, kind="grant", reference="test", idempotency_key="grant:fill:%d" % i)
-            except OperationalError as exc:
-                assert "full" in str(exc), exc
+            except billing.StorageFull as exc:
+                assert "disk full" in str(exc) and "The disk holding the database is full" in exc.__doc__
                 break
         else:
             pytest.fail("the capped database never filled up")
