@@ -302,3 +302,28 @@ def test_user_rows_are_untouched_by_a_refused_code(shop):
         promo.redeem_free_access("FREE_ACCESS", shop.user.id)
     assert not User.get_by_id(shop.user.id).has_free_access
     assert LedgerEntry.select().count() == 0
+
+
+def test_a_full_disk_answers_503_so_yookassa_delivers_again(shop):
+    """Issue 8 §4: the credit cannot be written — nothing changes and YooKassa is asked to retry."""
+    order = payments.create_topup(shop.user.id, 100)
+    shop.fake.succeed(order.yookassa_payment_id)
+    filler, _ = billing.get_or_create_user(880099, free_operations=0)
+    pages = shop.database.execute_sql("PRAGMA page_count").fetchone()[0]
+    shop.database.execute_sql("PRAGMA max_page_count = %d" % pages)
+    try:
+        for i in range(5000):                       # fill the ledger's pages to the brim
+            try:
+                billing.credit(filler.id, 1, kind="grant", reference="fill", idempotency_key="fill:%06d" % i)
+            except billing.StorageFull:
+                break
+        else:
+            pytest.fail("the capped database never filled up")
+        outcome = notify(shop, "payment.succeeded", order.yookassa_payment_id)
+        assert (outcome.http_status, outcome.detail) == (503, "storage_full")
+        assert Payment.get_by_id(order.id).status == "pending" and credits_of(shop.user.id) == 0
+    finally:
+        shop.database.execute_sql("PRAGMA max_page_count = 1073741823")
+    notify(shop, "payment.succeeded", order.yookassa_payment_id)
+    assert credits_of(shop.user.id) == 100
+    audit_ok()
