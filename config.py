@@ -541,11 +541,6 @@ def _cross_checks(values: dict, env: dict, require_token: bool) -> list[str]:
     return problems
 
 
-def queue_url_from_env(environ: dict | None = None, env_file: str | None = None) -> str:
-    """Return QUEUE_URL alone (for building the queue at import, before the full validation)."""
-    return _read_env(environ, env_file).get("QUEUE_URL", "").strip() or BY_NAME["QUEUE_URL"].default
-
-
 def report(exc: ConfigError, stream=None) -> None:
     """Print a ConfigError as one line per problem, no traceback (every entry point uses this
     before exiting with `EX_CONFIG`). `stream` defaults to stderr."""

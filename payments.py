@@ -127,10 +127,6 @@ class UnknownPayment(PaymentError):
     text_key = "payment_unknown"
 
 
-class NotificationRejected(PaymentError):
-    """The notification was refused (untrusted source, bad body, or it does not match our order)."""
-
-
 @dataclass(frozen=True)
 class NotificationOutcome:
     """What the webhook answers: `http_status`, the order id newly credited by this call (or None),

@@ -425,10 +425,3 @@ def redeem_free_access(code: str, user_id: int, now: datetime.datetime | None = 
     user = billing.set_free_access(user_id, days=promo.free_access_days, now=now)
     logger.info("promo free access redeemed: code=%s user=%s days=%s", promo.code, user_id, promo.free_access_days)
     return user
-
-
-def redemption_count(code: str) -> int:
-    """Return how many users consumed `code` (for admin statistics). Raises UnknownCode."""
-    promo = _get(code)
-    return (PromoRedemption.select(fn.COUNT(PromoRedemption.id))
-            .where((PromoRedemption.promo == promo.id) & (PromoRedemption.state == "consumed")).scalar() or 0)

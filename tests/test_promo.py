@@ -144,7 +144,7 @@ def test_code_is_once_per_user_and_reserved_on_a_pending_payment(database):
     assert PromoCode.get(PromoCode.code == "WELCOME10").uses == 1
     with pytest.raises(promo.CodeAlreadyUsed):
         promo.check_discount("welcome10", alice)
-    assert promo.redemption_count("WELCOME10") == 1
+    assert PromoRedemption.select().where(PromoRedemption.state == "consumed").count() == 1
 
 
 def test_release_on_cancel_frees_the_code(database):
