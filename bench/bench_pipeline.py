@@ -54,7 +54,6 @@ FAKE_TELEGRAM = """
 import sys, threading
 sys.path.insert(0, %r)
 from tests.fakes import telegram as fake_module
-fake_module._Server.request_queue_size = max(fake_module._Server.request_queue_size, 128)
 fake = fake_module.FakeTelegram(token=%r, strict_chats=False).start()
 print(fake.url, flush=True)
 def watch():
@@ -72,7 +71,6 @@ FAKE_FAL = """
 import sys
 sys.path.insert(0, %r)
 from tests.fakes import fal as fake_module
-fake_module._Server.request_queue_size = max(fake_module._Server.request_queue_size, 128)
 fake = fake_module.FakeFal(key="bench-fal-id:bench-fal-key").start()
 print(fake.url, flush=True)
 sys.stdin.read()

@@ -63,7 +63,6 @@ FAKE_SCRIPT = """
 import sys
 sys.path.insert(0, %r)
 from tests.fakes import yookassa as fake_module
-fake_module._Server.request_queue_size = max(fake_module._Server.request_queue_size, 128)
 fake = fake_module.FakeYooKassa().start()
 print(fake.url, flush=True)
 sys.stdin.read()

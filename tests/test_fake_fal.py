@@ -1,9 +1,5 @@
-"""Proves tests/fakes/fal.py against the real fal-client SyncClient (fal-client 1.0.3).
-
-Everything goes through ``fal_client.SyncClient(key=...)`` with ``QUEUE_URL_FORMAT`` pointed at
-the fake (the ``fake_fal`` fixture), exactly how the app talks to Fal.
-"""
-
+"""Proves tests/fakes/fal.py against the real fal-client SyncClient (fal-client 1.0.3), with
+``QUEUE_URL_FORMAT`` pointed at the fake (the ``fake_fal`` fixture), as the app talks to Fal."""
 import io
 import time
 
@@ -13,19 +9,12 @@ import pytest
 from fal_client import Completed, InProgress, Queued
 from PIL import Image
 
-from tests.fakes.fal import FakeFal
-
-# The `fake_fal` fixture comes from tests/fakes/fal.py, registered as a plugin by tests/conftest.py.
-
 KEY = "test-fal-key"
 TG_URL = "https://api.telegram.org/file/bot123456:AAH-secret-token/photos/file_7.jpg"
 
-
-# Building an httpx client costs ~25 ms (SSL context) and a SyncClient two of them, so the
-# module shares one of each, like the app shares one SyncClient per process. Tests still ask
-# for `fake_fal`, which points QUEUE_URL_FORMAT at a fresh fake for every test.
-# SyncClient has no close(); its httpx client is the cached `_client` (see notes B2), closed here
-# so no socket is left for the garbage collector (ResourceWarning).
+# An httpx client costs ~25 ms (SSL context) and a SyncClient two, so the module shares one of each,
+# like the app shares one SyncClient per process. SyncClient has no close(): its cached `_client` is
+# closed here so no socket is left for the garbage collector.
 HTTP = httpx.Client()
 
 
@@ -78,195 +67,129 @@ def sub(client, app, args, **kw):
     return client.subscribe(app, args, interval=0.02, **kw)
 
 
-# ---------------------------------------------------------------- happy paths
-
 def test_subscribe_nano_banana_returns_downloadable_png(fake_fal, client):
     enqueued = []
-    order = []
-
-    def on_enqueue(rid):
-        enqueued.append(rid)
-        order.append("enqueue")
-
-    result = sub(client, "fal-ai/nano-banana", {"prompt": "a red cat"}, on_enqueue=on_enqueue)
-    order.append("result")
-
-    assert order == ["enqueue", "result"]
+    result = sub(client, "fal-ai/nano-banana", {"prompt": "a red cat"}, on_enqueue=enqueued.append)
     assert list(result) == ["images", "description"]
     (image,) = result["images"]
-    assert image["content_type"] == "image/png"
-    assert image["url"].startswith(fake_fal.url + "/files/")
-    img = download(image["url"])
-    assert img.format == "PNG" and img.size == (512, 512)
-    assert (image["width"], image["height"]) == (512, 512)
+    assert image["content_type"] == "image/png" and image["url"].startswith(fake_fal.url + "/files/")
+    assert download(image["url"]).size == (512, 512) == (image["width"], image["height"])
     assert image["file_size"] == len(HTTP.get(image["url"]).content)
-
     (record,) = fake_fal.submissions
-    assert record["request_id"] == enqueued[0]
-    assert record["app"] == "fal-ai/nano-banana"
+    assert record["request_id"] == enqueued[0] and record["app"] == "fal-ai/nano-banana"
     assert record["arguments"] == {"prompt": "a red cat"}
     assert record["headers"]["authorization"] == "Key " + KEY
-    assert record["status"] == "COMPLETED"
+    assert HTTP.get(fake_fal.url + "/files/nope.png").status_code == 404
 
 
 def test_num_images_and_seed_are_respected(fake_fal, client):
-    result = sub(client, "fal-ai/nano-banana", {"prompt": "x", "num_images": 3, "seed": 42})
-    assert len(result["images"]) == 3
+    result = sub(client, "fal-ai/nano-banana", {"prompt": "x", "num_images": 3, "seed": 7})
+    assert len(result["images"]) == 3 and result["seed"] == 7
     assert len({i["url"] for i in result["images"]}) == 3
-    assert result["seed"] == 42
 
 
-def test_edit_with_data_uri_records_decoded_input(fake_fal, client):
-    data = png_bytes((300, 200))
-    uri = fal_client.encode(data, "image/png")
-    result = sub(client, "fal-ai/nano-banana/edit", {"prompt": "make it blue", "image_urls": [uri]})
-    assert len(result["images"]) == 1
-
+def test_edit_with_data_uri_records_the_decoded_input(fake_fal, client):
+    uri = fal_client.encode(png_bytes((300, 200)), "image/png")
+    sub(client, "fal-ai/nano-banana/edit", {"prompt": "bluer", "image_urls": [uri]})
     (record,) = fake_fal.submissions
+    assert record["app"] == "fal-ai/nano-banana/edit"
     summary = record["arguments"]["image_urls"][0]
-    assert summary["data_uri"] is True
-    assert summary["bytes"] == len(data)
-    assert summary["format"] == "PNG"
-    assert summary["size"] == [300, 200]
-    assert record["inputs"][0]["field"] == "image_urls[0]"
-    # the status/result URLs drop the sub-path, like queue.fal.run
-    paths = [e["path"] for e in fake_fal.requests_log]
-    assert paths[0] == "/fal-ai/nano-banana/edit"
-    rid = record["request_id"]
-    assert f"/fal-ai/nano-banana/requests/{rid}/status" in paths
-    assert paths[-1] == f"/fal-ai/nano-banana/requests/{rid}"
+    assert summary["data_uri"] is True and summary["format"] == "PNG" and summary["size"] == [300, 200]
+    assert record["inputs"] == [dict(summary, field="image_urls[0]")]
+    sub(client, "fal-ai/nano-banana/edit", {"prompt": "x", "image_urls": ["data:image/png;base64,bm90IGFuIGltYWdl"]})
+    assert fake_fal.submissions[1]["inputs"][0]["error"].startswith("not a decodable image")
 
 
-def test_esrgan_doubles_input_and_face_swap_shape(fake_fal, client):
-    uri = fal_client.encode(png_bytes((100, 80)), "image/png")
-    up = sub(client, "fal-ai/esrgan", {"image_url": uri})
-    assert set(up) == {"image", "seed"}
-    assert (up["image"]["width"], up["image"]["height"]) == (200, 160)
-    assert download(up["image"]["url"]).size == (200, 160)
-
-    swapped = sub(client, "fal-ai/face-swap", {"base_image_url": uri, "swap_image_url": uri})
-    assert set(swapped) == {"image", "seed"}
-    assert download(swapped["image"]["url"]).size == (512, 512)
+def test_upscalers_scale_the_input_and_other_models_answer_one_image(fake_fal, client):
+    uri = fal_client.encode(png_bytes((100, 60)), "image/png")
+    result = sub(client, "fal-ai/esrgan", {"image_url": uri})
+    assert (result["image"]["width"], result["image"]["height"]) == (200, 120) and isinstance(result["seed"], int)
+    result = sub(client, "fal-ai/clarity-upscaler", {"image_url": uri, "upscale_factor": 3})
+    assert download(result["image"]["url"]).size == (300, 180)
+    swapped = sub(client, "fal-ai/face-swap", {"base_image_url": uri, "swap_image_url": uri, "seed": 5})
+    assert set(swapped) == {"image", "seed"} and swapped["seed"] == 5
 
 
 def test_big_result_sizes(fake_fal, client):
-    fake_fal.script("big_result", width=12000, height=200)
-    fake_fal.script("big_result", bytes=300_000)
-    wide = sub(client, "fal-ai/nano-banana", {"prompt": "panorama"})["images"][0]
-    assert (wide["width"], wide["height"]) == (12000, 200)
-    assert download(wide["url"]).size == (12000, 200)
-    heavy = sub(client, "fal-ai/retoucher", {"image_url": fal_client.encode(png_bytes(), "image/png")})
-    assert heavy["image"]["file_size"] >= 300_000
+    fake_fal.script("big_result", width=3000, height=20)
+    (image,) = sub(client, "fal-ai/nano-banana", {"prompt": "x"})["images"]
+    assert (image["width"], image["height"]) == (3000, 20) == download(image["url"]).size
 
 
-# ---------------------------------------------------------------- errors
-
-def test_telegram_file_url_is_rejected_with_422(fake_fal, client):
+def test_a_telegram_file_url_is_refused_with_422(fake_fal, client):
     with pytest.raises(fal_client.FalClientHTTPError) as info:
         sub(client, "fal-ai/nano-banana/edit", {"prompt": "x", "image_urls": [TG_URL]})
-    assert info.value.status_code == 422
-    assert info.value.message[0]["loc"] == ["body", "image_urls", 0]
-    assert fake_fal.token_leaks == [TG_URL]
-    assert fake_fal.submissions == []  # no job, nothing billed
+    assert info.value.status_code == 422 and info.value.message[0]["type"] == "telegram_file_url_leak"
+    assert fake_fal.token_leaks == [TG_URL] and fake_fal.submissions == []
 
 
-def test_wrong_key_is_401(fake_fal, new_client):
+def test_wrong_or_missing_key_is_401(fake_fal, new_client):
     with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(new_client("wrong"), "fal-ai/nano-banana", {"prompt": "x"})
+        sub(new_client("wrong-key"), "fal-ai/nano-banana", {"prompt": "x"})
     assert info.value.status_code == 401
-    assert fake_fal.submissions == []
+    assert HTTP.post(fake_fal.url + "/fal-ai/nano-banana", json={}).json() == {"detail": "Missing authorization header"}
 
 
-def test_validation_error_is_422_list(fake_fal, client):
-    fake_fal.script("validation", loc=["body", "aspect_ratio"], msg="bad ratio")
+@pytest.mark.parametrize("kind, status, error_type, body_type", [
+    ("validation", 422, None, "value_error"),
+    ("policy", 422, None, "content_policy_violation"),
+    ("error500", 500, "runner_server_error", None),
+])
+def test_run_failures_come_with_the_result(fake_fal, client, kind, status, error_type, body_type):
+    fake_fal.script(kind)
+    handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    completed = handle.status()
+    while not isinstance(completed, Completed):
+        completed = handle.status()
+    assert completed.error and completed.error_type == (error_type or body_type)
     with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(client, "fal-ai/nano-banana", {"prompt": "x"})
-    assert info.value.status_code == 422
-    assert info.value.message == [
-        {"loc": ["body", "aspect_ratio"], "msg": "bad ratio", "type": "value_error"}]
-    assert len(fake_fal.submissions) == 1  # accepted, then failed (like real fal)
+        handle.get()
+    assert (info.value.status_code, info.value.error_type) == (status, error_type)
+    if body_type:
+        assert info.value.message[0]["type"] == body_type
+        assert info.value.response.headers["x-fal-retryable"] == "false"
 
-
-def test_missing_required_field_is_422(fake_fal, client):
-    with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(client, "fal-ai/nano-banana/edit", {"prompt": "no images"})
-    assert info.value.status_code == 422
-    assert info.value.message[0]["loc"] == ["body", "image_urls"]
-    assert info.value.message[0]["type"] == "missing"
-
-
-def test_content_policy_violation(fake_fal, client):
-    fake_fal.script("policy")
-    with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(client, "fal-ai/nano-banana", {"prompt": "forbidden"})
-    exc = info.value
-    assert exc.status_code == 422
-    # What fal-client exposes: message is the `detail` list; the category is in its `type`.
-    # error_type stays None for model errors (it is only filled for infra errors).
-    assert exc.message[0]["type"] == "content_policy_violation"
-    assert exc.message[0]["loc"] == ["body", "prompt"]
-    assert "content policy" in str(exc)
-    assert exc.error_type is None
-
-
-def test_error500_runner_server_error(fake_fal, client):
-    fake_fal.script("error500")
-    with pytest.raises(fal_client.FalClientHTTPError) as info:
-        sub(client, "fal-ai/retoucher", {"image_url": fal_client.encode(png_bytes(), "image/png")})
-    assert info.value.status_code == 500
-    assert info.value.error_type == "runner_server_error"
-    assert info.value.message == "Internal error"
-    assert info.value.response_headers["x-fal-error-type"] == "runner_server_error"
-    # status() of the failed request reports it too
-    rid = fake_fal.submissions[0]["request_id"]
-    status = client.status("fal-ai/retoucher", rid)
-    assert isinstance(status, Completed) and status.error_type == "runner_server_error"
-
-
-def test_script_endpoint_filter(fake_fal, client):
-    fake_fal.script("error500", endpoint="fal-ai/esrgan")
-    assert sub(client, "fal-ai/nano-banana", {"prompt": "x"})["images"]  # not matched
-    with pytest.raises(fal_client.FalClientHTTPError):
-        sub(client, "fal-ai/esrgan", {"image_url": fal_client.encode(png_bytes(), "image/png")})
-
-
-# ---------------------------------------------------------------- time, queue, timeouts
 
 def test_hang_with_client_timeout_cancels(fake_fal, client):
     fake_fal.script("hang")
     started = time.monotonic()
-    # NB: client_timeout=1 itself is refused by fal-client 1.0.3: subscribe() copies it into
-    # start_timeout (X-Fal-Request-Timeout), which must be > 1 s (ValueError otherwise).
+    # client_timeout=1 itself is refused by fal-client 1.0.3 (it becomes X-Fal-Request-Timeout, > 1 s).
     with pytest.raises(fal_client.FalClientTimeoutError) as info:
         sub(client, "fal-ai/nano-banana", {"prompt": "x"}, client_timeout=1.05)
     assert time.monotonic() - started < 2.5
     rid = info.value.request_id
-    assert rid == fake_fal.submissions[0]["request_id"]
-    assert fake_fal.cancelled == [rid]  # subscribe() cancelled before raising
+    assert fake_fal.cancelled == [rid]                     # subscribe() cancelled before raising
     assert fake_fal.submissions[0]["headers"]["x-fal-request-timeout"] == "1.05"
-    # fal-client's worker thread keeps polling after the timeout; once cancelled it sees
-    # COMPLETED and fetches the result (499 client_cancelled). Wait for that so the orphan
-    # thread ends before the server stops (it would otherwise retry for ~50 s at exit).
-    fake_fal.wait_until(lambda: any(
-        e["path"].endswith("/requests/" + rid) and e["status"] == 499
-        for e in fake_fal.requests_log), timeout=3)
+    # fal-client's worker thread keeps polling; once cancelled it sees COMPLETED and fetches the
+    # result (499 client_cancelled). Wait for that so the orphan thread ends before the fake stops.
+    fake_fal.wait_until(lambda: any(e["path"].endswith("/requests/" + rid) and e["status"] == 499
+                                    for e in fake_fal.requests_log), timeout=3)
+    assert client.cancel("fal-ai/nano-banana", rid) is None          # a second cancel is accepted too
+
+
+def test_cancel_after_completion_and_early_results(fake_fal, client):
+    handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    handle.get()
+    answer = HTTP.put(handle.cancel_url, headers={"Authorization": "Key " + KEY})
+    assert (answer.status_code, answer.json()) == (400, {"status": "ALREADY_COMPLETED"})
+    fake_fal.script("latency", seconds=5)
+    slow = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    early = HTTP.get(slow.response_url, headers={"Authorization": "Key " + KEY})
+    assert (early.status_code, early.json()) == (400, {"detail": "Request is still in progress"})
+    assert early.headers["x-fal-request-id"] == slow.request_id
+    slow.cancel()
 
 
 def test_latency_goes_through_queue_and_progress(fake_fal, client):
     fake_fal.script("latency", seconds=0.5)
     events = []
     started = time.monotonic()
-    result = sub(client, "fal-ai/nano-banana", {"prompt": "slow"}, on_queue_update=events.append,
-                 with_logs=True)
+    assert sub(client, "fal-ai/nano-banana", {"prompt": "slow"}, on_queue_update=events.append)["images"]
     assert time.monotonic() - started >= 0.5
-    assert result["images"]
     kinds = [type(e) for e in events]
-    assert kinds[0] is Queued and kinds[-1] is Completed
-    assert InProgress in kinds
-    assert kinds.index(InProgress) > kinds.index(Queued)
+    assert kinds[0] is Queued and kinds[-1] is Completed and InProgress in kinds
     assert all(k is not Queued for k in kinds[kinds.index(InProgress):])
     assert events[-1].metrics["inference_time"] >= 0.5
-    assert any(isinstance(e, InProgress) and e.logs for e in events)  # logs=true honoured
 
 
 def test_queue_positions_decrease_per_poll(fake_fal, client):
@@ -274,110 +197,79 @@ def test_queue_positions_decrease_per_poll(fake_fal, client):
     handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
     events = list(handle.iter_events(interval=0.01))
     assert [e.position for e in events if isinstance(e, Queued)] == [2, 1, 0]
-    assert isinstance(events[-1], Completed)
-    assert handle.get()["images"]
+    assert isinstance(events[-1], Completed) and handle.get()["images"]
 
 
-# ---------------------------------------------------------------- resume and retries
-
-def test_resume_by_request_id_with_fresh_client(fake_fal, client, new_client):
-    ids = []
-    first = sub(client, "fal-ai/nano-banana/edit",
-                {"prompt": "x", "image_urls": [fal_client.encode(png_bytes(), "image/png")]},
-                on_enqueue=ids.append)
-    fresh = new_client()  # e.g. a huey retry in another worker after a crash
-    status = fresh.status("fal-ai/nano-banana/edit", ids[0])
-    assert isinstance(status, Completed) and status.error is None
-    assert fresh.result("fal-ai/nano-banana/edit", ids[0]) == first
-    assert len(fake_fal.submissions) == 1  # no second generation
-
-
-def test_resume_while_still_running(fake_fal, client, new_client):
-    fake_fal.script("latency", seconds=0.3)
+def test_submission_reports_the_current_status(fake_fal, client):
+    fake_fal.script("latency", seconds=0.4)
     handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
-    fresh = new_client()
-    assert isinstance(fresh.status("fal-ai/nano-banana", handle.request_id), (Queued, InProgress))
-    result = fresh.result("fal-ai/nano-banana", handle.request_id)
-    assert result["images"]
-    assert len(fake_fal.submissions) == 1
+    assert fake_fal.submission(handle.request_id)["status"] == "IN_QUEUE"
+    fake_fal.wait_until(lambda: fake_fal.submission(handle.request_id)["status"] == "IN_PROGRESS", timeout=2)
+    fake_fal.wait_until(lambda: fake_fal.submission(handle.request_id)["status"] == "COMPLETED", timeout=2)
+    fake_fal.script("hang")
+    hanging = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    hanging.cancel()
+    assert fake_fal.submission(hanging.request_id)["status"] == "CANCELLED"
+    with pytest.raises(KeyError):
+        fake_fal.submission("nope")
 
 
-def test_unknown_request_id_is_404(fake_fal, client):
-    with pytest.raises(fal_client.FalClientHTTPError) as info:
-        client.status("fal-ai/nano-banana", "00000000-0000-0000-0000-000000000000")
+def test_resume_by_request_id_with_a_fresh_client(fake_fal, client, new_client):
+    fake_fal.script("latency", seconds=0.3)
+    handle = client.submit("fal-ai/nano-banana/edit", {"prompt": "x", "image_urls": [
+        fal_client.encode(png_bytes(), "image/png")]})
+    fresh = new_client()                                 # e.g. a huey retry in another worker after a crash
+    assert isinstance(fresh.status("fal-ai/nano-banana/edit", handle.request_id), (Queued, InProgress))
+    assert fresh.result("fal-ai/nano-banana/edit", handle.request_id)["images"]
+    assert len(fake_fal.submissions) == 1                # no second generation
+    with pytest.raises(fal_client.FalClientHTTPError) as info:   # the id belongs to another app
+        fresh.status("fal-ai/esrgan", handle.request_id)
     assert info.value.status_code == 404
 
 
 def test_submit_lost_makes_a_duplicate_job(fake_fal, client):
-    """THE HAZARD: fal accepted (and will bill) the first POST, but its answer never arrived.
-    fal-client's _maybe_retry_request treats that as a transport error and silently re-POSTs,
-    creating a SECOND generation. The caller only ever learns the second id (on_enqueue fires
-    once), so the first job is invisible to it. That is why the app must persist the request id
-    from on_enqueue and, on its own retry, resume with status()/result() instead of submitting
-    again - and why fal-client's own retry of the submit cannot be made safe by the app."""
+    """fal accepted (and would bill) the first POST, but its answer never arrived: fal-client
+    re-POSTs and the caller only learns the second id - why the app resumes by id instead."""
     fake_fal.script("submit_lost")
     ids = []
-    result = sub(client, "fal-ai/nano-banana", {"prompt": "x"}, on_enqueue=ids.append)
-    assert result["images"]
-    subs = fake_fal.submissions
-    assert len(subs) == 2
-    assert subs[0]["response_dropped"] is True and subs[1]["response_dropped"] is False
-    assert ids == [subs[1]["request_id"]]  # the lost job's id never reached the app
-    posts = [e["status"] for e in fake_fal.requests_log if e["method"] == "POST"]
-    assert posts == ["dropped", 200]
+    assert sub(client, "fal-ai/nano-banana", {"prompt": "x"}, on_enqueue=ids.append)["images"]
+    first, second = fake_fal.submissions
+    assert first["response_dropped"] is True and second["response_dropped"] is False
+    assert ids == [second["request_id"]]
+    assert [e["status"] for e in fake_fal.requests_log if e["method"] == "POST"] == ["dropped", 200]
 
 
-def test_submit_error_503_is_retried(fake_fal, client):
+def test_submit_error_503_from_the_ingress_is_retried(fake_fal, client):
     fake_fal.script("submit_error", status=503)
-    result = sub(client, "fal-ai/nano-banana", {"prompt": "x"})
-    assert result["images"]
+    assert sub(client, "fal-ai/nano-banana", {"prompt": "x"})["images"]
     assert len(fake_fal.submissions) == 1
     assert [e["status"] for e in fake_fal.requests_log if e["method"] == "POST"] == [503, 200]
 
 
 def test_submit_error_500_is_not_retried(fake_fal, client):
-    fake_fal.script("submit_error", status=500, times=3)
+    fake_fal.script("submit_error", status=500, ingress=False, times=3)
     with pytest.raises(fal_client.FalClientHTTPError) as info:
         sub(client, "fal-ai/nano-banana", {"prompt": "x"})
     assert info.value.status_code == 500
-    assert [e["method"] for e in fake_fal.requests_log] == ["POST"]
-    assert fake_fal.submissions == []
+    assert [e["method"] for e in fake_fal.requests_log] == ["POST"] and fake_fal.submissions == []
 
 
-# ---------------------------------------------------------------- controls
-
-def test_http_control_endpoints(fake_fal, client):
-    HTTP.post(fake_fal.url + "/_test/script", json={"kind": "validation"}).raise_for_status()
-    with pytest.raises(fal_client.FalClientHTTPError):
-        sub(client, "fal-ai/nano-banana", {"prompt": "x"})
-    state = HTTP.get(fake_fal.url + "/_test/state").json()
-    assert len(state["submissions"]) == 1 and state["submissions"][0]["kind"] == "validation"
-    waited = HTTP.get(fake_fal.url + "/_test/wait_for_submissions", params={"n": 1}).json()
-    assert len(waited["submissions"]) == 1
-    HTTP.post(fake_fal.url + "/_test/reset").raise_for_status()
-    assert fake_fal.submissions == [] and fake_fal.requests_log == []
+def test_the_default_behaviour_applies_when_no_script_is_queued(fake_fal, client):
+    fake_fal.set_default("error500")
+    fake_fal.script("ok")
+    assert sub(client, "fal-ai/nano-banana", {"prompt": "x"})["images"]          # the script first
+    for _ in range(2):
+        with pytest.raises(fal_client.FalClientHTTPError) as info:
+            sub(client, "fal-ai/nano-banana", {"prompt": "x"})
+        assert info.value.status_code == 500
+    with pytest.raises(ValueError):
+        fake_fal.set_default("submit_lost")
 
 
-def test_defaults_and_wait_for_submissions(fake_fal, client):
-    fake_fal.set_default("error500", status=504, error_type="request_timeout",
-                         detail="Request timed out")
+def test_wait_for_submissions_and_unknown_kinds(fake_fal, client):
     handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
     assert fake_fal.wait_for_submissions(1, timeout=1)[0]["request_id"] == handle.request_id
-    with pytest.raises(fal_client.FalClientHTTPError) as info:
-        handle.get(interval=0.01)
-    assert (info.value.status_code, info.value.error_type) == (504, "request_timeout")
     with pytest.raises(TimeoutError):
         fake_fal.wait_for_submissions(2, timeout=0.05)
     with pytest.raises(ValueError):
         fake_fal.script("nonsense")
-
-
-def test_standalone_context_manager():
-    with FakeFal(key=None, image_size=(64, 32)) as fake:
-        response = HTTP.post(fake.url + "/fal-ai/retoucher", json={"image_url": "https://x/y.png"})
-        assert response.status_code == 200
-        body = response.json()
-        assert set(body) >= {"request_id", "response_url", "status_url", "cancel_url"}
-        assert body["status"] == "IN_QUEUE" and body["logs"] is None
-        result = HTTP.get(body["response_url"]).json()
-        assert (result["image"]["width"], result["image"]["height"]) == (64, 32)

@@ -3,15 +3,18 @@ import io
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 import telebot
 from PIL import Image
 from telebot import apihelper, types
-from telebot.apihelper import ApiHTTPException, ApiTelegramException
+from telebot.apihelper import ApiTelegramException
 from telebot.storage import StateMemoryStorage
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from tests.fakes.telegram import FakeTelegram
 
 USER = 42
 
@@ -48,10 +51,13 @@ def bot(fake_telegram):
         apihelper.API_URL, apihelper.FILE_URL = saved
 
 
-def test_get_me(bot, fake_telegram):
+def test_get_me_and_commands(bot, fake_telegram):
     me = bot.get_me()
     assert (me.id, me.is_bot, me.first_name, me.username) == (123456, True, "Media Lab", "medialab_test_bot")
-    assert fake_telegram.calls("getMe")[0].ok
+    assert bot.set_my_commands([types.BotCommand("start", "Меню")], language_code="ru")
+    assert api_error(lambda: bot.set_my_commands([types.BotCommand("Bad-Name", "x")])).description == \
+        "Bad Request: BOT_COMMAND_INVALID"
+    assert [c.ok for c in fake_telegram.calls()] == [True, True, False]
 
 
 def test_send_message_with_inline_keyboard_is_recorded_and_echoed(bot, fake_telegram):
@@ -59,7 +65,6 @@ def test_send_message_with_inline_keyboard_is_recorded_and_echoed(bot, fake_tele
                                                                  ("💰 Баланс", "balance")))
     assert sent.chat.id == USER and sent.from_user.is_bot and sent.text == "Меню"
     assert [[b.callback_data for b in row] for row in sent.reply_markup.keyboard] == [["mode:generate"], ["balance"]]
-
     call = fake_telegram.calls("sendMessage", chat_id=USER)[0]
     assert call.params["chat_id"] == USER
     assert call.params["reply_markup"]["inline_keyboard"][0][0]["callback_data"] == "mode:generate"
@@ -67,94 +72,118 @@ def test_send_message_with_inline_keyboard_is_recorded_and_echoed(bot, fake_tele
     assert message["message_id"] == sent.message_id
     assert fake_telegram.button_data(message) == ["mode:generate", "balance"]
     assert fake_telegram.find_button(message, "Баланс")["callback_data"] == "balance"
+    with pytest.raises(AssertionError, match="no button containing"):
+        fake_telegram.find_button(message, "Оплатить")
     assert fake_telegram.wait_for_message(USER, contains="Меню")["message_id"] == sent.message_id
 
 
-def test_html_is_parsed_like_telegram_and_bad_markup_is_rejected(bot, fake_telegram):
-    sent = bot.send_message(USER, "<b>Баланс</b>: 10 &lt;кредитов&gt;", parse_mode="HTML")
-    assert sent.text == "Баланс: 10 <кредитов>"
-    assert [(e.type, e.offset, e.length) for e in sent.entities] == [("bold", 0, 6)]
+def test_url_buttons_and_invalid_keyboards(bot, fake_telegram):
+    markup = types.InlineKeyboardMarkup()
+    markup.add(types.InlineKeyboardButton("Оплатить", url="https://yoomoney.ru/checkout/1"))
+    assert bot.send_message(USER, "К оплате", reply_markup=markup).reply_markup.keyboard[0][0].url.startswith("https:")
+    error = api_error(lambda: bot.send_message(USER, "x", reply_markup=keyboard(("A", "d" * 65))))
+    assert error.description == "Bad Request: BUTTON_DATA_INVALID"
+    text_only = json.dumps({"inline_keyboard": [[{"text": "A"}]]})
+    error = api_error(lambda: bot.send_message(USER, "x", reply_markup=text_only))
+    assert error.description.endswith("Text buttons are unallowed in the inline keyboard")
+    bad_url = types.InlineKeyboardMarkup()
+    bad_url.add(types.InlineKeyboardButton("A", url="https://nohost"))
+    assert "is invalid" in api_error(lambda: bot.send_message(USER, "x", reply_markup=bad_url)).description
 
-    error = api_error(lambda: bot.send_message(USER, "2 < 3", parse_mode="HTML"))
-    assert error.error_code == 400
-    assert error.description.startswith("Bad Request: can't parse entities:")
-    error = api_error(lambda: bot.send_message(USER, "Цена 1.5", parse_mode="MarkdownV2"))
-    assert "Character '.' is reserved" in error.description
+
+def test_parse_mode_is_refused_and_text_is_trimmed_and_limited(bot, fake_telegram):
+    for mode in ("HTML", "MarkdownV2", "Markdown"):     # Media Lab never sends markup
+        assert api_error(lambda mode=mode: bot.send_message(USER, "<b>x</b>", parse_mode=mode)).error_code == 400
+    assert bot.send_message(USER, "\n  Баланс: 10  \n").text == "Баланс: 10"
+    assert bot.send_message(USER, "x" * 4096).text == "x" * 4096
     assert api_error(lambda: bot.send_message(USER, "x" * 4097)).description == "Bad Request: message is too long"
     assert api_error(lambda: bot.send_message(USER, "")).description == "Bad Request: message text is empty"
+    assert api_error(lambda: bot.send_message(USER, " \n ")).description == "Bad Request: text must be non-empty"
 
 
 def test_send_photo_bytes_records_the_upload_and_returns_a_photo_array(bot, fake_telegram):
     data = png(640, 480)
     sent = bot.send_photo(USER, data, caption="Готово", reply_markup=keyboard(("🔁 Ещё раз", "again")))
-
     largest = sent.photo[-1]
     assert (largest.width, largest.height, largest.file_size) == (640, 480, len(data))
-    assert [p.width for p in sent.photo] == sorted(p.width for p in sent.photo) and len(sent.photo) >= 2
+    assert [p.width for p in sent.photo] == [320, 640]              # a thumbnail, then the upload
     assert sent.caption == "Готово"
-    assert fake_telegram.file_bytes(largest.file_id) == data
     assert fake_telegram.calls("sendPhoto")[0].files["photo"] == data
-    assert fake_telegram.last_message(USER)["reply_markup"]["inline_keyboard"][0][0]["callback_data"] == "again"
+    assert bot.download_file(bot.get_file(largest.file_id).file_path) == data
+    assert fake_telegram.button_data(fake_telegram.last_message(USER)) == ["again"]
 
 
-def test_photo_limits_are_enforced(bot, fake_telegram):
+def test_photo_limits_are_enforced_and_documents_take_the_rest(bot, fake_telegram):
     error = api_error(lambda: bot.send_photo(USER, png(), caption="x" * 1025))
     assert (error.error_code, error.description) == (400, "Bad Request: message caption is too long")
-    error = api_error(lambda: bot.send_photo(USER, png(2100, 100)))          # aspect ratio 21
-    assert error.description == "Bad Request: PHOTO_INVALID_DIMENSIONS"
-    assert bot.send_document(USER, ("wide.png", png(2100, 100))).document.mime_type == "image/png"
+    assert api_error(lambda: bot.send_photo(USER, png(2100, 100))).description == "Bad Request: PHOTO_INVALID_DIMENSIONS"
+    assert api_error(lambda: bot.send_photo(USER, png(5001, 5000))).description == "Bad Request: PHOTO_INVALID_DIMENSIONS"
     assert api_error(lambda: bot.send_photo(USER, b"not an image")).description == "Bad Request: IMAGE_PROCESS_FAILED"
+    big = b"\0" * (10 * 1024 * 1024 + 1)
+    assert api_error(lambda: bot.send_photo(USER, big)).description == "Bad Request: file is too big"
+    assert api_error(lambda: bot.send_document(USER, b"\0" * (50 * 1024 * 1024 + 1))).error_code == 413
+    assert api_error(lambda: bot.send_photo(USER, "AgACAgIAAxkBAAI000001FAKE")).description == \
+        "Bad Request: wrong file identifier/HTTP URL specified"
+    document = bot.send_document(USER, ("wide.png", png(2100, 100)), caption="без сжатия").document
+    assert (document.file_name, document.mime_type) == ("wide.png", "image/png")
+    assert len(fake_telegram.messages(USER)) == 1
 
 
-def test_edit_message_text(bot, fake_telegram):
+def test_edits_deletes_and_chat_actions(bot, fake_telegram):
     sent = bot.send_message(USER, "⏳ в очереди", reply_markup=keyboard(("Отмена", "cancel")))
     edited = bot.edit_message_text("🎨 Генерирую…", USER, sent.message_id)
     assert edited.text == "🎨 Генерирую…" and edited.edit_date
-
-    message = fake_telegram.messages(USER)[-1]
-    assert message["text"] == "🎨 Генерирую…"
-    assert "reply_markup" not in message        # an edit without reply_markup drops the keyboard
+    assert "reply_markup" not in fake_telegram.messages(USER)[-1]     # an edit without markup drops it
     error = api_error(lambda: bot.edit_message_text("🎨 Генерирую…", USER, sent.message_id))
     assert error.description.startswith("Bad Request: message is not modified")
-    error = api_error(lambda: bot.edit_message_text("x", USER, 999))
-    assert error.description == "Bad Request: message to edit not found"
+    assert api_error(lambda: bot.edit_message_text("x", USER, 999)).description == \
+        "Bad Request: message to edit not found"
+    assert "no caption" in api_error(lambda: bot.edit_message_caption("c", USER, sent.message_id)).description
+    photo = bot.send_photo(USER, png(), caption="до")
+    assert bot.edit_message_caption("после", USER, photo.message_id).caption == "после"
+    assert "no text" in api_error(lambda: bot.edit_message_text("t", USER, photo.message_id)).description
+    assert bot.delete_message(USER, sent.message_id)
+    assert fake_telegram.message(USER, sent.message_id) is None and len(fake_telegram.messages(USER)) == 1
+    assert "not found" in api_error(lambda: bot.delete_message(USER, sent.message_id)).description
+    assert bot.send_chat_action(USER, "upload_photo")
+    assert api_error(lambda: bot.send_chat_action(USER, "dancing")).error_code == 400
 
 
-def test_callback_query_is_delivered_and_answered_once(bot, fake_telegram):
+def test_users_press_buttons_and_a_callback_is_answered_once(bot, fake_telegram):
     menu = bot.send_message(USER, "Меню", reply_markup=keyboard(("Купить", "buy:100")))
     seen = []
 
     @bot.callback_query_handler(func=lambda c: c.data.startswith("buy:"))
     def on_buy(call):
-        seen.append((call.data, call.message.message_id, call.from_user.id))
+        seen.append((call.data, call.message.message_id, call.from_user.language_code))
         bot.answer_callback_query(call.id, "Ок")
 
-    update = fake_telegram.press(USER, menu.message_id, "buy:100")
+    update = fake_telegram.press(USER, menu.message_id, "buy:100", language_code="en")
     bot.process_new_updates(bot.get_updates(long_polling_timeout=5, timeout=10))
-
-    assert seen == [("buy:100", menu.message_id, USER)]
+    assert seen == [("buy:100", menu.message_id, "en")]
     assert fake_telegram.answers(update["callback_query"]["id"])[0]["text"] == "Ок"
-    error = api_error(lambda: bot.answer_callback_query(update["callback_query"]["id"]))
-    assert "query is too old" in error.description
+    assert "query is too old" in api_error(lambda: bot.answer_callback_query(update["callback_query"]["id"])).description
     with pytest.raises(AssertionError, match="no button"):
         fake_telegram.press(USER, menu.message_id, "buy:999")
+    album = fake_telegram.send_album(USER, [png(), png(48, 64)], caption="два фото")
+    assert len({u["message"]["media_group_id"] for u in album}) == 1 and album[0]["message"]["caption"] == "два фото"
+    document = fake_telegram.send_document(USER, b"%PDF", file_name="a.pdf", mime_type="application/pdf")
+    assert document["message"]["document"]["file_name"] == "a.pdf"
+    ids = [u["message"]["message_id"] for u in album] + [document["message"]["message_id"]]
+    assert ids == [menu.message_id + 1, menu.message_id + 2, menu.message_id + 3]   # one counter per chat
 
 
-def test_429_fault_surfaces_with_retry_after(bot, fake_telegram):
+def test_fail_next_fails_only_the_next_calls(bot, fake_telegram):
     fake_telegram.fail_next("sendMessage", 429, retry_after=3)
     error = api_error(lambda: bot.send_message(USER, "hi"))
-    assert error.error_code == 429
-    assert error.description == "Too Many Requests: retry after 3"
+    assert (error.error_code, error.description) == (429, "Too Many Requests: retry after 3")
     assert error.result_json["parameters"]["retry_after"] == 3
-    assert bot.send_message(USER, "hi").text == "hi"          # only the next call failed
-    assert [c.ok for c in fake_telegram.calls("sendMessage")] == [False, True]
-    assert fake_telegram.messages(USER)[-1]["text"] == "hi" and len(fake_telegram.messages(USER)) == 1
-
-
-def test_fault_with_an_nginx_page_is_an_http_error(bot, fake_telegram):
-    fake_telegram.fail_next("sendPhoto", 502, body="nginx")
-    with pytest.raises(ApiHTTPException):
-        bot.send_photo(USER, png())
+    fake_telegram.fail_next("sendPhoto", 400, "Bad Request: PHOTO_INVALID_DIMENSIONS", times=2)
+    for _ in range(2):
+        assert api_error(lambda: bot.send_photo(USER, png())).description == "Bad Request: PHOTO_INVALID_DIMENSIONS"
+    assert bot.send_message(USER, "hi").text == "hi" and bot.send_photo(USER, png()).photo
+    assert [c.ok for c in fake_telegram.calls()] == [False, False, False, True, True]
+    assert len(fake_telegram.messages(USER)) == 2                    # failed calls change nothing
 
 
 def test_long_poll_returns_an_update_pushed_from_another_thread(bot, fake_telegram):
@@ -163,72 +192,63 @@ def test_long_poll_returns_an_update_pushed_from_another_thread(bot, fake_telegr
 
     def user():
         fake_telegram.wait_until_polling()
-        fake_telegram.send_command(USER, "/start")
+        fake_telegram.send_text(USER, "/start")
 
     pusher = threading.Thread(target=user)
     pusher.start()
     started = time.monotonic()
     updates = bot.get_updates(offset=0, long_polling_timeout=5, timeout=10)
     pusher.join()
-
     assert time.monotonic() - started < 2
     assert [u.message.text for u in updates] == ["/start"]
     assert updates[0].message.entities[0].type == "bot_command"
     bot.process_new_updates(updates)
     assert received == ["/start"]
-    # offset = last + 1 confirms (drops) it, as Telegram does
     fake_telegram.send_text(USER, "next")
     later = bot.get_updates(offset=updates[-1].update_id + 1, long_polling_timeout=5, timeout=10)
-    assert [u.message.text for u in later] == ["next"]
+    assert [u.message.text for u in later] == ["next"]      # offset = last + 1 confirmed the first
     assert fake_telegram.pending_updates() == 1
+    with pytest.raises(ValueError):
+        fake_telegram.send_text(USER, " ")
 
 
-def test_a_second_long_poll_ends_the_first_with_409(bot, fake_telegram):
-    errors = []
-
-    def first_poller():
-        try:
-            bot.get_updates(long_polling_timeout=5, timeout=10)
-        except ApiTelegramException as exc:
-            errors.append((exc.error_code, exc.description))
-        fake_telegram.send_text(USER, "wake the second poller")
-
-    thread = threading.Thread(target=first_poller)
+def test_stop_ends_a_waiting_long_poll():
+    fake = FakeTelegram().start()
+    polled = []
+    thread = threading.Thread(target=lambda: polled.append(requests.get(
+        f"{fake.url}/bot{fake.token}/getUpdates", params={"timeout": 50}, timeout=60).json()))
     thread.start()
-    fake_telegram.wait_until_polling()
-    assert len(bot.get_updates(long_polling_timeout=5, timeout=10)) == 1
-    thread.join(timeout=5)
-    assert errors[0][0] == 409
-    assert errors[0][1].startswith("Conflict: terminated by other getUpdates request")
+    fake.wait_until_polling()
+    fake.stop()
+    thread.join(5)
+    assert polled == [{"ok": True, "result": []}]
 
 
-def test_get_file_and_download_round_trip(bot, fake_telegram):
-    data = png(800, 600)
-    update = fake_telegram.send_photo(USER, data, caption="отредактируй")
-    sizes = update["message"]["photo"]
-    assert 2 <= len(sizes) <= 3 and (sizes[-1]["width"], sizes[-1]["height"]) == (800, 600)
-
-    file = bot.get_file(sizes[-1]["file_id"])
-    assert file.file_size == len(data)
-    assert bot.download_file(file.file_path) == data
-    assert fake_telegram.calls("download")[0].params["file_path"] == file.file_path
-
-
-def test_get_file_over_20_mb_is_too_big(bot, fake_telegram):
-    file_id, _ = fake_telegram.add_file(b"tiny", file_size=30 * 1024 * 1024)
-    error = api_error(lambda: bot.get_file(file_id))
-    assert (error.error_code, error.description) == (400, "Bad Request: file is too big")
+def test_get_file_limits_and_downloads(bot, fake_telegram):
+    update = fake_telegram.send_photo(USER, png(800, 600), file_size=30 * 1024 * 1024)
+    assert update["message"]["photo"][-1]["file_size"] == 30 * 1024 * 1024
+    assert api_error(lambda: bot.get_file(update["message"]["photo"][-1]["file_id"])).description == \
+        "Bad Request: file is too big"
+    file_id, _ = fake_telegram.add_file(b"bytes")
+    file = bot.get_file(file_id)
+    assert bot.download_file(file.file_path) == b"bytes"
+    assert fake_telegram.calls("download")[0].params == {"file_path": file.file_path, "file_id": file_id}
+    assert api_error(lambda: bot.get_file("nope")).description == "Bad Request: invalid file_id"
+    assert requests.get(f"{fake_telegram.url}/file/bot{fake_telegram.token}/documents/x", timeout=5).status_code == 404
+    assert requests.get(f"{fake_telegram.url}/file/bot1:WRONG/{file.file_path}", timeout=5).status_code == 401
 
 
-def test_media_group_and_unknown_chats(bot, fake_telegram):
-    album = bot.send_media_group(USER, [types.InputMediaPhoto(png(), caption="1"),
-                                        types.InputMediaPhoto(png(48, 64))])
-    assert len({m.media_group_id for m in album}) == 1 and album[0].caption == "1"
-    assert len(fake_telegram.calls("sendMediaGroup")[0].files) == 2
-
+def test_chats_must_exist_and_blocked_users_refuse_messages(bot, fake_telegram):
     assert api_error(lambda: bot.send_message(777, "hi")).description == "Bad Request: chat not found"
     fake_telegram.block(USER)
-    assert api_error(lambda: bot.send_chat_action(USER, "upload_photo")).error_code == 403
+    assert api_error(lambda: bot.send_chat_action(USER, "upload_photo")).description == \
+        "Forbidden: bot was blocked by the user"
+    fake_telegram.send_text(USER, "/start")                  # writing again restarts the bot
+    assert bot.send_message(USER, "снова здесь").text == "снова здесь"
+    with FakeTelegram(strict_chats=False) as lenient:
+        answer = requests.post(f"{lenient.url}/bot{lenient.token}/sendMessage", json={"chat_id": 777, "text": "hi"},
+                               timeout=5).json()
+        assert answer["ok"] and answer["result"]["chat"]["id"] == 777
 
 
 def test_unknown_token_is_401_and_unknown_method_404(bot, fake_telegram):
@@ -237,6 +257,7 @@ def test_unknown_token_is_401_and_unknown_method_404(bot, fake_telegram):
     answer = requests.get(f"{fake_telegram.url}/bot{fake_telegram.token}/sendSticker", timeout=5)
     assert answer.status_code == 404
     assert answer.json() == {"ok": False, "error_code": 404, "description": "Not Found: method not found"}
+    assert requests.get(f"{fake_telegram.url}/bot{fake_telegram.token}/GETME", timeout=5).json()["ok"]
 
 
 def test_form_json_and_multipart_bodies_are_understood(fake_telegram):
@@ -254,39 +275,43 @@ def test_form_json_and_multipart_bodies_are_understood(fake_telegram):
     assert [c.params["chat_id"] for c in fake_telegram.calls()] == [USER, USER, USER]
 
 
-def test_webhook_delivery_with_secret_and_reply_method(bot, fake_telegram):
-    deliveries = []
+def test_webhook_delivery_with_secret_and_retries(bot, fake_telegram):
+    deliveries, answers = [], [500, 200, 200]
 
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            deliveries.append((self.headers["X-Telegram-Bot-Api-Secret-Token"], body))
-            reply = json.dumps({"method": "sendMessage", "chat_id": USER, "text": "pong"}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def receiver(environ, start_response):
+        request = Request(environ)
+        deliveries.append((request.headers.get("X-Telegram-Bot-Api-Secret-Token"), request.get_json()))
+        return Response(status=answers.pop(0))(environ, start_response)
 
-        def log_message(self, *args):
-            pass
-
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=receiver.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    server = make_server("127.0.0.1", 0, receiver, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    fake_telegram.webhook_retry_delay = 0.05
     try:
-        assert bot.set_webhook(f"http://127.0.0.1:{receiver.server_address[1]}/tg", secret_token="s3cret")
+        assert api_error(lambda: bot.set_webhook("http://example.com/tg")).description.endswith(
+            "An HTTPS URL must be provided for webhook")
+        assert "unallowed characters" in api_error(lambda: bot.set_webhook(
+            "https://example.com/tg", secret_token="no spaces")).description
+        fake_telegram.send_text(USER, "old")
+        assert bot.set_webhook(f"http://127.0.0.1:{server.server_port}/tg", secret_token="s3cret",
+                               drop_pending_updates=True)
+        assert fake_telegram.pending_updates() == 0
         assert api_error(lambda: bot.get_updates(long_polling_timeout=5)).error_code == 409
         fake_telegram.send_text(USER, "ping")
-        fake_telegram.wait_for(lambda c: c.method == "sendMessage" and c.params.get("text") == "pong")
-        assert deliveries[0][0] == "s3cret" and deliveries[0][1]["message"]["text"] == "ping"
-        assert bot.get_webhook_info().pending_update_count == 0
-        assert bot.delete_webhook()
+        fake_telegram.send_text(USER, "pong")
+        fake_telegram.wait_until(lambda: not fake_telegram._updates)
+        assert [(secret, body["message"]["text"]) for secret, body in deliveries] == [
+            ("s3cret", "ping"), ("s3cret", "ping"), ("s3cret", "pong")]     # retried after the 500, in order
+        assert bot.delete_webhook() and bot.get_updates(long_polling_timeout=0.001) == []
     finally:
-        receiver.shutdown()
-        receiver.server_close()
+        server.shutdown()
+        thread.join(5)
+        server.server_close()
 
 
 def test_wait_for_reports_recent_calls_on_timeout(bot, fake_telegram):
     bot.send_message(USER, "first")
     with pytest.raises(AssertionError, match="sendMessage chat=42 text='first'"):
         fake_telegram.wait_for_message(USER, contains="never", timeout=0.05)
+    with pytest.raises(AssertionError, match="no getUpdates long poll"):
+        fake_telegram.wait_until_polling(timeout=0.05)
