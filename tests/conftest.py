@@ -1,4 +1,6 @@
-"""Shared fixtures: configuration, a fresh migrated database per test, and the fakes.
+"""Shared fixtures: configuration, a fresh migrated database per test, the fakes and the bot harness.
+
+Plain helper functions live in tests/helpers.py; test modules import those, never each other.
 
 The environment is set before any project module is imported, so module-level objects
 (`worker.huey`, `web.app`) are built against test settings: an in-memory Huey queue and no
@@ -38,6 +40,7 @@ for _name, _value in TEST_ENV.items():
 
 import config  # noqa: E402
 import models  # noqa: E402
+from tests.helpers import harness_for, postgres_url  # noqa: E402  (after the environment: it imports the project)
 
 pytest_plugins = [
     name for name, path in (
@@ -52,6 +55,12 @@ def make_config(**overrides) -> config.Config:
     """Return the test configuration with `overrides` (Config field names) applied."""
     cfg = config.load(dict(TEST_ENV))
     return cfg.replace(**overrides) if overrides else cfg
+
+
+@pytest.fixture
+def test_env() -> dict:
+    """A copy of the test environment (for the subprocesses a test starts)."""
+    return dict(TEST_ENV)
 
 
 @pytest.fixture
@@ -89,10 +98,6 @@ def database(cfg, db_url):
     database.close()
 
 
-def postgres_url():
-    return os.environ.get("TEST_POSTGRES_URL", "")
-
-
 @pytest.fixture
 def pg_database(cfg):
     """Bind the models to a freshly migrated PostgreSQL schema (TEST_POSTGRES_URL)."""
@@ -123,3 +128,9 @@ def any_database(request, cfg, db_url):
         config.configure(cfg.replace(database_url=url))
     yield database
     database.close()
+
+
+@pytest.fixture
+def app(database, fake_telegram, fake_fal):
+    """The bot and the fakes, ready to play a user (`Harness` in tests/helpers.py)."""
+    yield from harness_for(fake_telegram, fake_fal)

@@ -8,7 +8,7 @@ import billing
 import config
 import payments
 from models import Generation, LedgerEntry, Payment, Refund
-from tests.test_bot import ADMIN, USER, harness_for, user_row
+from tests.helpers import ADMIN, USER, audit_ok, harness_for, user_row
 
 
 @pytest.fixture
@@ -26,11 +26,6 @@ def paid_topup(app, credits=500, code="SAVE20") -> Payment:
     app.yookassa.succeed(order.yookassa_payment_id)
     payments.check_payment(order.id, user.id)
     return Payment.get_by_id(order.id)
-
-
-def audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
 
 
 def test_payments_lists_yookassa_ids_amounts_and_statuses(app):

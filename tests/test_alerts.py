@@ -9,7 +9,7 @@ import billing
 import ops
 import worker
 from models import Generation, Payment, utcnow
-from tests.test_pipeline import configure, drain, make_user
+from tests.helpers import configure, drain, make_user
 
 ADMIN = 1000      # ADMIN_IDS in the test environment
 

@@ -17,6 +17,7 @@ import config
 import models
 from models import Balance, LedgerEntry, Payment, Reservation, User
 from tests import billing_harness
+from tests.helpers import audit_ok
 
 PRICE = 10
 T0 = datetime.datetime(2030, 1, 1, 12, 0, 0)
@@ -31,12 +32,6 @@ def snapshot():
         sorted((b.user_id, b.asset, b.available, b.reserved) for b in Balance.select()),
         sorted((r.id, r.state, r.asset, r.amount) for r in Reservation.select()),
     )
-
-
-def assert_audit_ok(now=None):
-    report = billing.audit(now=now)
-    assert report.ok, "audit violations:\n" + "\n".join(report.violations)
-    return report
 
 
 def make_user(telegram_id=1001, *, credits=0, free_ops=0):
@@ -95,7 +90,7 @@ def test_a_new_user_gets_the_free_operations_once(any_database, cfg):
     grants = list(LedgerEntry.select().where(LedgerEntry.kind == "grant"))
     assert [(g.user_id, g.asset, g.amount, g.idempotency_key) for g in grants] == [
         (user.id, "free_ops", cfg.free_operations_count, "free_ops:tg:42")]
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("telegram_id", [0, -5, True, "42", 4.0, None])
@@ -114,7 +109,7 @@ def test_ten_threads_racing_a_first_contact_make_one_user_and_one_grant(any_data
     assert User.select().count() == 3
     assert [e.amount for e in LedgerEntry.select().where(LedgerEntry.kind == "grant")] == \
         [cfg.free_operations_count] * 3
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_ten_processes_racing_a_first_contact_make_one_user_and_one_grant(any_database, cfg):
@@ -124,7 +119,7 @@ def test_ten_processes_racing_a_first_contact_make_one_user_and_one_grant(any_da
     assert User.select().count() == 1
     assert [e.amount for e in LedgerEntry.select().where(LedgerEntry.kind == "grant")] == [cfg.free_operations_count]
     assert sum(r["created"] for r in results) == 1, "created=True must be returned to exactly one caller"
-    assert_audit_ok()
+    audit_ok()
 
 
 # --- reserve ---------------------------------------------------------------------------------
@@ -146,7 +141,7 @@ def test_free_operations_are_used_first_then_credits(any_database):
     for r in (second, fourth):
         billing.release(r.id)
     assert balance(user_id) == (15, 0, 1, 0)
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_free_access_reserves_nothing(any_database):
@@ -162,7 +157,7 @@ def test_free_access_reserves_nothing(any_database):
         billing.commit(r.id)
     billing.set_free_access(user_id, enabled=False)
     assert reserve(user_id, key="fa2").asset == "free_ops"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_free_access_for_some_days_ends(any_database):
@@ -180,7 +175,7 @@ def test_insufficient_credits_change_nothing(any_database):
         reserve(user_id)
     assert snapshot() == before
     assert Reservation.select().count() == 0
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_blocked_user_cannot_reserve(any_database):
@@ -215,7 +210,7 @@ def test_release_restores_the_balance(any_database):
     rows = [(e.kind, e.delta_available, e.delta_reserved, e.available_after, e.reserved_after)
             for e in LedgerEntry.select().where(LedgerEntry.asset == "credits").order_by(LedgerEntry.id)]
     assert rows == [("grant", 30, 0, 30, 0), ("reserve", -10, 10, 20, 10), ("release", 10, -10, 30, 0)]
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_commit_spends_the_reservation(any_database):
@@ -227,7 +222,7 @@ def test_commit_spends_the_reservation(any_database):
     last = LedgerEntry.select().order_by(LedgerEntry.id.desc()).get()
     assert (last.kind, last.amount, last.delta_available, last.delta_reserved, last.reference) == (
         "commit", PRICE, 0, -PRICE, r.reference)
-    assert_audit_ok()
+    audit_ok()
 
 
 ILLEGAL = [
@@ -257,7 +252,7 @@ def test_a_reservation_resolves_exactly_once(any_database, asset, first, second,
         getattr(billing, second)(r.id)
     assert type(caught.value) is error, "each closed state has its own exception"
     assert snapshot() == before
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_the_closed_state_exceptions_are_distinct():
@@ -290,7 +285,7 @@ def test_expire_stale_expires_only_stale_reservations(any_database):
         billing.commit(short.id)
     assert billing.expire_stale(now=T0 + datetime.timedelta(hours=1)) == [long.id]
     assert balance(user_id) == (90, 0, 1, 0)
-    assert_audit_ok(now=T0 + datetime.timedelta(hours=1))
+    audit_ok(now=T0 + datetime.timedelta(hours=1))
 
 
 # --- idempotency -----------------------------------------------------------------------------
@@ -304,7 +299,7 @@ def test_a_replayed_credit_key_returns_the_first_row_and_credits_once(any_databa
     for _ in range(3):
         assert billing.credit(user_id, 300, kind="topup", reference=ref, idempotency_key=key).id == first.id
     assert snapshot() == before and balance(user_id)[0] == 300
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("change", ["amount", "user", "reference", "kind"])
@@ -319,7 +314,7 @@ def test_a_credit_key_reused_with_other_arguments_is_a_conflict(any_database, ch
     with pytest.raises(billing.IdempotencyConflict):
         billing.credit(idempotency_key="grant:upd-1", **changed)
     assert snapshot() == before
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_replayed_reservation_key_returns_the_same_reservation(any_database):
@@ -333,7 +328,7 @@ def test_a_replayed_reservation_key_returns_the_same_reservation(any_database):
     replay = reserve(user_id, key="generation:a")
     assert (replay.id, replay.state) == (first.id, "committed"), "a late retry must not reserve again"
     assert snapshot() == before
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("change", ["amount", "user", "reference"])
@@ -371,7 +366,7 @@ def test_the_same_key_from_eight_threads_reserves_once(any_database):
         assert errors == [] and len(ids) == 8 and len(set(ids)) == 1, "round %d: %r" % (round_, errors)
     assert balance(user_id) == (50, 50, 0, 0)
     assert Reservation.select().count() == 5
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("operation", ["credit", "take_back"])
@@ -386,7 +381,7 @@ def test_the_same_ledger_key_from_eight_threads_applies_once(any_database, opera
     ids, errors = run_together(8, apply)
     assert errors == [] and len(ids) == 8 and len(set(ids)) == 1
     assert balance(user_id)[0] == (130 if operation == "credit" else 70)
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_commit_and_release_racing_on_one_reservation_resolve_it_once(any_database):
@@ -416,7 +411,7 @@ def test_commit_and_release_racing_on_one_reservation_resolve_it_once(any_databa
         assert len(outcomes) == 4 and len(winners) == 1, outcomes
         loser = {"commit": "AlreadyCommitted", "release": "AlreadyReleased", "expire": "ReservationExpired"}[winners[0]]
         assert sorted(o for o in outcomes if o not in winners) == [loser] * 3
-    assert_audit_ok()
+    audit_ok()
 
 
 # --- amounts ---------------------------------------------------------------------------------
@@ -458,7 +453,7 @@ def test_the_largest_amount_is_accepted(any_database):
     r = reserve(user_id, billing.INT64_MAX)
     billing.commit(r.id)
     assert balance(user_id) == (0, 0, 0, 0)
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_credit_that_would_overflow_the_balance_is_rejected_and_changes_nothing(any_database):
@@ -470,7 +465,7 @@ def test_a_credit_that_would_overflow_the_balance_is_rejected_and_changes_nothin
     with pytest.raises(billing.InvalidAmount):
         billing.credit(user_id, 1, kind="grant", reference="one", idempotency_key="one")
     assert snapshot() == before
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_credit_cannot_make_an_open_reservation_unreleasable(any_database):
@@ -485,7 +480,7 @@ def test_a_credit_cannot_make_an_open_reservation_unreleasable(any_database):
         pass                                                   # refusing the credit is the fix
     billing.release(r.id)                                      # must always be possible
     assert balance(user_id)[1] == 0
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("key", ["", None, 17, "k" * 201])
@@ -514,14 +509,14 @@ def test_take_back_is_capped_at_the_available_balance_and_records_the_shortfall(
     assert (empty.delta_available, empty.shortfall) == (0, 7)
     with pytest.raises(billing.IdempotencyConflict):
         billing.take_back(user_id, 8, reference="refund:r2", idempotency_key="refund:r2")
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_take_back_within_the_balance_has_no_shortfall(any_database):
     user_id = make_user(credits=30)
     entry = billing.take_back(user_id, 30, reference="refund:r3", idempotency_key="refund:r3")
     assert (entry.delta_available, entry.shortfall, entry.available_after) == (-30, 0, 0)
-    assert_audit_ok()
+    audit_ok()
 
 
 # --- the append-only guarantees ---------------------------------------------------------------
@@ -543,7 +538,7 @@ def test_the_ledger_rejects_update_and_delete(any_database):
         LedgerEntry.update(shortfall=1).execute()
     after = [(e.id, e.amount, e.delta_available, e.available_after) for e in LedgerEntry.select()]
     assert after == before
-    assert_audit_ok()
+    audit_ok()
 
 
 @pytest.mark.parametrize("end", ["commit", "release", "expire"])
@@ -556,7 +551,7 @@ def test_a_resolved_reservation_cannot_be_updated_or_deleted(any_database, end):
     assert "already resolved" in _rejected("UPDATE reservation SET amount = 1 WHERE id = %s" % r.id)
     assert "never deleted" in _rejected("DELETE FROM reservation WHERE id = %s" % r.id)
     assert Reservation.get_by_id(r.id).state == state
-    assert_audit_ok()
+    audit_ok()
 
 
 # --- the audit -------------------------------------------------------------------------------
@@ -570,7 +565,7 @@ def test_the_audit_passes_after_normal_operation_and_sums_up(any_database):
         (billing.commit if n % 2 == 0 else billing.release)(r.id)
     reserve(b, key="open")
     billing.take_back(b, 5, reference="refund:1", idempotency_key="refund:1")
-    report = assert_audit_ok()
+    report = audit_ok()
     assert report.summary["users"] == 2
     assert report.summary["topups"] == 1 and report.summary["topup_credits"] == 300
     assert report.summary["reservations"] == {"reserved": 1, "committed": 3, "released": 2, "expired": 0}
@@ -652,7 +647,7 @@ def test_the_audit_reports_a_reservation_the_sweeper_missed(any_database, cfg):
         "I10 reservation %d (from %s) is open past its expiry %s + the sweep interval"
         % (r.id, T0, T0 + datetime.timedelta(seconds=cfg.reservation_ttl))]
     billing.expire_stale(now=limit)
-    assert_audit_ok(now=limit + datetime.timedelta(days=1))
+    audit_ok(now=limit + datetime.timedelta(days=1))
 
 
 def test_the_audit_never_writes(any_database):

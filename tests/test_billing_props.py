@@ -41,7 +41,7 @@ import payments
 import promo
 import worker
 from models import Balance, Generation, LedgerEntry, Payment, PromoCode, PromoRedemption, Reservation, User
-from tests.conftest import postgres_url
+from tests.helpers import postgres_url
 
 T0 = datetime.datetime(2030, 1, 1)
 

@@ -5,154 +5,19 @@ updates with getUpdates (`Harness.pump`, a non-threaded bot processing them inli
 polling in a thread (`test_long_polling_end_to_end`). Jobs run through the real worker tasks
 (`worker.huey` is a MemoryHuey in tests: dequeue + execute) against `fake_fal`.
 
-The harness lives here; tests/test_bot_flows.py imports it for the per-mode flows and top-ups.
+The harness lives in tests/helpers.py (the `app` fixture in tests/conftest.py builds one).
 """
-import io
 import threading
 
 import pytest
-from PIL import Image
 
 import billing
 import bot
 import config
 import models
-import promo
 import worker
 from models import ConversationState, Generation, LedgerEntry, Reservation, User
-
-USER = 501
-ADMIN = 1000          # ADMIN_IDS in tests/conftest.py
-
-
-def png(width=256, height=192, color=(40, 120, 200)) -> bytes:
-    """A small valid PNG."""
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-class Harness:
-    """One bot plus the fakes: play a user, pump updates into the bot, run queued jobs."""
-
-    def __init__(self, fake, cfg, *, threaded=False):
-        self.fake = fake
-        self.cfg = cfg
-        self.bot = bot.create_bot(cfg, threaded=threaded)
-        self.offset = 0
-
-    # -- the bot side -------------------------------------------------------------------------
-
-    def fetch(self) -> list:
-        """getUpdates from the fake (confirming what was fetched before), as telebot Updates.
-
-        No long poll: telebot sends `long_polling_timeout` as getUpdates' `timeout` and replaces 0
-        by its 10 s default, so a tiny value is passed (the fake reads it as 0)."""
-        updates = self.bot.get_updates(offset=self.offset + 1, long_polling_timeout=0.001)
-        if updates:
-            self.offset = updates[-1].update_id
-        return updates
-
-    def pump(self) -> int:
-        """Fetch and process every pending update (inline: a non-threaded bot); return the count."""
-        total = 0
-        while True:
-            updates = self.fetch()
-            if not updates:
-                return total
-            self.bot.process_new_updates(updates)
-            total += len(updates)
-
-    def restart(self):
-        """A new bot object (as after a process restart), continuing from the same offset."""
-        self.bot = bot.create_bot(self.cfg, threaded=False)
-        return self.bot
-
-    def run_jobs(self) -> int:
-        """Run every task queued in the MemoryHuey (the worker's consumer, inline); return the count."""
-        count = 0
-        while True:
-            task = worker.huey.dequeue()
-            if task is None:
-                return count
-            worker.huey.execute(task)
-            count += 1
-
-    # -- the user side ------------------------------------------------------------------------
-
-    def send(self, text, user=USER, **kw) -> list[dict]:
-        """The user sends `text`; return the bot's messages sent in reply."""
-        since = len(self.fake.messages(user))
-        self.fake.send_text(user, text, **kw)
-        self.pump()
-        return self.fake.messages(user)[since:]
-
-    def photo(self, data=None, user=USER, **kw) -> list[dict]:
-        since = len(self.fake.messages(user))
-        self.fake.send_photo(user, data or png(), **kw)
-        self.pump()
-        return self.fake.messages(user)[since:]
-
-    def document(self, data, *, file_name, mime_type, user=USER, **kw) -> list[dict]:
-        since = len(self.fake.messages(user))
-        self.fake.send_document(user, data, file_name=file_name, mime_type=mime_type, **kw)
-        self.pump()
-        return self.fake.messages(user)[since:]
-
-    def message_with(self, data, user=USER) -> dict:
-        """The latest bot message that shows a button with callback `data`."""
-        for message in reversed(self.fake.messages(user)):
-            if data in self.fake.button_data(message):
-                return message
-        raise AssertionError("no bot message with button %r; last: %r" % (data, self.fake.last_message(user)))
-
-    def press(self, data, user=USER, message=None, **kw) -> list[dict]:
-        """Press the button `data` on the latest message showing it; assert the callback was answered;
-        return the bot's new messages."""
-        message = message or self.message_with(data, user)
-        since = len(self.fake.messages(user))
-        update = self.fake.press(user, message["message_id"], data, **kw)
-        self.pump()
-        query_id = update["callback_query"]["id"]
-        assert self.fake.answers(query_id), "callback %r was not answered" % data
-        return [m for m in self.fake.messages(user)[since:]]
-
-    def answer_text(self, data, user=USER, **kw) -> str | None:
-        """Press `data` and return the text of the callback answer (the toast)."""
-        message = self.message_with(data, user)
-        update = self.fake.press(user, message["message_id"], data, **kw)
-        self.pump()
-        answers = self.fake.answers(update["callback_query"]["id"])
-        assert answers, "callback %r was not answered" % data
-        return answers[0].get("text")
-
-
-def harness_for(fake_telegram, fake_fal):
-    """Yield a Harness with the configuration pointed at the fakes, the default promo codes and an
-    empty queue (the body of the `app` fixtures; needs the `database` fixture)."""
-    cfg = config.configure(config.get().replace(
-        telegram_api_url=fake_telegram.url, fal_key="test-fal-key", fal_queue_url=fake_fal.url,
-        fal_poll_interval=0.02))
-    promo.seed_defaults()
-    worker.huey.flush()
-    yield Harness(fake_telegram, cfg)
-    worker.huey.flush()
-
-
-@pytest.fixture
-def app(database, fake_telegram, fake_fal):
-    """The bot and the fakes, ready to play a user."""
-    yield from harness_for(fake_telegram, fake_fal)
-
-
-def audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
-
-
-def user_row(telegram_id=USER) -> User:
-    return User.get(User.telegram_id == telegram_id)
-
+from tests.helpers import ADMIN, USER, audit_ok, png, user_row
 
 # --- users, menu, buttons --------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Per-mode flows and top-ups through the real bot, the fake Telegram, fake Fal and fake YooKassa.
 
-Harness, fixtures and helpers come from tests/test_bot.py.
+The harness comes from tests/helpers.py, the `app` fixture from tests/conftest.py.
 """
 import threading
 
@@ -10,15 +10,9 @@ import billing
 import config
 import promo
 from models import Generation, LedgerEntry, Payment, Reservation
-from tests.test_bot import USER, audit_ok, harness_for, png, user_row
+from tests.helpers import USER, audit_ok, png, user_row
 
 MB = 1024 * 1024
-
-
-@pytest.fixture
-def app(database, fake_telegram, fake_fal):
-    """The bot and the fakes, ready to play a user (see tests/test_bot.py `Harness`)."""
-    yield from harness_for(fake_telegram, fake_fal)
 
 
 def start_mode(app, mode):

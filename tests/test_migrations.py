@@ -14,7 +14,7 @@ from playhouse.schema_diff import diff_models
 import billing
 import config
 import models
-from tests.conftest import postgres_url
+from tests.helpers import postgres_url
 
 HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat"]
 SQLITE_TRIGGERS = {"ledger_no_update", "ledger_no_delete", "reservation_final", "reservation_no_delete"}

@@ -19,13 +19,9 @@ import payments
 import promo
 import worker
 from models import LedgerEntry, Payment, PromoCode, PromoRedemption, Refund, User, utcnow
+from tests.helpers import audit_ok
 
 YK_IP = "185.71.76.1"
-
-
-def audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
 
 
 def credits_of(user_id) -> int:

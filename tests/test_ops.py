@@ -21,7 +21,7 @@ import promo
 import web
 import worker
 from models import Generation, utcnow
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 YK_IP = "185.71.76.1"
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -32,15 +31,10 @@ from models import (
     User,
     utcnow,
 )
+from tests.helpers import audit_ok, yookassa_fixture
 
 YK_IP = "185.71.76.1"
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "yookassa")
 FAULTS = [500, 429, "hang", "close", "html502"]
-
-
-def audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
 
 
 @pytest.fixture
@@ -305,8 +299,7 @@ def test_duplicates_in_threads_credit_once_and_claim_once(yk, database):
 @pytest.mark.parametrize("name", ["payment.succeeded", "payment.canceled", "payment.waiting_for_capture",
                                   "refund.succeeded"])
 def test_fixture_notifications_for_unknown_objects_change_nothing(yk, name, caplog):
-    with open(os.path.join(FIXTURES, name + ".json"), "rb") as f:
-        body = f.read()
+    body = yookassa_fixture(name)
     with caplog.at_level(logging.WARNING, logger="payments"):
         outcome = payments.handle_notification(body, YK_IP, yk.cfg)
     assert (outcome.http_status, outcome.detail) == (200, "unknown_payment")
@@ -318,8 +311,7 @@ def test_fixture_notifications_for_unknown_objects_change_nothing(yk, name, capl
 def test_fixture_succeeded_for_our_order_is_verified_through_the_api(yk):
     """The captured real body, pointed at our order: only the re-fetched object counts."""
     order = payments.create_topup(yk.user.id, 100)
-    with open(os.path.join(FIXTURES, "payment.succeeded.json")) as f:
-        body = json.load(f)
+    body = json.loads(yookassa_fixture("payment.succeeded"))
     body["object"]["id"] = order.yookassa_payment_id     # says succeeded, but the API says pending
     outcome = payments.handle_notification(json.dumps(body).encode(), YK_IP, yk.cfg)
     assert (outcome.http_status, outcome.credited_payment_id, outcome.detail) == (200, None, "status_pending")

@@ -8,91 +8,33 @@ MemoryHuey in tests) driven by dequeuing and executing its tasks. The last test 
 import datetime
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 from PIL import Image
 
 import billing
-import config
 import worker
-from models import Generation, LedgerEntry, Reservation, utcnow
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-FAR_FUTURE = datetime.datetime(2100, 1, 1)
-TELEGRAM_ID = 555001
-
+from models import Generation, Reservation, utcnow
+from tests.helpers import (
+    TELEGRAM_ID,
+    audit_ok,
+    configure,
+    consumer_env,
+    drain,
+    ledger_kinds,
+    make_user,
+    photo,
+    poll,
+    reload,
+    start_consumer,
+    stop,
+)
 
 # --------------------------------------------------------------------------------------------
-# helpers (also used by tests/test_worker.py)
+# helpers of this module (the shared ones are in tests/helpers.py)
 # --------------------------------------------------------------------------------------------
-
-
-def photo(color=(200, 60, 60), size=(320, 240), fmt="JPEG") -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, format=fmt)
-    return out.getvalue()
-
-
-def configure(fake_telegram, fake_fal=None, **overrides) -> config.Config:
-    """Install the current config pointed at the fakes (Fal only when `fake_fal` is given)."""
-    changes = dict(telegram_api_url=fake_telegram.url, fal_poll_interval=0.02)
-    if fake_fal is not None:
-        changes.update(fal_queue_url=fake_fal.url, fal_key="test-fal-key")
-    else:
-        changes.update(fal_key="")
-    changes.update(overrides)
-    return config.configure(config.get().replace(**changes))
-
-
-def make_user(fake_telegram, telegram_id=TELEGRAM_ID, *, credits=0, free_ops=None, language_code="ru"):
-    fake_telegram.add_user(telegram_id, language_code=language_code)
-    user, _ = billing.get_or_create_user(telegram_id, first_name="Tester", language_code=language_code,
-                                         free_operations=free_ops)
-    if credits:
-        billing.credit(user.id, credits, kind="grant", reference="test", idempotency_key="grant:%s" % telegram_id)
-    return user
-
-
-def drain(huey=None, rounds=20) -> int:
-    """Run every queued task, then every scheduled one (retries), until both are empty.
-
-    Returns how many tasks ran. A retry's delay is not waited for: its eta is treated as due."""
-    huey = huey or worker.huey
-    ran = 0
-    for _ in range(rounds):
-        task = huey.dequeue()
-        if task is not None:
-            huey.execute(task, timestamp=FAR_FUTURE)
-            ran += 1
-            continue
-        scheduled = huey.read_schedule(FAR_FUTURE)
-        if not scheduled:
-            return ran
-        for task in scheduled:
-            huey.execute(task, timestamp=FAR_FUTURE)
-            ran += 1
-    raise AssertionError("the queue did not drain in %d rounds" % rounds)
-
-
-def assert_audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
-
-
-def ledger_kinds(gen) -> list:
-    reference = "generation:%s" % gen.id
-    return [row.kind for row in LedgerEntry.select().where(LedgerEntry.reference == reference).order_by(LedgerEntry.id)]
-
-
-def reload(gen) -> Generation:
-    return Generation.get_by_id(gen.id)
 
 
 def strings_of(value):
@@ -158,7 +100,7 @@ def test_each_paid_mode_is_delivered_with_caption_and_buttons_and_committed(pipe
     assert Reservation.get_by_id(gen.reservation_id).state == "committed"
     assert ledger_kinds(gen) == ["reserve", "commit"]
     assert billing.get_balance(user.id).free_ops == 3
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_credits_are_charged_and_the_caption_says_so(pipeline, fake_telegram, fake_fal):
@@ -170,7 +112,7 @@ def test_credits_are_charged_and_the_caption_says_so(pipeline, fake_telegram, fa
     assert "Списано 10 кредитов, осталось 90." in sent.result["caption"]
     assert fake_fal.submissions[0]["arguments"]["aspect_ratio"] == "16:9"
     assert billing.get_balance(user.id).credits == 90
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_english_user_gets_english_texts(pipeline, fake_telegram, fake_fal):
@@ -209,7 +151,7 @@ def test_demo_backend_without_fal_key_also_delivers(database, fake_telegram, fak
     (sent,) = fake_telegram.calls("sendPhoto")
     assert sent.ok and sent.files["photo"][:8] == b"\x89PNG\r\n\x1a\n"
     assert Reservation.get_by_id(gen.reservation_id).state == "committed"
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +177,7 @@ def test_permanent_provider_errors_release_at_once(pipeline, fake_telegram, fake
     message = fake_telegram.last_message(TELEGRAM_ID)
     assert text in message["text"] and message["text"].endswith("Кредиты не списаны.")
     assert fake_telegram.calls("sendPhoto") == []
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_an_unusable_input_photo_is_refused_before_fal(pipeline, fake_telegram, fake_fal):
@@ -246,7 +188,7 @@ def test_an_unusable_input_photo_is_refused_before_fal(pipeline, fake_telegram, 
     assert reload(gen).status == "failed" and fake_fal.submissions == []
     assert "Фото не подходит: это не изображение." in fake_telegram.last_message(TELEGRAM_ID)["text"]
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +205,7 @@ def test_a_500_at_submit_is_retried_and_then_succeeds(pipeline, fake_telegram, f
     assert gen.status == "delivered" and gen.attempts == 2
     assert len(fake_fal.submissions) == 1 and gen.fal_request_id == fake_fal.submissions[0]["request_id"]
     assert ledger_kinds(gen) == ["reserve", "commit"]
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_500_after_the_request_id_is_stored_never_submits_again_and_is_released_after_the_cap(
@@ -279,7 +221,7 @@ def test_a_500_after_the_request_id_is_stored_never_submits_again_and_is_release
     assert len([e for e in resumed if e["path"].endswith("/status")]) >= worker.MAX_ATTEMPTS
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
     assert "Сервис генерации сейчас недоступен" in fake_telegram.last_message(TELEGRAM_ID)["text"]
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_retry_is_scheduled_with_backoff_and_the_job_waits_in_queued(pipeline, fake_telegram, fake_fal):
@@ -309,7 +251,7 @@ def test_timeout_then_retry_resumes_the_same_request(pipeline, fake_telegram, fa
     (submission,) = fake_fal.submissions
     assert gen.fal_request_id == submission["request_id"] and fake_fal.cancelled == []
     assert ledger_kinds(gen) == ["reserve", "commit"]
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_hanging_request_times_out_every_attempt_is_cancelled_at_the_end_and_released(
@@ -325,7 +267,7 @@ def test_a_hanging_request_times_out_every_attempt_is_cancelled_at_the_end_and_r
     assert fake_fal.wait_until(lambda: fake_fal.cancelled) == [submission["request_id"]]   # only the last
     assert "Модель не успела ответить" in fake_telegram.last_message(TELEGRAM_ID)["text"]
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_submit_lost_is_a_known_duplicate_that_we_deliver_once(pipeline, fake_telegram, fake_fal):
@@ -341,7 +283,7 @@ def test_submit_lost_is_a_known_duplicate_that_we_deliver_once(pipeline, fake_te
     assert first["response_dropped"] and gen.fal_request_id == second["request_id"]
     assert gen.status == "delivered" and len(fake_telegram.calls("sendPhoto")) == 1
     assert ledger_kinds(gen) == ["reserve", "commit"]
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,7 +303,7 @@ def test_a_result_telegram_would_refuse_as_a_photo_is_sent_as_a_document(pipelin
     assert sent.result["caption"].startswith("✅ Готово")
     assert fake_telegram.button_data(sent.result) == ["again:%s" % gen.id, "menu"]
     assert reload(gen).status == "delivered"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_photo_refused_by_telegram_falls_back_to_a_document(pipeline, fake_telegram, fake_fal):
@@ -384,7 +326,7 @@ def test_telegram_429_on_send_photo_is_honoured(pipeline, fake_telegram, fake_fa
     assert first.error["error_code"] == 429 and first.error["parameters"]["retry_after"] == 1
     assert second.ok and 0.95 <= second.time - first.time < 5.0
     assert reload(gen).status == "delivered"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_long_429_becomes_a_delayed_retry_that_resumes_the_request(pipeline, fake_telegram, fake_fal):
@@ -398,7 +340,7 @@ def test_a_long_429_becomes_a_delayed_retry_that_resumes_the_request(pipeline, f
     gen = reload(gen)
     assert gen.status == "delivered" and gen.attempts == 2 and len(fake_fal.submissions) == 1
     assert [c.ok for c in fake_telegram.calls("sendPhoto")] == [False, True]
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +369,7 @@ def test_a_reservation_expired_mid_job_still_delivers_free_and_logs_it(pipeline,
     assert ledger_kinds(gen) == ["reserve", "expire"]
     assert billing.get_balance(user.id).credits == 50
     assert any("delivered FREE" in r.getMessage() and str(gen.id) in r.getMessage() for r in caplog.records)
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_running_the_task_twice_delivers_once_and_commits_once(pipeline, fake_telegram, fake_fal):
@@ -439,7 +381,7 @@ def test_running_the_task_twice_delivers_once_and_commits_once(pipeline, fake_te
     drain()
     assert len(fake_fal.submissions) == 1 and len(fake_telegram.calls("sendPhoto")) == 1
     assert ledger_kinds(gen) == ["reserve", "commit"] and reload(gen).attempts == 1
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_two_workers_racing_on_one_job_deliver_once(pipeline, fake_telegram, fake_fal):
@@ -459,29 +401,12 @@ def test_two_workers_racing_on_one_job_deliver_once(pipeline, fake_telegram, fak
         t.join(10)
     assert len(fake_fal.submissions) == 1 and len(fake_telegram.calls("sendPhoto")) == 1
     assert ledger_kinds(gen) == ["reserve", "commit"]
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
 # a real consumer, SIGKILLed mid-job
 # --------------------------------------------------------------------------------------------
-
-
-def consumer_env(db_url, queue_path, fake_telegram, fake_fal) -> dict:
-    env = dict(os.environ)
-    fake_fal.key = "test-fal-id:test-fal-key"       # FAL_KEY must look like a real key: key_id:key_secret
-    env.update(DATABASE_URL=db_url, QUEUE_URL="sqlite:///" + queue_path, TELEGRAM_API_URL=fake_telegram.url,
-               FAL_KEY=fake_fal.key, FAL_QUEUE_URL=fake_fal.url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="INFO",
-               PYTHONPATH=ROOT)
-    return env
-
-
-def start_consumer(env, log_path, workers=2) -> subprocess.Popen:
-    log = open(log_path, "ab")
-    return subprocess.Popen(
-        [os.path.join(BIN, "huey_consumer"), "worker.huey", "-w", str(workers), "-k", "thread", "-f",
-         "-n", "-d", "0.02", "-m", "0.1", "-C"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def forward(source, target) -> int:
@@ -492,29 +417,6 @@ def forward(source, target) -> int:
         target.storage.enqueue(data, 0)
         moved += 1
     return moved
-
-
-def poll(predicate, timeout=60.0, what="condition", log=None):
-    """Re-check `predicate` every 20 ms until it is truthy (return it) or `timeout` seconds pass
-    (AssertionError with the tail of the consumer's `log` file, if given)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    tail = open(log, errors="replace").read()[-3000:] if log and os.path.exists(log) else ""
-    raise AssertionError("%s not reached within %s s\n%s" % (what, timeout, tail))
-
-
-def stop(proc, sig=signal.SIGINT, timeout=10):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
@@ -557,7 +459,7 @@ def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
     assert ledger_kinds(gen) == ["reserve", "commit"]
     assert billing.get_balance(user.id).credits == 20
     assert "resuming" in log and stored in log
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -586,7 +488,7 @@ def test_cancel_of_a_submitted_job_releases_only_when_fal_confirms(pipeline, fak
     gen = reload(gen)
     assert gen.status == "canceled" and fake_telegram.calls("sendPhoto") == []
     assert ledger_kinds(gen) == ["reserve", "release"] and billing.get_balance(user.id).credits == 10
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_cancel_after_fal_finished_is_refused_and_the_image_is_delivered_and_charged(
@@ -599,7 +501,7 @@ def test_cancel_after_fal_finished_is_refused_and_the_image_is_delivered_and_cha
     gen = reload(gen)
     assert gen.status == "delivered" and len(fake_fal.submissions) == 1
     assert ledger_kinds(gen) == ["reserve", "commit"] and billing.get_balance(user.id).credits == 0
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_cancel_is_refused_for_a_sent_image_and_for_a_run_that_may_submit_any_moment(

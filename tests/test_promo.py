@@ -13,11 +13,7 @@ import billing
 import promo
 import texts
 from models import Payment, PromoCode, PromoRedemption, utcnow
-
-
-def _audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
+from tests.helpers import audit_ok
 
 
 def _user(telegram_id: int) -> int:
@@ -267,7 +263,7 @@ def test_redeem_free_access(database):
     assert unlimited.has_free_access and unlimited.free_access_until is None
     assert PromoCode.get(PromoCode.code == "OWNER").uses == 1
     assert [v.unlimited_free_access for v in promo.list_codes() if v.promo.code == "OWNER"] == [True]
-    _audit_ok()
+    audit_ok()
 
 
 def test_free_access_is_not_seeded_and_needs_days_and_a_limit(database):

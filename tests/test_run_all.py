@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SCRIPT = os.path.join(ROOT, "scripts", "run_all.py")
 PY = sys.executable

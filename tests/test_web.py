@@ -23,16 +23,10 @@ import promo
 import web
 import worker
 from models import LedgerEntry, Payment
-from tests.conftest import ROOT, TEST_ENV
+from tests.helpers import ROOT, audit_ok, yookassa_fixture
 
 YK_IP = "185.71.76.1"
-FIXTURES = os.path.join(ROOT, "tests", "fixtures", "yookassa")
 FIXTURE_NAMES = ["payment.succeeded", "payment.canceled", "payment.waiting_for_capture", "refund.succeeded"]
-
-
-def audit_ok():
-    report = billing.audit()
-    assert report.ok, "\n".join(report.violations)
 
 
 @pytest.fixture
@@ -47,11 +41,6 @@ def yk(database, fake_yookassa):
 
 def notify_tasks() -> list:
     return [t for t in worker.huey.pending() if isinstance(t, worker.notify_payment.task_class)]
-
-
-def fixture_body(name: str) -> bytes:
-    with open(os.path.join(FIXTURES, name + ".json"), "rb") as f:
-        return f.read()
 
 
 def post(app, body: bytes, *, remote: str = "127.0.0.1", forwarded: str | None = None):
@@ -86,7 +75,7 @@ def test_health(yk, tmp_path):
     broken = web.create_app(yk.cfg.replace(database_url="sqlite:///%s/a-file/db.sqlite" % tmp_path))
     response = broken.test_client().get("/yookassa/health")
     assert (response.status_code, response.get_json()) == (503, dict(ok, database="error", live=False))
-    assert post(broken, fixture_body("payment.succeeded"), forwarded=YK_IP).status_code == 503
+    assert post(broken, yookassa_fixture("payment.succeeded"), forwarded=YK_IP).status_code == 503
 
 
 @pytest.mark.parametrize("proxies, remote, forwarded, status", [
@@ -107,14 +96,14 @@ def test_health(yk, tmp_path):
 ])
 def test_source_address_through_proxyfix(yk, proxies, remote, forwarded, status):
     app = web.create_app(yk.cfg.replace(trusted_proxy_count=proxies))
-    response = post(app, fixture_body("payment.succeeded"), remote=remote, forwarded=forwarded)
+    response = post(app, yookassa_fixture("payment.succeeded"), remote=remote, forwarded=forwarded)
     assert response.status_code == status and response.data == b""
     nothing_changed()
 
 
 @pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_fixture_notifications_are_acknowledged_without_effect(yk, name):
-    response = post(web.create_app(yk.cfg), fixture_body(name), forwarded=YK_IP)
+    response = post(web.create_app(yk.cfg), yookassa_fixture(name), forwarded=YK_IP)
     assert response.status_code == 200
     nothing_changed()
 
@@ -238,11 +227,11 @@ def stop_gunicorn(process) -> None:
             process.wait(5)
 
 
-def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path):
+def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path, test_env):
     order = payments.create_topup(yk.user.id, 500, promo_code="SAVE20")
     yk.fake.succeed(order.yookassa_payment_id)
     queue_url = "sqlite:///%s" % (tmp_path / "queue.db")
-    env = dict(TEST_ENV, DATABASE_URL=db_url, QUEUE_URL=queue_url, YOOKASSA_API_URL=yk.fake.api_url,
+    env = dict(test_env, DATABASE_URL=db_url, QUEUE_URL=queue_url, YOOKASSA_API_URL=yk.fake.api_url,
                YOOKASSA_TIMEOUT="5", TRUSTED_PROXY_COUNT="1", LOG_LEVEL="WARNING")
     processes_alive()
     process, base = start_gunicorn(env, str(tmp_path / "gunicorn.log"))

@@ -3,7 +3,7 @@ cancelling jobs, the free add-text mode, payment notifications, the sweeper and 
 
 Real pyTelegramBotAPI against tests/fakes/telegram.py, real Huey (MemoryHuey in tests, SqliteHuey
 and real consumers where the queue itself matters), real SQLite. End-to-end runs of each mode
-are in tests/test_pipeline.py, whose helpers are reused here.
+are in tests/test_pipeline.py; the helpers both use are in tests/helpers.py.
 """
 import datetime
 import io
@@ -28,9 +28,9 @@ import models
 import texts
 import worker
 from models import Generation, LedgerEntry, Payment, Reservation, utcnow
-from tests.test_pipeline import (
+from tests.helpers import (
     TELEGRAM_ID,
-    assert_audit_ok,
+    audit_ok,
     configure,
     consumer_env,
     drain,
@@ -197,7 +197,7 @@ def test_accept_reserves_stores_the_job_and_enqueues_it(demo, fake_telegram):
     assert (reservation.expires_at - reservation.created_at).total_seconds() == demo.reservation_ttl
     (task,) = worker.huey.pending()
     assert task.args == (str(gen.id),) and task.name == "run_generation"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_credits_are_reserved_when_free_operations_are_used_up(demo, fake_telegram):
@@ -209,7 +209,7 @@ def test_credits_are_reserved_when_free_operations_are_used_up(demo, fake_telegr
     with pytest.raises(billing.InsufficientCredits):
         worker.accept_generation(user, TELEGRAM_ID, "upscale", file_ids=["b"])
     assert generation_count() == 1 and worker.huey.pending_count() == 1
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_blocked_user_is_refused(demo, fake_telegram):
@@ -233,7 +233,7 @@ def test_too_many_jobs_are_refused_until_one_finishes(demo, fake_telegram):
     worker.run_generation.call_local(str(first.id))
     assert reload(first).status == "delivered"
     worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="three")
-    assert_audit_ok()
+    audit_ok()
 
 
 def race_accepts(user, count: int, prompt: str) -> list[str]:
@@ -262,7 +262,7 @@ def test_concurrent_accepts_never_pass_the_limit(demo, fake_telegram):
     user = make_user(fake_telegram)
     assert race_accepts(user, 6, "job") == ["ok", "ok"] + ["too many"] * 4
     assert generation_count() == 2 and worker.huey.pending_count() == 2
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_the_task_is_enqueued_only_after_the_commit(demo, fake_telegram):
@@ -310,7 +310,7 @@ def test_cancel_of_a_queued_job_releases_it_and_the_task_does_nothing(demo, fake
     drain()
     assert fake_telegram.calls("sendPhoto") == [] and reload(gen).status == "canceled"
     assert ledger_kinds(gen) == ["reserve", "release"]
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_running_or_finished_job_cannot_be_cancelled(demo, fake_telegram):
@@ -370,7 +370,7 @@ def test_notify_payment_tells_the_user_once(demo, fake_telegram):
     (sent,) = fake_telegram.calls("sendMessage")
     assert sent.result["text"] == "✅ Оплата получена! Начислено 100 кредитов. Баланс: 105 кредитов."
     assert Payment.get_by_id(payment.id).notified_at is not None
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_notify_payment_ignores_a_payment_that_did_not_succeed(demo, fake_telegram):
@@ -412,7 +412,7 @@ def test_sweep_re_enqueues_a_job_whose_enqueue_was_lost(demo, fake_telegram):
     assert worker.sweep_once(now=later(worker.QUEUED_STALE + 1))["requeued"] == []   # once
     drain()
     assert reload(gen).status == "delivered"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_sweep_resumes_a_running_job_without_heartbeat_but_leaves_live_ones(demo, fake_telegram):
@@ -426,7 +426,7 @@ def test_sweep_resumes_a_running_job_without_heartbeat_but_leaves_live_ones(demo
     drain()
     gen = reload(gen)
     assert gen.status == "delivered" and gen.attempts == 2
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_queued_job_keeps_its_hold_past_the_ttl_and_is_charged_once(demo, fake_telegram):
@@ -444,7 +444,7 @@ def test_a_queued_job_keeps_its_hold_past_the_ttl_and_is_charged_once(demo, fake
     gen = reload(gen)
     assert gen.status == "delivered" and ledger_kinds(gen) == ["reserve", "commit"]
     assert billing.get_balance(user.id).credits == 0
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_hold_with_no_live_job_still_expires(demo, fake_telegram):
@@ -454,7 +454,7 @@ def test_a_hold_with_no_live_job_still_expires(demo, fake_telegram):
     orphan = billing.reserve(user.id, 10, reference="generation:lost", idempotency_key="generation:lost", ttl=60)
     report = worker.sweep_once(now=later(61))
     assert report["expired"] == [orphan.id] and billing.get_balance(user.id).credits == 10
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_a_job_claimed_after_its_reservation_expired_is_not_sent_to_the_provider(demo, fake_telegram):
@@ -489,7 +489,7 @@ def test_a_running_job_keeps_its_hold_and_a_dead_one_is_resumed_until_its_runs_a
     report = worker.sweep_once(now=later(worker.HEARTBEAT_STALE + 1))
     assert report["failed"] == [str(gen.id)] and reload(gen).status == "failed"
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
-    assert_audit_ok()
+    audit_ok()
 
 
 def test_heartbeat_touches_only_a_running_job(demo, fake_telegram):
@@ -547,7 +547,7 @@ def test_the_real_sweep_runs_from_the_ticker(demo, fake_telegram):
         ticker.stop()
     drain()
     assert reload(gen).status == "delivered"
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -589,7 +589,7 @@ def test_sigterm_puts_the_running_job_back_and_the_next_consumer_resumes_it(
     gen = reload(gen)
     assert len(fake_fal.submissions) == 1 and gen.fal_request_id == stored and gen.attempts == 2
     assert len(fake_telegram.calls("sendPhoto")) == 1 and ledger_kinds(gen) == ["reserve", "commit"]
-    assert_audit_ok()
+    audit_ok()
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,5 +644,5 @@ def test_the_pipeline_and_the_job_limit_on_postgresql(pg_database, fake_telegram
     assert drain() == 2
     assert [g.status for g in Generation.select()] == ["delivered", "delivered"]
     assert len(fake_telegram.calls("sendPhoto")) == 2
-    assert_audit_ok()
+    audit_ok()
     worker.huey.flush()

@@ -8,7 +8,7 @@ import payments
 import promo
 import worker
 from models import utcnow
-from tests.test_pipeline import configure
+from tests.helpers import configure
 
 ADMIN = 1000      # ADMIN_IDS in the test environment
 
