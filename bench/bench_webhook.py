@@ -56,9 +56,9 @@ def baseline_app():
 
 
 # The fake YooKassa runs in its own process so the load generator's threads do not slow its
-# answers through the GIL. Its listen backlog is raised from socketserver's default of 5: with
-# several concurrent re-fetches a full backlog drops SYNs, which the kernel retries only after 1 s
-# (a harness artefact, not something YooKassa's API does).
+# answers through the GIL. It listens with Werkzeug's backlog of 128 (tests/fakes/base.py), not
+# socketserver's 5: with several concurrent re-fetches a full backlog drops SYNs, which the kernel
+# retries only after 1 s (a harness artefact, not something YooKassa's API does).
 FAKE_SCRIPT = """
 import sys
 sys.path.insert(0, %r)

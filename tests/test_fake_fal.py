@@ -178,6 +178,20 @@ def test_cancel_after_completion_and_early_results(fake_fal, client):
     assert (early.status_code, early.json()) == (400, {"detail": "Request is still in progress"})
     assert early.headers["x-fal-request-id"] == slow.request_id
     slow.cancel()
+    fake_fal.script("queue", position=5)
+    queued = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    assert HTTP.get(queued.response_url, headers={"Authorization": "Key " + KEY}).status_code == 400
+    assert queued.status().position == 4                 # fetching the result took no queue step
+
+
+def test_wrong_methods_and_bodies(fake_fal, client):
+    auth = {"Authorization": "Key " + KEY}
+    assert HTTP.get(fake_fal.url + "/fal-ai/nano-banana", headers=auth).status_code == 405
+    handle = client.submit("fal-ai/nano-banana", {"prompt": "x"})
+    assert HTTP.post(handle.status_url, headers=auth).status_code == 405
+    broken = HTTP.post(fake_fal.url + "/fal-ai/nano-banana", content=b"{", headers=auth)
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    assert HTTP.get(fake_fal.url + "/", headers=auth).status_code == 404
 
 
 def test_latency_goes_through_queue_and_progress(fake_fal, client):

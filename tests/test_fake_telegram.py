@@ -57,7 +57,12 @@ def test_get_me_and_commands(bot, fake_telegram):
     assert bot.set_my_commands([types.BotCommand("start", "Меню")], language_code="ru")
     assert api_error(lambda: bot.set_my_commands([types.BotCommand("Bad-Name", "x")])).description == \
         "Bad Request: BOT_COMMAND_INVALID"
-    assert [c.ok for c in fake_telegram.calls()] == [True, True, False]
+    assert "BOT_COMMAND_DESCRIPTION_INVALID" in api_error(lambda: bot.set_my_commands(
+        [types.BotCommand("start", "")])).description
+    raw = requests.post(f"{fake_telegram.url}/bot{fake_telegram.token}/setMyCommands", data={"commands": "[nope"},
+                        timeout=5).json()
+    assert raw["description"] == "Bad Request: can't parse commands JSON object"
+    assert [c.ok for c in fake_telegram.calls()] == [True, True, False, False, False]
 
 
 def test_send_message_with_inline_keyboard_is_recorded_and_echoed(bot, fake_telegram):
@@ -89,6 +94,15 @@ def test_url_buttons_and_invalid_keyboards(bot, fake_telegram):
     bad_url = types.InlineKeyboardMarkup()
     bad_url.add(types.InlineKeyboardButton("A", url="https://nohost"))
     assert "is invalid" in api_error(lambda: bot.send_message(USER, "x", reply_markup=bad_url)).description
+    spaced = json.dumps({"inline_keyboard": [[{"text": "A", "url": "https://a b.ru"}]]})
+    assert "is invalid" in api_error(lambda: bot.send_message(USER, "x", reply_markup=spaced)).description
+    for markup, error in (('{"inline_keyboard": ', "can't parse reply keyboard markup JSON object"),
+                          ('{"inline_keyboard": "A"}', "must be an Array of Arrays"),
+                          ('{"inline_keyboard": [["A"]]}', "InlineKeyboardButton must be an Object"),
+                          ('{"inline_keyboard": [[{"text": "", "callback_data": "a"}]]}', "non-empty text")):
+        assert error in api_error(lambda markup=markup: bot.send_message(USER, "x", reply_markup=markup)).description
+    removed = bot.send_message(USER, "без клавиатуры", reply_markup=types.ReplyKeyboardRemove())
+    assert removed.reply_markup is None                  # only inline keyboards are part of a Message
 
 
 def test_parse_mode_is_refused_and_text_is_trimmed_and_limited(bot, fake_telegram):
@@ -142,6 +156,9 @@ def test_edits_deletes_and_chat_actions(bot, fake_telegram):
     photo = bot.send_photo(USER, png(), caption="до")
     assert bot.edit_message_caption("после", USER, photo.message_id).caption == "после"
     assert "no text" in api_error(lambda: bot.edit_message_text("t", USER, photo.message_id)).description
+    user_message = fake_telegram.send_text(USER, "моё")["message"]["message_id"]
+    assert api_error(lambda: bot.edit_message_text("чужое", USER, user_message)).description == \
+        "Bad Request: message can't be edited"
     assert bot.delete_message(USER, sent.message_id)
     assert fake_telegram.message(USER, sent.message_id) is None and len(fake_telegram.messages(USER)) == 1
     assert "not found" in api_error(lambda: bot.delete_message(USER, sent.message_id)).description
@@ -165,10 +182,15 @@ def test_users_press_buttons_and_a_callback_is_answered_once(bot, fake_telegram)
     assert "query is too old" in api_error(lambda: bot.answer_callback_query(update["callback_query"]["id"])).description
     with pytest.raises(AssertionError, match="no button"):
         fake_telegram.press(USER, menu.message_id, "buy:999")
+    with pytest.raises(AssertionError, match="no bot message 999"):
+        fake_telegram.press(USER, 999, "buy:100")
     album = fake_telegram.send_album(USER, [png(), png(48, 64)], caption="два фото")
     assert len({u["message"]["media_group_id"] for u in album}) == 1 and album[0]["message"]["caption"] == "два фото"
-    document = fake_telegram.send_document(USER, b"%PDF", file_name="a.pdf", mime_type="application/pdf")
-    assert document["message"]["document"]["file_name"] == "a.pdf"
+    document = fake_telegram.send_document(USER, b"%PDF", file_name="a.pdf", mime_type="application/pdf",
+                                           caption="файл")
+    assert document["message"]["document"]["file_name"] == "a.pdf" and document["message"]["caption"] == "файл"
+    with pytest.raises(ValueError, match="image bytes"):
+        fake_telegram.send_photo(USER, b"not an image")
     ids = [u["message"]["message_id"] for u in album] + [document["message"]["message_id"]]
     assert ids == [menu.message_id + 1, menu.message_id + 2, menu.message_id + 3]   # one counter per chat
 
@@ -184,6 +206,8 @@ def test_fail_next_fails_only_the_next_calls(bot, fake_telegram):
     assert bot.send_message(USER, "hi").text == "hi" and bot.send_photo(USER, png()).photo
     assert [c.ok for c in fake_telegram.calls()] == [False, False, False, True, True]
     assert len(fake_telegram.messages(USER)) == 2                    # failed calls change nothing
+    fake_telegram.fail_next("sendMessage")
+    assert api_error(lambda: bot.send_message(USER, "hi")).description == "Too Many Requests: retry after 1"
 
 
 def test_long_poll_returns_an_update_pushed_from_another_thread(bot, fake_telegram):
@@ -240,6 +264,10 @@ def test_get_file_limits_and_downloads(bot, fake_telegram):
 
 def test_chats_must_exist_and_blocked_users_refuse_messages(bot, fake_telegram):
     assert api_error(lambda: bot.send_message(777, "hi")).description == "Bad Request: chat not found"
+    empty = requests.post(f"{fake_telegram.url}/bot{fake_telegram.token}/sendMessage", json={"text": "hi"}, timeout=5)
+    assert empty.json()["description"] == "Bad Request: chat_id is empty"
+    with pytest.raises(AssertionError, match="unknown user"):
+        fake_telegram.block(777)
     fake_telegram.block(USER)
     assert api_error(lambda: bot.send_chat_action(USER, "upload_photo")).description == \
         "Forbidden: bot was blocked by the user"
@@ -272,7 +300,9 @@ def test_form_json_and_multipart_bodies_are_understood(fake_telegram):
                                  files={"photo": ("p.png", png())}, timeout=5).json()
     assert as_json["result"]["reply_markup"] == markup and as_form["result"]["reply_markup"] == markup
     assert as_multipart["result"]["caption"] == "m"
-    assert [c.params["chat_id"] for c in fake_telegram.calls()] == [USER, USER, USER]
+    no_file = requests.post(base + "/sendPhoto", data={"chat_id": str(USER)}, timeout=5).json()
+    assert no_file["description"] == "Bad Request: there is no photo in the request"
+    assert [c.params["chat_id"] for c in fake_telegram.calls()] == [USER, USER, USER, USER]
 
 
 def test_webhook_delivery_with_secret_and_retries(bot, fake_telegram):
@@ -288,6 +318,8 @@ def test_webhook_delivery_with_secret_and_retries(bot, fake_telegram):
     thread.start()
     fake_telegram.webhook_retry_delay = 0.05
     try:
+        assert api_error(lambda: bot.set_webhook("ftp://example.com/tg")).description == \
+            "Bad Request: invalid webhook URL specified"
         assert api_error(lambda: bot.set_webhook("http://example.com/tg")).description.endswith(
             "An HTTPS URL must be provided for webhook")
         assert "unallowed characters" in api_error(lambda: bot.set_webhook(
@@ -311,7 +343,14 @@ def test_webhook_delivery_with_secret_and_retries(bot, fake_telegram):
 
 def test_wait_for_reports_recent_calls_on_timeout(bot, fake_telegram):
     bot.send_message(USER, "first")
-    with pytest.raises(AssertionError, match="sendMessage chat=42 text='first'"):
+    mark = fake_telegram.mark()
+    bot.send_photo(USER, png(), caption="second")
+    assert fake_telegram.wait_for("sendphoto", since=mark).params["caption"] == "second"
+    assert api_error(lambda: bot.send_message(777, "third")).error_code == 400
+    with pytest.raises(AssertionError) as info:
         fake_telegram.wait_for_message(USER, contains="never", timeout=0.05)
+    assert "sendMessage chat=42 text='first'" in str(info.value)
+    assert "sendPhoto chat=42 caption='second' files=photo:" in str(info.value)
+    assert "sendMessage chat=777 text='third' -> 400 Bad Request: chat not found" in str(info.value)
     with pytest.raises(AssertionError, match="no getUpdates long poll"):
         fake_telegram.wait_until_polling(timeout=0.05)

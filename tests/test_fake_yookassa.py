@@ -222,6 +222,15 @@ def test_server_side_validation(fake_yookassa):
     assert err.value.content["parameter"] == "metadata"
     assert Payment.create(_params(metadata={"k%d" % i: "v" for i in range(15)})).status == "pending"
     assert requests.get(fake.url + "/v3/webhooks", auth=("123456", "test_secret"), timeout=5).status_code == 404
+    not_json = requests.post(fake.api_url + "/payments", data="{", auth=("123456", "test_secret"),
+                             headers={"Idempotence-Key": "k7"}, timeout=5)
+    assert not_json.json()["description"] == "Request body is not valid JSON"
+    assert _raw_post(fake, "/payments", [], key="k8").json()["description"] == "Request body must be a JSON object"
+    with pytest.raises(NotFoundError):
+        Payment.capture("00000000-000f-5000-a000-000000000000", idempotency_key="c")
+    for query in ({"created_at.gte": "yesterday"}, {"cursor": "%%%"}):
+        with pytest.raises(BadRequestError):
+            Payment.list(query)
     assert len(fake.payments) == 1
 
 
@@ -239,6 +248,9 @@ def test_receipts_required_mode():
         assert _raw_post(fake, "/payments", no_contact).json()["parameter"] == "receipt.customer"
         wrong_total = _params(receipt={**receipt, "items": [dict(item, quantity="2.00")]})
         assert _raw_post(fake, "/payments", wrong_total, key="k2").json()["parameter"] == "receipt.items"
+        for n, items in enumerate(([], [dict(item, vat_code=13)], [{"description": "x"}])):
+            bad_items = _params(receipt={**receipt, "items": items})
+            assert _raw_post(fake, "/payments", bad_items, key="k3-%d" % n).json()["parameter"] == "receipt.items"
         payment = Payment.create(_params(receipt=receipt))
         assert payment.receipt_registration == "pending"
         assert fake.receipts[payment.id]["customer"]["email"] == "user@example.com"

@@ -157,14 +157,11 @@ def _normalize(params: dict) -> dict:
 
 
 def _valid_link(url: str) -> bool:
-    """Simplified LinkManager::get_checked_link."""
-    if not url or any(c.isspace() for c in url):
-        return False
-    parts = urlsplit(url if "://" in url or url.startswith("tg:") else "http://" + url)
-    if parts.scheme.lower() in ("http", "https"):
-        host = parts.hostname or ""
-        return "." in host or host == "localhost"
-    return parts.scheme.lower() == "tg"
+    """Simplified LinkManager::get_checked_link, http(s) only (Media Lab sends no tg:// links)."""
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    host = parts.hostname or ""
+    return parts.scheme in ("http", "https") and ("." in host or host == "localhost") and not any(
+        c.isspace() for c in url)
 
 
 def _image_info(data: bytes):
@@ -179,19 +176,16 @@ def _image_info(data: bytes):
 
 
 def _thumbnail(data: bytes, box: int):
-    """(jpeg_bytes, width, height) scaled to fit ``box``, or None when it cannot be decoded."""
-    try:
-        from PIL import Image
+    """(jpeg_bytes, width, height) scaled to fit ``box``."""
+    from PIL import Image
 
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (box, box))
-            img = img.convert("RGB")
-            img.thumbnail((box, box))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=80)
-            return buf.getvalue(), img.width, img.height
-    except Exception:  # noqa: BLE001
-        return None
+    with Image.open(io.BytesIO(data)) as img:
+        img.draft("RGB", (box, box))
+        img = img.convert("RGB")
+        img.thumbnail((box, box))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        return buf.getvalue(), img.width, img.height
 
 
 class FakeTelegram(FakeServer):
@@ -575,7 +569,7 @@ class FakeTelegram(FakeServer):
         """A JPEG thumbnail (320 px box) when the photo is larger, then the photo as uploaded."""
         sizes = [_thumbnail(data, 320)] if max(info) > 320 else []
         photo = []
-        for blob, width, height in [s for s in sizes if s] + [(data, *info)]:
+        for blob, width, height in sizes + [(data, *info)]:
             record = self._store_file(blob, "photos", file_size if blob is data else None)
             photo.append({"file_id": record["file_id"], "file_unique_id": record["file_unique_id"],
                           "file_size": record["file_size"], "width": width, "height": height})
@@ -610,8 +604,9 @@ class FakeTelegram(FakeServer):
         for row in rows:
             echoed.append([])
             for button in row:
-                if not isinstance(button, dict) or not isinstance(button.get("text"), str):
-                    raise _bad("can't parse inline keyboard button: InlineKeyboardButton must be an Object")
+                if not isinstance(button, dict) or not isinstance(button.get("text"), str) or not button["text"]:
+                    raise _bad("can't parse inline keyboard button: InlineKeyboardButton must be an Object "
+                               "with a non-empty text")  # approx.
                 url, data = button.get("url"), button.get("callback_data")
                 if url:
                     if not _valid_link(url):
@@ -623,8 +618,6 @@ class FakeTelegram(FakeServer):
                     echoed[-1].append({"text": button["text"], "callback_data": data})
                 else:
                     raise _bad("can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard")
-                if not button["text"]:
-                    raise _bad("inline keyboard button text must be non-empty")
         return {"inline_keyboard": echoed} if any(echoed) else None
 
     @staticmethod
@@ -650,19 +643,13 @@ class FakeTelegram(FakeServer):
 
     @staticmethod
     def _upload(p: dict, uploads: dict, name: str):
-        value = p.get(name)
-        if isinstance(value, str) and value.startswith("attach://"):
-            name, value = value[len("attach://"):], None
-        if value not in (None, ""):
+        if p.get(name) not in (None, ""):
             raise _bad("wrong file identifier/HTTP URL specified")
         if name not in uploads:
             raise _bad(f"there is no {name} in the request")
-        filename, data = uploads[name]
-        if len(data) > MAX_UPLOAD:
+        if len(uploads[name][1]) > MAX_UPLOAD:
             raise _ApiError(413, "Request Entity Too Large")
-        if not data:
-            raise _bad("file must be non-empty")
-        return filename, data
+        return uploads[name]
 
     def _bot_message(self, chat_id: int, content: dict, markup: dict | None) -> dict:
         message = self._new_message(chat_id, self.bot_user, content)
@@ -702,10 +689,7 @@ class FakeTelegram(FakeServer):
                                  "use deleteWebhook to delete the webhook first")
         offset = _as_int(p.get("offset")) or 0
         limit = min(max(_as_int(p.get("limit")) or 100, 1), 100)
-        try:
-            timeout = min(max(int(float(p.get("timeout") or 0)), 0), LONG_POLL_MAX_TIMEOUT)
-        except ValueError:
-            timeout = 0
+        timeout = min(max(int(float(p.get("timeout") or 0)), 0), LONG_POLL_MAX_TIMEOUT)
         if offset > 0:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
         deadline = time.monotonic() + timeout
@@ -740,7 +724,7 @@ class FakeTelegram(FakeServer):
     def _m_setMyCommands(self, p, uploads):
         commands = p.get("commands")
         if not isinstance(commands, list) or len(commands) > 100:
-            raise _bad("can't parse commands JSON object")
+            raise _bad("can't parse commands JSON object")                      # approx.
         for command in commands:
             if not re.fullmatch(r"[a-z0-9_]{1,32}", str(command.get("command", "")).lstrip("/")):
                 raise _bad("BOT_COMMAND_INVALID")
