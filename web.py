@@ -93,6 +93,16 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         # Werkzeug's ProxyFix takes the client address from the last `x_for` entries of
         # X-Forwarded-For, the ones our own proxies appended; anything a client put in front is ignored.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=cfg.trusted_proxy_count)
+    _add_database_session(app, cfg)
+    _add_webhook(app, cfg)
+    _add_health(app, cfg)
+    _add_metrics(app, cfg)
+    return app
+
+
+def _add_database_session(app: Flask, cfg: config.Config) -> None:
+    """Bind the database on the first request; each request opens and closes its connection
+    (``g.db_error`` tells the routes to answer 503)."""
 
     @app.before_request
     def _open_db():
@@ -111,6 +121,11 @@ def create_app(cfg: config.Config | None = None) -> Flask:
     def _close_db(exc):
         if models.db.obj is not None and not models.db.is_closed():
             models.db.close()
+
+
+def _add_webhook(app: Flask, cfg: config.Config) -> None:
+    """``POST /yookassa/webhook``: `payments.handle_notification`, then the follow-ups (user
+    notices, admin alert) enqueued for the worker; the outcome is counted."""
 
     @app.post("/yookassa/webhook")
     def yookassa_webhook():
@@ -135,6 +150,10 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         ops.count_webhook(outcome.http_status, outcome.detail)
         return Response(status=outcome.http_status)
 
+
+def _add_health(app: Flask, cfg: config.Config) -> None:
+    """``GET /yookassa/health`` (public through nginx: three fields) and ``GET /health`` (details)."""
+
     def _health() -> ops.Health:
         if g.db_error:
             return ops.Health(ok=False, problems=["database not reachable"], database="error")
@@ -158,6 +177,9 @@ def create_app(cfg: config.Config | None = None) -> Flask:
                 "heartbeats": health.heartbeats, "free_mb": health.free_mb}
         return jsonify(body), 200 if health.ok else 503
 
+
+def _add_metrics(app: Flask, cfg: config.Config) -> None:
+    """``GET /metrics``: Prometheus text for loopback clients or the METRICS_TOKEN bearer."""
     registry = metrics.registry(cfg, worker.huey)
 
     @app.get("/metrics")
@@ -167,8 +189,6 @@ def create_app(cfg: config.Config | None = None) -> Flask:
         if g.db_error:
             return Response(status=503)
         return Response(metrics.render(registry), content_type=metrics.CONTENT_TYPE)
-
-    return app
 
 
 def _loopback(address: str | None) -> bool:
