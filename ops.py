@@ -75,25 +75,35 @@ def age(name: str, now: datetime.datetime | None = None) -> float | None:
     return max(0.0, ((now or utcnow()) - row.at).total_seconds())
 
 
-class HeartbeatThread:
-    """A daemon thread that beats ``process:<name>`` every `interval` seconds through its own
-    connection to `database_url` (never the shared `models.db` binding, so it cannot write into
-    whatever database another thread binds later). `stop()` ends it."""
+class Loop:
+    """A daemon thread running `_loop` until `stop()` (subclasses wait on ``self._stop``)."""
 
-    def __init__(self, name: str, database_url: str, interval: float = HEARTBEAT_EVERY):
-        self.name, self.database_url, self.interval = "process:" + name, database_url, interval
+    def __init__(self, thread_name: str):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="heartbeat-" + name, daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
 
-    def start(self) -> "HeartbeatThread":
-        """Start beating (the first beat is immediate); return self."""
+    def start(self):
+        """Start the thread; return self."""
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop beating and wait up to `timeout` seconds for the thread."""
+        """Ask the loop to end and wait up to `timeout` seconds for the thread."""
         self._stop.set()
         self._thread.join(timeout)
+
+    def _loop(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+
+class HeartbeatThread(Loop):
+    """A daemon thread that beats ``process:<name>`` every `interval` seconds through its own
+    connection to `database_url` (never the shared `models.db` binding, so it cannot write into
+    whatever database another thread binds later). `stop()` ends it; the first beat is immediate."""
+
+    def __init__(self, name: str, database_url: str, interval: float = HEARTBEAT_EVERY):
+        super().__init__("heartbeat-" + name)
+        self.name, self.database_url, self.interval = "process:" + name, database_url, interval
 
     def _loop(self) -> None:
         database = models.open_database(self.database_url)

@@ -956,16 +956,22 @@ def _notify_payment(payment_id: str, cfg: config.Config) -> bool:
         logger.info("payment %s: notification already sent or not due", payment_id)
         return False
     payment = Payment.get_by_id(payment_id)
-    user = User.get_by_id(payment.user_id)
-    balance = billing.get_balance(user.id)
-    text = texts.t("notify_payment_received", texts.lang_of(user.language_code), credits=payment.credits,
-                   balance=balance.credits)
+    _tell_user(payment.user_id, "notify_payment_received", "payment %s" % payment_id, cfg,
+               credits=payment.credits)
+    return True
+
+
+def _tell_user(user_id: int, text_key: str, what: str, cfg: config.Config, **values) -> None:
+    """Send text `text_key` (with `values` and the user's balance) to user `user_id` in their
+    language; a failure is logged, never raised (the money change it reports is committed)."""
+    user = User.get_by_id(user_id)
+    text = texts.t(text_key, texts.lang_of(user.language_code), balance=billing.get_balance(user.id).credits,
+                   **values)
     try:
         tg(telegram(cfg).send_message, user.telegram_id, text)
-        logger.info("payment %s: user=%s told about %s credits", payment_id, user.id, payment.credits)
+        logger.info("%s: user=%s told (%s)", what, user.id, text_key)
     except Exception as exc:
-        logger.warning("payment %s: could not tell user=%s (%s)", payment_id, user.id, _describe(exc, cfg))
-    return True
+        logger.warning("%s: could not tell user=%s (%s)", what, user.id, _describe(exc, cfg))
 
 
 @huey.task()
@@ -980,15 +986,8 @@ def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
         logger.info("refund %s: notification already sent", refund_id)
         return False
     refund = models.Refund.get_by_id(refund_id)
-    user = User.get_by_id(Payment.get_by_id(refund.payment_id).user_id)
-    balance = billing.get_balance(user.id)
-    text = texts.t("notify_refund", texts.lang_of(user.language_code), amount=payments.kopecks_to_value(
-        refund.amount_kopecks), credits=refund.credits_debited, balance=balance.credits)
-    try:
-        tg(telegram(cfg).send_message, user.telegram_id, text)
-        logger.info("refund %s: user=%s told (%s credits taken back)", refund_id, user.id, refund.credits_debited)
-    except Exception as exc:
-        logger.warning("refund %s: could not tell user=%s (%s)", refund_id, user.id, _describe(exc, cfg))
+    _tell_user(Payment.get_by_id(refund.payment_id).user_id, "notify_refund", "refund %s" % refund_id, cfg,
+               amount=payments.kopecks_to_value(refund.amount_kopecks), credits=refund.credits_debited)
     return True
 
 
@@ -1176,7 +1175,7 @@ def reconcile_payments() -> list:
     return notified
 
 
-class Ticker:
+class Ticker(ops.Loop):
     """Runs `sweep` every SWEEP_INTERVAL and `reconcile_payments` every RECONCILE_INTERVAL seconds,
     as written (Huey's periodic tasks have minute granularity), from one daemon thread of the
     consumer process. It calls them directly rather than through the queue, so a backlog of
@@ -1185,19 +1184,8 @@ class Ticker:
     replaces the two for tests."""
 
     def __init__(self, cfg: config.Config, jobs: list | None = None):
+        super().__init__("ticker")
         self.jobs = jobs or [(sweep, cfg.sweep_interval), (reconcile_payments, cfg.reconcile_interval)]
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="ticker", daemon=True)
-
-    def start(self) -> "Ticker":
-        """Start the thread; return self."""
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread (waits at most `timeout` seconds for a pass in progress)."""
-        self._stop.set()
-        self._thread.join(timeout)
 
     def _loop(self) -> None:
         due = [time.monotonic()] * len(self.jobs)

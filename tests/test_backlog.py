@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import billing
 import worker
 from models import Generation, LedgerEntry, Reservation, utcnow
+from tests.helpers import poll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -26,17 +26,6 @@ TTL = 3                  # seconds: the smallest RESERVATION_TTL the configurati
 FAL_SECONDS = 0.25       # each job's time at the fake Fal
 JOBS = 36                # × (0.25 s + the pipeline's own work) on one thread: a backlog of 3+ TTLs
 USERS = JOBS // 2        # MAX_ACTIVE_JOBS_PER_USER is 2
-
-
-def poll(predicate, timeout, what, log=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    tail = open(log, errors="replace").read()[-4000:] if log and os.path.exists(log) else ""
-    raise AssertionError("%s not reached within %s s\n%s" % (what, timeout, tail))
 
 
 def start_consumer(env, log_path):

@@ -31,6 +31,7 @@ import bot
 import config
 import startup
 import worker
+from tests.helpers import poll
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -93,17 +94,6 @@ class Hostile:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
-
-
-def poll(predicate, timeout, what):
-    """Re-check `predicate` every 50 ms until it is truthy (returned) or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("%s not reached within %s s" % (what, timeout))
 
 
 # --------------------------------------------------------------------------------------------
