@@ -23,8 +23,18 @@ then the downloaded bytes (`media.inspect_image`). Only Telegram file ids go int
 
 Callback data: ``menu``, ``cancel``, ``mode:<mode>``, ``consent``, ``ratio:<w:h>``, ``done``,
 ``pos:<top|center|bottom>``, ``color:<name>``, ``again:<generation id>``, ``jobcancel:<generation
-id>``, ``pay``, ``amount:<credits>``, ``amount_custom``, ``promo``, ``check:<payment uuid>``; anything
-else (or a button of a step that is over) is answered "this button is no longer active".
+id>``, ``pay``, ``amount:<credits>``, ``amount_custom``, ``promo``, ``check:<payment uuid>``,
+``dretry:<draft token>``, ``dedit:<draft token>``, ``payfor:<draft token>`` (a kept draft),
+``use:<edit|upscale|add_text>:<generation id>`` (a result as the next input), ``hsend:<id>`` and
+``rerun:<id>`` (/history), ``bcast`` (an admin's broadcast preview); anything else (or a button of
+a step that is over) is answered "this button is no longer active".
+
+A tap acts once, and only on its own flow (issue 11 §1): every flow button carries its flow's token
+(``ratio:16:9~k3x9q2``, `Ctx.button`); the middleware splits it off into ``ctx.token`` and `_claim`
+records ``<token>:<kind>`` on the chat's state row in the same locked transaction as the step's
+transition, so a second tap (sequential or concurrent) answers "✓ Уже сделано" and a button of an
+older flow "this button is no longer active". Buttons that are not part of a flow are claimed with
+`billing.claim_action` (``tap:again:<id>``, ``tap:draft:<user>:<token>``).
 
 `main()` runs long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set (`create_webhook_app`).
 """
@@ -37,6 +47,7 @@ import hmac
 import logging
 import random
 import re
+import secrets
 import sys
 import threading
 import time
@@ -73,7 +84,9 @@ ALLOWED_UPDATES = ["message", "callback_query"]
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
 IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
 # Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
-STICKY_KEYS = ("face_swap_consent", "promo_code")
+STICKY_KEYS = ("face_swap_consent", "promo_code", "taps")
+TOKEN_SEP = "~"              # callback data "<action>~<flow token>": the flow that sent the button
+TAPS_KEPT = 30               # claimed "<flow>:<kind>" keys remembered per chat (a second tap: "already done")
 MODE_BUTTONS = (             # (mode, text key), in menu order (seeds: integration-examples.ru.md)
     ("generate", "btn_generate"), ("edit", "btn_edit"), ("merge", "btn_merge"),
     ("add_text", "btn_add_text"), ("face_swap", "btn_face_swap"), ("retouch", "btn_retouch"),
@@ -246,6 +259,8 @@ class Ctx:
     data: dict = field(default_factory=dict)
     call: types.CallbackQuery | None = None
     answered: bool = False
+    token: str | None = None          # the flow token a pressed button carried (None: none)
+    created: bool = False             # this update created the user (first contact)
 
     def t(self, key: str, **values) -> str:
         """Return text `key` in the user's language."""
@@ -278,6 +293,7 @@ class Ctx:
 
         def change(record):
             kept = {k: v for k, v in record["data"].items() if k in STICKY_KEYS}
+            kept["flow"] = new_flow_token()
             kept.update(data)
             record["state"], record["data"] = name, kept
             return kept
@@ -288,6 +304,29 @@ class Ctx:
     def finish(self) -> None:
         """End the flow (keeping the sticky keys)."""
         self.start_flow(None)
+
+    def flow(self) -> str:
+        """The current flow's token (the one its buttons carry); a chat without one gets one."""
+        token = self.data.get("flow")
+        if not token:
+            token = new_flow_token()
+
+            def change(record):
+                record["data"].setdefault("flow", token)
+                return record["data"]["flow"]
+
+            token = self.update(change)
+            self.data["flow"] = token
+        return token
+
+    def button(self, data: str) -> str:
+        """Callback data `data` tagged with the current flow's token (``ratio:16:9~k3x9q2``)."""
+        return "%s%s%s" % (data, TOKEN_SEP, self.flow())
+
+
+def new_flow_token() -> str:
+    """A short random flow token (6 URL-safe characters; callback data stays far below 64 bytes)."""
+    return secrets.token_urlsafe(6)[:6].replace(TOKEN_SEP, "_")
 
 
 class UserMiddleware(BaseMiddleware):
@@ -307,8 +346,11 @@ class UserMiddleware(BaseMiddleware):
         if message is None or sender is None or sender.is_bot or message.chat.type != "private":
             return CancelUpdate()  # private chats with people only
         call = update if isinstance(update, types.CallbackQuery) else None
+        token = None
+        if call is not None and TOKEN_SEP in (call.data or ""):
+            call.data, token = call.data.rsplit(TOKEN_SEP, 1)   # handlers match the action alone
         try:
-            user, _ = billing.get_or_create_user(sender.id, username=sender.username, first_name=sender.first_name,
+            user, created = billing.get_or_create_user(sender.id, username=sender.username, first_name=sender.first_name,
                                                  language_code=sender.language_code)
             state, stored = self.bot.current_states.load(message.chat.id, sender.id, bot_id=self.bot.bot_id)
         except Exception:
@@ -317,7 +359,7 @@ class UserMiddleware(BaseMiddleware):
             return CancelUpdate()
         ctx = Ctx(bot=self.bot, cfg=self.cfg, user=user, lang=texts.lang_of(user.language_code or sender.language_code),
                   chat_id=message.chat.id, telegram_id=sender.id, update_id=getattr(update, "update_id", None),
-                  state=state, data=stored, call=call)
+                  state=state, data=stored, call=call, token=token, created=created)
         if user.is_blocked and sender.id not in self.cfg.admin_ids:
             logger.info("blocked user %s refused", user.id)
             _reply_raw(self.bot, message.chat.id, call, ctx.t("blocked"))
@@ -403,7 +445,8 @@ def _error_reply(ctx: Ctx, exc: Exception):
     InvalidTopupAmount); a step that can be retried keeps its "✖ Отмена" button.
     """
     if isinstance(exc, billing.InsufficientCredits):
-        return ctx.t("insufficient_credits"), _topup_button_markup(ctx)
+        return ctx.t("insufficient_credits", price=ctx.cfg.price_per_operation,
+                     balance=billing.get_balance(ctx.user.id).credits), _topup_button_markup(ctx)
     if isinstance(exc, billing.UserBlocked):
         return ctx.t("blocked"), None
     if isinstance(exc, billing.StorageFull):
@@ -426,9 +469,15 @@ def _retry_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
 
 
 def _invalid_input_text(ctx: Ctx, exc: media.InvalidInput) -> str:
+    """The error text with the limit that was really crossed: megabytes or megapixels, pixels in
+    the right plural form."""
     limit = exc.limit
+    if exc.code == "image_too_big" and getattr(exc, "unit", None) == "pixels" and limit:
+        return ctx.t("invalid_image_too_many_pixels", limit=max(1, round(limit / 10**6)))
     if exc.code == "image_too_big" and limit and limit > 10**6:
         limit = limit // (1024 * 1024)   # bytes → MB for the text
+    if exc.code == "image_too_small" and limit:
+        limit = texts.plural(limit, "pixel", ctx.lang)
     return ctx.t("invalid_" + exc.code, limit=limit if limit is not None else "")
 
 
@@ -476,7 +525,7 @@ def _main_menu_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
 
 
 def _cancel_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
-    return _markup([[(ctx.t("btn_cancel"), "cancel")]])
+    return _markup([[(ctx.t("btn_cancel"), ctx.button("cancel"))]])
 
 
 def _menu_button_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
@@ -524,15 +573,60 @@ def show_menu(ctx: Ctx, *, welcome: bool = False) -> None:
 
 
 def cmd_start(message: types.Message, ctx: Ctx) -> None:
-    """/start: end any flow, greet, show the menu."""
+    """/start: end any flow, greet, show the menu. ``/start ref_<code>`` (a referral link) on a
+    user's first contact records who referred them (`worker.set_referrer`)."""
     ctx.finish()
+    payload = (telebot.util.extract_arguments(message.text or "") or "").strip()
+    if payload.startswith("ref_") and ctx.created:
+        worker.set_referrer(ctx.user.id, payload[4:])
     show_menu(ctx, welcome=True)
 
 
+def _referral_link(ctx: Ctx) -> str | None:
+    """The user's referral link ``https://t.me/<bot>?start=ref_<code>`` (None if getMe fails)."""
+    try:
+        username = ctx.bot.user.username
+    except Exception as exc:  # noqa: BLE001 - the link is a convenience
+        logger.info("getMe failed, no referral link: %s", _redact(str(exc), ctx.bot.token))
+        return None
+    return "https://t.me/%s?start=ref_%s" % (username, worker.referral_code(ctx.user.id))
+
+
+def _support_lines(ctx: Ctx) -> list[str]:
+    """The support contact, terms and privacy links that are set (SUPPORT_CONTACT, TERMS_URL, PRIVACY_URL)."""
+    lines = []
+    if ctx.cfg.support_contact:
+        lines.append(ctx.t("support_line", contact=ctx.cfg.support_contact))
+    if ctx.cfg.terms_url:
+        lines.append(ctx.t("terms_line", url=ctx.cfg.terms_url))
+    if ctx.cfg.privacy_url:
+        lines.append(ctx.t("privacy_line", url=ctx.cfg.privacy_url))
+    return lines
+
+
 def cmd_help(message: types.Message, ctx: Ctx) -> None:
-    """/help: what each mode does, prices and free operations."""
-    _send(ctx, ctx.t("help", price=ctx.cfg.price_per_operation, free=ctx.cfg.free_operations_count,
-                     max_mb=ctx.cfg.max_image_bytes // (1024 * 1024)), _menu_button_markup(ctx))
+    """/help: what each mode does, prices and free operations, support and terms (and, for
+    admins, the admin commands)."""
+    text = ctx.t("help", price=ctx.cfg.price_per_operation, free=ctx.cfg.free_operations_count,
+                 max_mb=ctx.cfg.max_image_bytes // (1024 * 1024))
+    extra = _support_lines(ctx)
+    if ctx.telegram_id in ctx.cfg.admin_ids:
+        extra.append(ctx.t("admin_help"))
+    _send(ctx, "\n\n".join([text] + (["\n".join(extra)] if extra else [])), _menu_button_markup(ctx))
+
+
+def cmd_paysupport(message: types.Message, ctx: Ctx) -> None:
+    """/paysupport (Telegram's payment rules ask bots for one): how to reach support about a payment."""
+    if ctx.cfg.support_contact:
+        _send(ctx, ctx.t("paysupport", contact=ctx.cfg.support_contact), _menu_button_markup(ctx))
+    else:
+        _send(ctx, ctx.t("paysupport_none"), _menu_button_markup(ctx))
+
+
+def cmd_terms(message: types.Message, ctx: Ctx) -> None:
+    """/terms: the terms and privacy links (or what buying credits means when none is set)."""
+    lines = [line for line in _support_lines(ctx) if not line.startswith("🛟")]
+    _send(ctx, "\n".join(lines) if lines else ctx.t("terms_none"), _menu_button_markup(ctx))
 
 
 def cmd_cancel(message: types.Message, ctx: Ctx) -> None:
@@ -550,15 +644,16 @@ def on_menu(call: types.CallbackQuery, ctx: Ctx) -> None:
 
 
 def on_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """✖ Отмена: leave the flow."""
-    _answer(ctx, ctx.t("cancelled_short"))
+    """✖ Отмена: leave the flow that sent the button (a button of an older flow does nothing)."""
+    if not _claim(ctx, "cancel"):
+        return
     ctx.finish()
     _send(ctx, ctx.t("cancelled"), _main_menu_markup(ctx))
 
 
 def on_unknown_command(message: types.Message, ctx: Ctx) -> None:
-    """A command we do not know (admin commands from non-admins land here too)."""
-    _send(ctx, ctx.t("unknown_command"), _main_menu_markup(ctx))
+    """A command we do not know (admin commands from non-admins land here too): a short hint."""
+    _send(ctx, ctx.t("unknown_command"), _menu_button_markup(ctx))
 
 
 def on_unexpected(message: types.Message, ctx: Ctx) -> None:
@@ -568,8 +663,8 @@ def on_unexpected(message: types.Message, ctx: Ctx) -> None:
     if ctx.state == Step.images.name and ctx.data.get("mode") == "merge" and count >= 2:
         _send(ctx, ctx.t("merge_photo_added", count=count, max=media.mode_spec("merge").max_images),
               _done_markup(ctx))
-    elif hint is None:
-        _send(ctx, ctx.t("choose_action"), _main_menu_markup(ctx))
+    elif hint is None:                                     # stray input: a short hint, one button
+        _send(ctx, ctx.t("hint_stray"), _menu_button_markup(ctx))
     else:
         _send(ctx, ctx.t(hint), _cancel_markup(ctx))
 
@@ -592,6 +687,63 @@ def on_stale_button(call: types.CallbackQuery, ctx: Ctx) -> None:
     _answer(ctx, ctx.t("button_outdated"), alert=True)
 
 
+def _already_done(ctx: Ctx) -> None:
+    """A second tap of a button that already acted: a toast, no new message."""
+    _answer(ctx, ctx.t("button_done"))
+
+
+def _claim(ctx: Ctx, kind: str, *, states=None, mode: str | None = None, change=None, drop: bool = True) -> bool:
+    """Claim the press of a flow button once, atomically, on the chat's state row.
+
+    The button must carry the current flow's token (`Ctx.button`), the flow must be in one of
+    `states` (None: any) and `mode`; the key ``<flow>:<kind>`` must not be claimed yet. The claim,
+    and `change(record)` (the step's transition), are written in the same locked transaction
+    (`PeeweeStateStorage.update`), so two taps — sequential or concurrent — act once. On success the
+    message's keyboard is removed (unless `drop` is False) and True returned; otherwise the query is answered ("already
+    done" for a claimed key, "no longer active" for a button of another flow) and False returned.
+    """
+    token = ctx.token
+    key = "%s:%s" % (token, kind)
+
+    def apply(record):
+        data = record["data"]
+        taps = list(data.get("taps") or [])
+        if token and key in taps:
+            return "done"
+        if not token or token != data.get("flow"):
+            return "stale"
+        if (states is not None and record["state"] not in states) or (mode and data.get("mode") != mode):
+            return "stale"
+        data["taps"] = (taps + [key])[-TAPS_KEPT:]
+        if change is not None:
+            change(record)
+        ctx.state, ctx.data = record["state"], copy.deepcopy(data)
+        return "ok"
+
+    outcome = ctx.update(apply)
+    if outcome == "done":
+        _already_done(ctx)
+        return False
+    if outcome != "ok":
+        on_stale_button(ctx.call, ctx)
+        return False
+    _answer(ctx)
+    if drop:
+        _drop_keyboard(ctx)
+    return True
+
+
+def _drop_keyboard(ctx: Ctx, markup=None) -> None:
+    """Remove (or replace by `markup`) the keyboard of the pressed message; best effort."""
+    if ctx.call is None or ctx.call.message is None:
+        return
+    try:
+        worker.tg(ctx.bot.edit_message_reply_markup, ctx.chat_id, ctx.call.message.message_id, reply_markup=markup)
+    except Exception as exc:  # noqa: BLE001 - the claim already guards against a second action
+        logger.info("could not edit the keyboard of %s: %s", ctx.call.message.message_id,
+                    _redact(str(exc), ctx.bot.token))
+
+
 # --------------------------------------------------------------------------------------------
 # Modes
 # --------------------------------------------------------------------------------------------
@@ -612,6 +764,7 @@ def on_mode(call: types.CallbackQuery, ctx: Ctx) -> None:
     if mode not in config.MODES:
         return on_stale_button(call, ctx)
     _answer(ctx)
+    worker.discard_draft(ctx.user.id)                    # a new flow replaces the kept one
     if mode == "generate":
         ctx.start_flow(Step.prompt, mode=mode)
         _send(ctx, ctx.t("ask_generate_prompt", price=_price_text(ctx, mode), max=ctx.cfg.max_prompt_length),
@@ -619,8 +772,8 @@ def on_mode(call: types.CallbackQuery, ctx: Ctx) -> None:
         return
     if mode == "face_swap" and not ctx.data.get("face_swap_consent"):
         ctx.start_flow(None)
-        _send(ctx, ctx.t("face_swap_consent"), _markup([[(ctx.t("btn_consent"), "consent")],
-                                                         [(ctx.t("btn_cancel"), "cancel")]]))
+        _send(ctx, ctx.t("face_swap_consent"), _markup([[(ctx.t("btn_consent"), ctx.button("consent"))],
+                                                         [(ctx.t("btn_cancel"), ctx.button("cancel"))]]))
         return
     _ask_first_image(ctx, mode)
 
@@ -633,15 +786,28 @@ def _ask_first_image(ctx: Ctx, mode: str) -> None:
 
 def on_consent(call: types.CallbackQuery, ctx: Ctx) -> None:
     """Face swap: the user agreed to the one-time note; remember it and ask for the face."""
-    _answer(ctx)
+    if not _claim(ctx, "consent", states=(None,)):
+        return
     ctx.go(None, face_swap_consent=True)
     _ask_first_image(ctx, "face_swap")
 
 
 def _price_text(ctx: Ctx, mode: str) -> str:
+    """The mode's price and what the user will pay it with (free access, a free operation, or the
+    credit balance — said to be short when it is)."""
     if mode not in config.PAID_MODES:
         return ctx.t("price_free")
-    return ctx.t("price_paid", price=ctx.cfg.price(mode))
+    price = ctx.cfg.price(mode)
+    view = billing.get_balance(ctx.user.id)
+    if view.free_access:
+        you = ctx.t("price_you_free_access")
+    elif view.free_ops > 0:
+        you = ctx.t("price_you_free_op", left=view.free_ops, total=ctx.cfg.free_operations_count)
+    elif view.credits >= price:
+        you = ctx.t("price_you_balance", balance=view.credits)
+    else:
+        you = ctx.t("price_you_short", balance=view.credits)
+    return "%s %s" % (ctx.t("price_paid", price=price), you)
 
 
 def _incoming_image(message: types.Message):
@@ -662,33 +828,98 @@ def _incoming_image(message: types.Message):
 
 
 def on_image(message: types.Message, ctx: Ctx) -> None:
-    """A photo or image document while a mode waits for images: check it, then keep its file id."""
+    """A photo or image document while a mode waits for images: check it, then keep its file id.
+
+    A caption is the instruction (edit, merge): no second question. The photos of an album (one
+    update each, handled concurrently) are one input: an album gets one reply, edited as its
+    photos come in (merge: the count, the photos over the limit), edit takes the first photo and
+    says so, face swap takes face + target.
+    """
     mode = ctx.data.get("mode")
     spec = media.mode_spec(mode)
-    if len(ctx.data.get("files", [])) >= spec.max_images:
+    group = message.media_group_id
+    if len(ctx.data.get("files", [])) >= spec.max_images and not group:
         return _too_many_images(ctx, spec)
     file_id, declared = _incoming_image(message)
     media.check_declared_size(declared, ctx.cfg)           # > 20 MB: refused before downloading
     media.inspect_image(worker.download_file(file_id, ctx.cfg), ctx.cfg)
+    caption = (message.caption or "").strip()
 
     def add(record):                                       # under the chat's lock: album photos race here
-        files = record["data"].setdefault("files", [])
-        if record["state"] != Step.images.name or record["data"].get("mode") != mode:
-            return None                                    # the flow changed meanwhile
+        data = record["data"]
+        files = data.setdefault("files", [])
+        album = data.get("album") if group and (data.get("album") or {}).get("group") == group else None
+        if record["state"] != Step.images.name or data.get("mode") != mode:
+            return None                                    # the flow changed meanwhile (or the album is in)
+        if caption and mode in ("edit", "merge"):
+            data["caption"] = caption
+        role = None
+        if group:
+            role = "edit" if album is not None else "send"
+            if album is None:
+                album = data["album"] = {"group": group, "msg": None, "extra": 0}
         if len(files) >= spec.max_images:
-            return -1
-        files.append([message.message_id, file_id])
-        files.sort()                                       # album order, whatever order they arrive in
-        if len(files) >= spec.max_images and mode in NEXT_STEP:
-            record["state"] = NEXT_STEP[mode].name
-        ctx.state, ctx.data = record["state"], copy.deepcopy(record["data"])
-        return len(files)
+            if album is None:
+                return -1
+            album["extra"] += 1
+        else:
+            files.append([message.message_id, file_id])
+            files.sort()                                   # album order, whatever order they arrive in
+            if len(files) >= spec.max_images and mode in NEXT_STEP:
+                record["state"] = NEXT_STEP[mode].name
+        ctx.state, ctx.data = record["state"], copy.deepcopy(data)
+        return len(files), role, copy.deepcopy(album)
 
-    count = ctx.update(add)
-    if count == -1:
-        _too_many_images(ctx, spec)
-    elif count is not None:
-        _after_image(ctx, spec, count)
+    outcome = ctx.update(add)
+    if outcome == -1:
+        return _too_many_images(ctx, spec)
+    if outcome is None:
+        return
+    count, role, album = outcome
+    if album is not None and mode == "merge":
+        return _album_reply(ctx, spec, role, album)
+    if album is not None and mode == "face_swap" and count < spec.max_images:
+        return                                             # the album's second photo is the target
+    if album is not None and album["extra"]:
+        return
+    _after_image(ctx, spec, count, album_note=album is not None and spec.max_images == 1)
+
+
+def _merge_album_text(ctx: Ctx, spec: media.ModeSpec, count: int, extra: int) -> str:
+    text = ctx.t("merge_photo_added", count=count, max=spec.max_images)
+    if count < spec.min_images:
+        text = ctx.t("merge_need_more", count=count)
+    if extra:
+        text += "\n" + ctx.t("album_extra_dropped", count=extra)
+    return text
+
+
+def _album_reply(ctx: Ctx, spec: media.ModeSpec, role: str, album: dict) -> None:
+    """One reply per merge album: the first photo's handler sends it, the others edit it."""
+    markup = _done_markup(ctx) if len(ctx.data.get("files", [])) >= spec.min_images else _cancel_markup(ctx)
+    if role == "send":
+        sent = _send(ctx, _merge_album_text(ctx, spec, len(ctx.data.get("files", [])), album["extra"]), markup)
+
+        def store(record):
+            current = record["data"].get("album") or {}
+            if current.get("group") == album["group"]:
+                current["msg"] = sent.message_id
+            return len(record["data"].get("files", [])), current.get("extra", 0)
+
+        count, extra = ctx.update(store)                   # photos added while it was being sent
+        if (count, extra) != (len(ctx.data.get("files", [])), album["extra"]):
+            _edit_album(ctx, spec, sent.message_id, count, extra)
+    elif album.get("msg"):
+        _edit_album(ctx, spec, album["msg"], len(ctx.data.get("files", [])), album["extra"])
+
+
+def _edit_album(ctx: Ctx, spec: media.ModeSpec, message_id: int, count: int, extra: int) -> None:
+    markup = _done_markup(ctx) if count >= spec.min_images else _cancel_markup(ctx)
+    try:
+        worker.tg(ctx.bot.edit_message_text, _merge_album_text(ctx, spec, count, extra), chat_id=ctx.chat_id,
+                  message_id=message_id, reply_markup=markup)
+    except apihelper.ApiTelegramException as exc:          # "message is not modified": already right
+        logger.info("album reply %s not edited: %s", message_id, exc.description)
 
 
 # The step after the last image of a mode; other modes start the job at once (merge waits for "Готово").
@@ -696,7 +927,7 @@ NEXT_STEP = {"edit": Step.prompt, "add_text": Step.text}
 
 
 def _done_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
-    return _markup([[(ctx.t("btn_done"), "done")], [(ctx.t("btn_cancel"), "cancel")]])
+    return _markup([[(ctx.t("btn_done"), ctx.button("done"))], [(ctx.t("btn_cancel"), ctx.button("cancel"))]])
 
 
 def _too_many_images(ctx: Ctx, spec: media.ModeSpec) -> None:
@@ -708,9 +939,14 @@ def _file_ids(ctx: Ctx) -> list[str]:
     return [file_id for _, file_id in ctx.data.get("files", [])]
 
 
-def _after_image(ctx: Ctx, spec: media.ModeSpec, count: int) -> None:
-    """Say what comes next after image number `count` of a mode, or start the job."""
+def _after_image(ctx: Ctx, spec: media.ModeSpec, count: int, *, album_note: bool = False) -> None:
+    """Say what comes next after image number `count` of a mode, or start the job (edit with a
+    caption: at once). `album_note`: say that only the album's first photo is used."""
     mode = spec.name
+    if album_note:
+        _send(ctx, ctx.t("album_first_photo_used"))
+    if mode == "edit" and ctx.data.get("caption"):
+        return _accept(ctx, mode, prompt=media.validate_prompt(ctx.data["caption"], ctx.cfg), file_ids=_file_ids(ctx))
     if mode == "merge":
         if count >= spec.min_images:
             _send(ctx, ctx.t("merge_photo_added", count=count, max=spec.max_images), _done_markup(ctx))
@@ -728,14 +964,17 @@ def _after_image(ctx: Ctx, spec: media.ModeSpec, count: int) -> None:
 
 def on_done(call: types.CallbackQuery, ctx: Ctx) -> None:
     """Merge: "✅ Готово" after 2–4 photos → ask for the instruction."""
-    if ctx.state != Step.images.name or ctx.data.get("mode") != "merge":
-        return on_stale_button(call, ctx)
-    _answer(ctx)
     count = len(ctx.data.get("files", []))
-    if count < media.mode_spec("merge").min_images:
+    if ctx.token == ctx.data.get("flow") and count < media.mode_spec("merge").min_images:
+        _answer(ctx)                                       # not enough photos: "Готово" is not spent
         _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
         return
-    ctx.go(Step.prompt)
+    if not _claim(ctx, "done", states=(Step.images.name,), mode="merge",
+                  change=lambda record: record.__setitem__("state", Step.prompt.name)):
+        return
+    if ctx.data.get("caption"):                            # the album's caption is the instruction
+        _accept(ctx, "merge", prompt=media.validate_prompt(ctx.data["caption"], ctx.cfg), file_ids=_file_ids(ctx))
+        return
     _send(ctx, ctx.t("ask_merge_instruction"), _cancel_markup(ctx))
 
 
@@ -745,8 +984,9 @@ def on_prompt(message: types.Message, ctx: Ctx) -> None:
     prompt = media.validate_prompt(message.text, ctx.cfg)
     if mode == "generate":
         ctx.go(Step.ratio, prompt=prompt)
-        rows = [[(r, "ratio:" + r) for r in ASPECT_RATIOS[:3]], [(r, "ratio:" + r) for r in ASPECT_RATIOS[3:]],
-                [(ctx.t("btn_cancel"), "cancel")]]
+        rows = [[(r, ctx.button("ratio:" + r)) for r in ASPECT_RATIOS[:3]],
+                [(r, ctx.button("ratio:" + r)) for r in ASPECT_RATIOS[3:]],
+                [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
         _send(ctx, ctx.t("ask_ratio"), _markup(rows))
         return
     _accept(ctx, mode, prompt=prompt, file_ids=_file_ids(ctx))
@@ -755,21 +995,77 @@ def on_prompt(message: types.Message, ctx: Ctx) -> None:
 def on_ratio(call: types.CallbackQuery, ctx: Ctx) -> None:
     """Generate: the aspect-ratio button → accept the job."""
     ratio = call.data.split(":", 1)[1]
-    if ctx.state != Step.ratio.name or ratio not in ASPECT_RATIOS:
+    if ratio not in ASPECT_RATIOS:
         return on_stale_button(call, ctx)
-    _answer(ctx)
+    if not _claim(ctx, "ratio", states=(Step.ratio.name,)):
+        return
     _accept(ctx, "generate", prompt=ctx.data.get("prompt"), options={"aspect_ratio": ratio})
 
 
-def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> Generation:
-    """Hand a job to the worker (validates, reserves, enqueues) and end the flow."""
+def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> Generation | None:
+    """Hand a job to the worker (validates, reserves, enqueues) and end the flow. A job refused for
+    credits or the active-job limit keeps its inputs as a draft and offers to continue."""
+    inputs = dict(prompt=prompt, options=options or {}, file_ids=list(file_ids))
     try:
-        generation = worker.accept_generation(ctx.user, ctx.chat_id, mode, prompt=prompt, options=options or {},
-                                              file_ids=list(file_ids), cfg=ctx.cfg)
+        generation = worker.accept_generation(ctx.user, ctx.chat_id, mode, cfg=ctx.cfg, **inputs)
+    except (billing.InsufficientCredits, worker.TooManyJobs) as exc:
+        short = isinstance(exc, billing.InsufficientCredits)
+        ctx.finish()
+        draft = worker.save_draft(ctx.user.id, ctx.chat_id, mode, reason="credits" if short else "jobs",
+                                  cfg=ctx.cfg, **inputs)
+        logger.info("user %s: %s refused (%s), draft kept", ctx.user.id, mode, type(exc).__name__)
+        _send(ctx, worker.refusal_text(exc, ctx.user.id, mode, ctx.lang, ctx.cfg),
+              worker.draft_buttons(draft, ctx.lang, topup=short and ctx.cfg.yookassa_configured))
+        return None
     finally:
         ctx.finish()                                       # accepted or refused, this flow is over
     _after_accept(ctx, generation)
     return generation
+
+
+def _draft_tap(ctx: Ctx) -> models.Draft | None:
+    """Claim a draft button (once per draft) and take the draft; None (answered) when gone."""
+    token = ctx.call.data.split(":", 1)[1]
+    if not billing.claim_action("tap:draft:%s:%s" % (ctx.user.id, token[:40])):
+        _already_done(ctx)
+        return None
+    draft = worker.take_draft(ctx.user.id, token)
+    if draft is None:
+        on_stale_button(ctx.call, ctx)
+        return None
+    _answer(ctx)
+    _drop_keyboard(ctx)
+    return draft
+
+
+def on_draft_retry(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """🔁 Повторить: the kept inputs as a new job."""
+    draft = _draft_tap(ctx)
+    if draft is not None:
+        _accept(ctx, draft.mode, prompt=draft.prompt, options=dict(draft.options or {}),
+                file_ids=list(draft.input_file_ids or []))
+
+
+def on_draft_edit(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """✏️ Изменить запрос: the same photos, ask for a new prompt."""
+    draft = _draft_tap(ctx)
+    if draft is None:
+        return
+    files = [[n, file_id] for n, file_id in enumerate(draft.input_file_ids or [])]
+    ctx.start_flow(Step.prompt, mode=draft.mode, files=files)
+    key = "ask_new_generate_prompt" if draft.mode == "generate" else "ask_new_prompt"
+    _send(ctx, ctx.t(key), _cancel_markup(ctx))
+
+
+def on_pay_for_draft(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """💰 Пополнить и продолжить: remember to start the draft once a top-up is credited, then the
+    top-up screen."""
+    token = call.data.split(":", 1)[1]
+    if worker.mark_draft_resume(ctx.user.id, token) is None:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    ctx.finish()
+    show_balance(ctx, resume_note=True)
 
 
 def _after_accept(ctx: Ctx, generation: Generation) -> None:
@@ -792,7 +1088,10 @@ def on_again(call: types.CallbackQuery, ctx: Ctx) -> None:
     old = Generation.get_or_none((Generation.id == generation_id) & (Generation.user == ctx.user.id))
     if old is None:
         return on_stale_button(call, ctx)
+    if not billing.claim_action("tap:again:%s" % old.id):     # one new job per result, however many taps
+        return _already_done(ctx)
     _answer(ctx)
+    _drop_keyboard(ctx, worker.result_buttons(old, ctx.lang, again=False))   # the other actions stay
     _accept(ctx, old.mode, prompt=old.prompt, options=dict(old.options or {}), file_ids=list(old.input_file_ids or []))
 
 
@@ -810,6 +1109,88 @@ def on_job_cancel(call: types.CallbackQuery, ctx: Ctx) -> None:
         _answer(ctx, ctx.t("job_not_cancellable"), alert=True)
 
 
+# --- results as inputs, /history --------------------------------------------------------------
+
+HISTORY_SIZE = 10
+
+
+def _own_result(ctx: Ctx, raw: str) -> Generation | None:
+    """The user's delivered generation with id `raw` that has a stored result file id, or None."""
+    try:
+        generation_id = uuid.UUID(raw)
+    except ValueError:
+        return None
+    return Generation.get_or_none((Generation.id == generation_id) & (Generation.user == ctx.user.id)
+                                  & (Generation.status == "delivered") & Generation.result_file_id.is_null(False))
+
+
+def on_use_result(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"✏️ Изменить это" / "⬆️ Улучшить это" / "📝 Добавить текст": the result is the next input."""
+    _, mode, raw = (call.data.split(":", 2) + ["", ""])[:3]
+    gen = _own_result(ctx, raw)
+    if gen is None or mode not in dict(worker.RESULT_ACTIONS):
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    worker.discard_draft(ctx.user.id)
+    files = [[0, gen.result_file_id]]
+    if mode == "upscale":
+        ctx.start_flow(None)
+        _accept(ctx, "upscale", file_ids=[gen.result_file_id])
+    elif mode == "edit":
+        ctx.start_flow(Step.prompt, mode="edit", files=files)
+        _send(ctx, "%s %s" % (ctx.t("ask_edit_instruction"), _price_text(ctx, "edit")), _cancel_markup(ctx))
+    else:
+        ctx.start_flow(Step.text, mode="add_text", files=files)
+        _send(ctx, ctx.t("ask_add_text_text"), _cancel_markup(ctx))
+
+
+def cmd_history(message: types.Message, ctx: Ctx) -> None:
+    """/history: the last results (mode, date, cost), each to send again (with its actions) or to
+    make again."""
+    ctx.finish()
+    results = list(Generation.select().where((Generation.user == ctx.user.id) & (Generation.status == "delivered")
+                                             & Generation.result_file_id.is_null(False))
+                   .order_by(Generation.created_at.desc()).limit(HISTORY_SIZE))
+    if not results:
+        return _send(ctx, ctx.t("history_empty"), _menu_button_markup(ctx))
+    lines, rows = [ctx.t("history_title")], []
+    for n, gen in enumerate(results, start=1):
+        cost = ctx.t("history_cost_credits", cost=gen.cost) if gen.cost else ctx.t("history_cost_free")
+        lines.append(ctx.t("history_line", n=n, mode=ctx.t("job_mode_" + gen.mode), cost=cost,
+                           date=(gen.finished_at or gen.created_at).strftime("%d.%m %H:%M")))
+        rows.append([(ctx.t("btn_history_send", n=n), "hsend:%s" % gen.id),
+                     (ctx.t("btn_history_rerun", n=n), ctx.button("rerun:%s" % gen.id))])
+    lines.append(ctx.t("history_hint"))
+    rows.append([(ctx.t("btn_menu"), "menu")])
+    _send(ctx, "\n".join(lines), _markup(rows))
+
+
+def on_history_send(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """📤 N: send the result again by its Telegram file id, with the result's actions."""
+    gen = _own_result(ctx, call.data.split(":", 1)[1])
+    if gen is None:
+        return on_stale_button(call, ctx)
+    _answer(ctx)
+    caption = ctx.t("history_resent", mode=ctx.t("job_mode_" + gen.mode),
+                    date=(gen.finished_at or gen.created_at).strftime("%d.%m.%Y %H:%M"))
+    markup = worker.result_buttons(gen, ctx.lang, again=False)
+    try:
+        worker.tg(ctx.bot.send_photo, ctx.chat_id, gen.result_file_id, caption=caption, reply_markup=markup)
+    except apihelper.ApiTelegramException:                 # it was sent as a document
+        worker.tg(ctx.bot.send_document, ctx.chat_id, gen.result_file_id, caption=caption, reply_markup=markup)
+
+
+def on_history_rerun(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """🔁 N in /history: the same mode, prompt and inputs as a new job (once per list)."""
+    raw = call.data.split(":", 1)[1]
+    gen = _own_result(ctx, raw)
+    if gen is None:
+        return on_stale_button(call, ctx)
+    if not _claim(ctx, "rerun:%s" % raw[:8], drop=False):
+        return
+    _accept(ctx, gen.mode, prompt=gen.prompt, options=dict(gen.options or {}), file_ids=list(gen.input_file_ids or []))
+
+
 # --- add text (free, local) ------------------------------------------------------------------
 
 POSITION_KEYS = {"top": "btn_pos_top", "center": "btn_pos_center", "bottom": "btn_pos_bottom"}
@@ -825,28 +1206,35 @@ def on_caption_text(message: types.Message, ctx: Ctx) -> None:
     if len(text) > media.MAX_TEXT_LENGTH:
         raise media.InvalidInput("text_too_long", limit=media.MAX_TEXT_LENGTH)
     ctx.go(Step.position, text=text)
-    rows = [[(ctx.t(POSITION_KEYS[p]), "pos:" + p) for p in POSITIONS], [(ctx.t("btn_cancel"), "cancel")]]
+    rows = [[(ctx.t(POSITION_KEYS[p]), ctx.button("pos:" + p)) for p in POSITIONS],
+            [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
     _send(ctx, ctx.t("ask_position"), _markup(rows))
 
 
 def on_position(call: types.CallbackQuery, ctx: Ctx) -> None:
     """Add text: the position button → ask for the colour."""
     position = call.data.split(":", 1)[1]
-    if ctx.state != Step.position.name or position not in POSITIONS:
+    if position not in POSITIONS:
         return on_stale_button(call, ctx)
-    _answer(ctx)
-    ctx.go(Step.color, position=position)
-    rows = [[(ctx.t(COLOR_KEYS[c]), "color:" + c) for c in COLORS[:2]],
-            [(ctx.t(COLOR_KEYS[c]), "color:" + c) for c in COLORS[2:]], [(ctx.t("btn_cancel"), "cancel")]]
+
+    def to_color(record):
+        record["state"], record["data"]["position"] = Step.color.name, position
+
+    if not _claim(ctx, "pos", states=(Step.position.name,), change=to_color):
+        return
+    rows = [[(ctx.t(COLOR_KEYS[c]), ctx.button("color:" + c)) for c in COLORS[:2]],
+            [(ctx.t(COLOR_KEYS[c]), ctx.button("color:" + c)) for c in COLORS[2:]],
+            [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
     _send(ctx, ctx.t("ask_color"), _markup(rows))
 
 
 def on_color(call: types.CallbackQuery, ctx: Ctx) -> None:
     """Add text: the colour button → render locally and send the picture (free)."""
     color = call.data.split(":", 1)[1]
-    if ctx.state != Step.color.name or color not in COLORS:
+    if color not in COLORS:
         return on_stale_button(call, ctx)
-    _answer(ctx)
+    if not _claim(ctx, "color", states=(Step.color.name,)):
+        return
     data = ctx.data
     image = worker.download_file(data["files"][0][1], ctx.cfg)
     png = worker.render_add_text(image, data["text"], position=data["position"], color=color, cfg=ctx.cfg)
@@ -874,11 +1262,16 @@ def _active_discount(ctx: Ctx):
         return None
 
 
-def show_balance(ctx: Ctx) -> None:
+def show_balance(ctx: Ctx, *, resume_note: bool = False) -> None:
     """The balance and the top-up menu: amounts (discounted when a code is active), other amount,
-    promo code, cancel."""
+    promo code, cancel (`resume_note`: the draft starts once paid)."""
     discount = _active_discount(ctx)
     lines = [ctx.t("balance_title"), _status_lines(ctx), ctx.t("price_line", price=ctx.cfg.price_per_operation)]
+    if resume_note:
+        lines.append(ctx.t("draft_topup_note"))
+    link = _referral_link(ctx) if ctx.cfg.referral_bonus > 0 else None
+    if link:
+        lines.append(ctx.t("referral_line", bonus=ctx.cfg.referral_bonus, link=link))
     if discount is not None:
         lines.append(ctx.t("promo_active", code=discount.code, percent=discount.percent))
     rows = []
@@ -891,13 +1284,16 @@ def show_balance(ctx: Ctx) -> None:
                 label = ctx.t("btn_amount_discounted", credits=credits, price=_rub(price, exact=False))
             else:
                 label = ctx.t("btn_amount", credits=credits)
-            buttons.append((label, "amount:%d" % credits))
+            buttons.append((label, ctx.button("amount:%d" % credits)))
         rows += [buttons[i:i + 2] for i in range(0, len(buttons), 2)]
         rows.append([(ctx.t("btn_other_amount"), "amount_custom")])
-    else:
-        lines.append(ctx.t("payments_not_configured"))
-    rows.append([(ctx.t("btn_promo"), "promo")])
-    rows.append([(ctx.t("btn_cancel"), "cancel")])
+        rows.append([(ctx.t("btn_promo"), "promo")])
+        rows.append([(ctx.t("btn_cancel"), ctx.button("cancel"))])
+        lines += _support_lines(ctx)
+    else:   # nothing to pay with: no top-up or promo buttons that lead nowhere
+        lines.append(ctx.t("payments_not_configured_contact", contact=ctx.cfg.support_contact)
+                     if ctx.cfg.support_contact else ctx.t("payments_not_configured"))
+        rows.append([(ctx.t("btn_menu"), "menu")])
     _send(ctx, "\n".join(lines), _markup(rows))
 
 
@@ -922,7 +1318,8 @@ def on_amount(call: types.CallbackQuery, ctx: Ctx) -> None:
         return on_stale_button(call, ctx)
     if credits not in ctx.cfg.topup_amounts:
         return on_stale_button(call, ctx)
-    _answer(ctx)
+    if not _claim(ctx, "amount"):                            # one order per balance screen
+        return
     _start_topup(ctx, credits)
 
 
@@ -965,6 +1362,7 @@ def _create_topup(ctx: Ctx, credits: int) -> None:
     lines = [ctx.t("topup_created", credits=payment.credits, amount=_rub(payment.amount_kopecks))]
     if payment.discount_percent:
         lines.append(ctx.t("topup_discount", percent=payment.discount_percent))
+    lines += _support_lines(ctx)
     rows = [[(ctx.t("btn_pay_url", amount=_rub(payment.amount_kopecks, exact=False)), None, payment.confirmation_url)],
             [(ctx.t("btn_check_payment"), "check:%s" % payment.id)],
             [(ctx.t("btn_menu"), "menu")]]
@@ -991,10 +1389,15 @@ def on_check(call: types.CallbackQuery, ctx: Ctx) -> None:
     if payment.status == "succeeded":
         _answer(ctx)
         # Told once: whoever claims first (this button or the worker after a webhook) says it.
-        key = "payment_received" if payments.claim_notification(payment.id) else "payment_already_credited"
+        worker.referral_bonus(payment.id, ctx.cfg)            # idempotent: once per referred user
+        told = payments.claim_notification(payment.id)
+        key = "payment_received" if told else "payment_already_credited"
         _send(ctx, "%s\n\n%s" % (ctx.t(key, credits=payment.credits), _status_lines(ctx)), _main_menu_markup(ctx))
+        if told:
+            worker.resume_draft(ctx.user.id, ctx.cfg)       # "Пополнить и продолжить"
     elif payment.status == "canceled":
         _answer(ctx)
+        billing.claim_action("notice:canceled:%s" % payment.id)   # told here: the worker stays quiet
         _send(ctx, ctx.t("payment_canceled"), _menu_button_markup(ctx))
     else:
         _answer(ctx, ctx.t("payment_pending"), alert=True)
@@ -1101,7 +1504,18 @@ def collect_stats(now: datetime.datetime | None = None, days: int = 7) -> dict:
     revenue = (Payment.select(fn.COALESCE(fn.SUM(Payment.amount_kopecks - Payment.refunded_kopecks), 0))
                .where(Payment.status == "succeeded").scalar())
     payers = succeeded.select(fn.COUNT(fn.DISTINCT(Payment.user))).scalar()
+    periods = {}
+    for name, hours in (("day", 24), ("week", 24 * 7)):
+        start = now - datetime.timedelta(hours=hours)
+        paid = Payment.select().where((Payment.status == "succeeded") & (Payment.succeeded_at >= start))
+        active = User.select().where(User.last_seen_at >= start).count()
+        paying = paid.select(fn.COUNT(fn.DISTINCT(Payment.user))).scalar() or 0
+        periods["revenue_%s_kopecks" % name] = int(paid.select(
+            fn.COALESCE(fn.SUM(Payment.amount_kopecks - Payment.refunded_kopecks), 0)).scalar() or 0)
+        periods["paying_%s" % name] = int(paying)
+        periods["conversion_%s_percent" % name] = round(100.0 * paying / active, 1) if active else 0.0
     return {
+        **periods,
         "users": users,
         "active_24h": User.select().where(User.last_seen_at >= day_ago).count(),
         "new_24h": User.select().where(User.created_at >= day_ago).count(),
@@ -1122,9 +1536,11 @@ def cmd_stats(message: types.Message, ctx: Ctx) -> None:
     """/stats (admins)."""
     s = collect_stats()
     per_day = "\n".join("  %s: %s" % item for item in s["generations_per_day"].items()) or "  —"
-    per_mode = "\n".join("  %s: %s" % item for item in s["generations_per_mode"].items()) or "  —"
+    per_mode = "\n".join("  %s: %s" % (ctx.t("job_mode_" + mode) if "job_mode_" + mode in texts.TEXTS else mode, n)
+                         for mode, n in s["generations_per_mode"].items()) or "  —"
     _send(ctx, ctx.t("admin_stats", per_day_text=per_day, per_mode_text=per_mode,
-                     revenue=_rub(s["revenue_kopecks"]), **s))
+                     revenue=_rub(s["revenue_kopecks"]), revenue_day=_rub(s["revenue_day_kopecks"]),
+                     revenue_week=_rub(s["revenue_week_kopecks"]), **s))
 
 
 @_admin("admin_usage_user")
@@ -1227,6 +1643,7 @@ def cmd_grant(message: types.Message, ctx: Ctx) -> None:
     billing.credit(user.id, credits, kind="grant", reference="admin:%s:%s" % (ctx.telegram_id, reason),
                    idempotency_key=key)
     logger.info("admin %s granted %s credits to user %s", ctx.telegram_id, credits, user.id)
+    worker.notify_grant(user.id, credits, key, ctx.cfg)
     _send(ctx, ctx.t("admin_granted", credits=credits, telegram_id=user.telegram_id,
                      balance=billing.get_balance(user.id).credits))
 
@@ -1240,7 +1657,9 @@ def cmd_free_access(message: types.Message, ctx: Ctx) -> None:
         raise AdminError()
     days = _number(args[1]) if len(args) == 2 else None
     user = _target_user(args[0])
-    user = billing.set_free_access(user.id, days=days, idempotency_key=_update_key(ctx, message, "free_access"))
+    key = _update_key(ctx, message, "free_access")
+    user = billing.set_free_access(user.id, days=days, idempotency_key=key)
+    worker.notify_free_access(user.id, key, ctx.cfg)
     until = user.free_access_until.strftime("%d.%m.%Y") if user.free_access_until else ctx.t("forever")
     _send(ctx, ctx.t("admin_free_access", telegram_id=user.telegram_id, until=until))
 
@@ -1371,15 +1790,34 @@ def cmd_promo_on(message: types.Message, ctx: Ctx) -> None:
 
 @_admin("admin_usage_broadcast")
 def cmd_broadcast(message: types.Message, ctx: Ctx) -> None:
-    """/broadcast <text> (admins): the worker sends it to every user not blocked (~20 messages/s)
-    and reports back; the bot only queues it."""
+    """/broadcast [ru|en] <text> (admins): a preview with the number of recipients and a confirm
+    button; the worker sends it (~20 messages/s) to every user not blocked (of that language) and
+    reports back. The confirm acts once per /broadcast update (billing.claim_action)."""
     text = (telebot.util.extract_arguments(message.text or "") or "").strip()
+    target = None
+    first, _, rest = text.partition(" ")
+    if first.lower() in texts.LANGS and rest.strip():
+        target, text = first.lower(), rest.strip()
     if not text:
         raise AdminError()
-    if not billing.claim_action(_update_key(ctx, message, "broadcast")):
-        logger.info("admin %s: broadcast of update %s already queued", ctx.telegram_id, ctx.update_id)
+    ctx.start_flow(None, broadcast={"text": text, "lang": target, "key": _update_key(ctx, message, "broadcast")})
+    count = worker.broadcast_recipients(target)
+    _send(ctx, ctx.t("admin_broadcast_preview", count=count, audience=target or ctx.t("admin_broadcast_all"), text=text),
+          _markup([[(ctx.t("btn_broadcast_send"), ctx.button("bcast"))], [(ctx.t("btn_cancel"), ctx.button("cancel"))]]))
+
+
+def on_broadcast_confirm(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"✅ Отправить" under a broadcast preview (admins): queue it, once."""
+    if ctx.telegram_id not in ctx.cfg.admin_ids:
+        return on_stale_button(call, ctx)
+    if not _claim(ctx, "bcast"):
         return
-    worker.broadcast(text, ctx.chat_id, ctx.lang)
+    job = ctx.data.get("broadcast") or {}
+    ctx.finish()
+    if not job.get("text") or not billing.claim_action(job["key"]):
+        logger.info("admin %s: broadcast %s already queued", ctx.telegram_id, job.get("key"))
+        return
+    worker.broadcast(job["text"], ctx.chat_id, ctx.lang, target_lang=job.get("lang"))
     _send(ctx, ctx.t("admin_broadcast_started"))
 
 
@@ -1429,6 +1867,9 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
     msg(g(cmd_help), commands=["help"])
     msg(g(cmd_cancel), commands=["cancel"])
     msg(g(cmd_balance), commands=["balance"])
+    msg(g(cmd_history), commands=["history"])
+    msg(g(cmd_paysupport), commands=["paysupport"])
+    msg(g(cmd_terms), commands=["terms"])
     for name, handler in (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant),
                           ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
                           ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
@@ -1458,7 +1899,14 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
     cb(g(on_color), func=_prefix("color:"))
     cb(g(on_again), func=_prefix("again:"))
     cb(g(on_job_cancel), func=_prefix("jobcancel:"))
+    cb(g(on_draft_retry), func=_prefix("dretry:"))
+    cb(g(on_use_result), func=_prefix("use:"))
+    cb(g(on_history_send), func=_prefix("hsend:"))
+    cb(g(on_history_rerun), func=_prefix("rerun:"))
+    cb(g(on_draft_edit), func=_prefix("dedit:"))
+    cb(g(on_pay_for_draft), func=_prefix("payfor:"))
     cb(g(on_pay), func=lambda c: c.data == "pay")
+    cb(g(on_broadcast_confirm), func=lambda c: c.data == "bcast")
     cb(g(on_amount), func=_prefix("amount:"))
     cb(g(on_amount_custom), func=lambda c: c.data == "amount_custom")
     cb(g(on_promo), func=lambda c: c.data == "promo")
@@ -1480,7 +1928,7 @@ def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_t
     return bot
 
 
-COMMANDS = ("start", "help", "balance", "cancel")
+COMMANDS = ("start", "help", "balance", "history", "cancel", "paysupport", "terms")
 
 
 def set_commands(bot: telebot.TeleBot) -> None:

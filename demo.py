@@ -225,8 +225,11 @@ class Demo:
         mark = self.generate("Кот-космонавт над ночной Москвой, акварель", menu)
         self.wait_photo(mark)
 
-        mark = self.say("/balance")
-        balance = self.wait("", mark)
+        self.t.note("вторая генерация: бесплатных операций нет, кредитов тоже — запрос сохраняется")
+        mark = self.generate("Тот же кот, но в стиле пиксель-арт", menu)
+        refused = self.wait("Недостаточно кредитов", mark)
+        mark = self.tap(refused, "Пополнить и продолжить")
+        balance = self.wait("запустится сама", mark)
         mark = self.tap(balance, "Промокод")
         self.wait("", mark)
         mark = self.say("WELCOME10")
@@ -236,7 +239,7 @@ class Demo:
             mark = self.say("/balance")
             topup_menu = self.wait("", mark)
         mark = self.tap(topup_menu, "100")
-        self.wait("", mark)                     # the pay button
+        self.wait("К оплате", mark)             # the order with its pay button
         payment_id = list(self.yookassa.payments)[-1]
         payment = self.yookassa.payments[payment_id]
         self.t.note("YooKassa: платёж %s на %s %s, idempotence key = наш заказ %s"
@@ -250,9 +253,8 @@ class Demo:
                                      times=3, concurrency=3, source_ip="185.71.76.10")
         self.t.note("YooKassa доставляет уведомление payment.succeeded 3 раза одновременно → HTTP %s" % codes)
         self.wait("Оплата получена", mark)
-
-        self.t.note("вторая генерация — платная")
-        mark = self.generate("Тот же кот, но в стиле пиксель-арт", menu)
+        self.t.note("оплата зачислена — сохранённая задача запускается сама, ничего не отправляя заново")
+        self.wait("Запускаю", mark)
         self.wait_photo(mark)
 
         self.t.note("Fal отклонит следующий запрос (content policy) — резерв будет снят")

@@ -73,12 +73,15 @@ INVALID_INPUT_MESSAGES = {
 class InvalidInput(MediaError):
     """The user's input cannot be used; `.code` says why (one of `INVALID_INPUT_MESSAGES`)."""
 
-    def __init__(self, code: str, message: str | None = None, *, limit: int | None = None):
+    def __init__(self, code: str, message: str | None = None, *, limit: int | None = None, unit: str | None = None):
         if code not in INVALID_INPUT_MESSAGES:
             raise ValueError("unknown InvalidInput code %r" % code)
         self.code = code
         #: The limit that was crossed (characters, bytes, pixels or images), when there is one.
         self.limit = limit
+        #: What `limit` counts when it is ambiguous: "pixels" for image_too_big from a pixel count
+        #: (else bytes).
+        self.unit = unit
         super().__init__(message or INVALID_INPUT_MESSAGES[code])
 
 
@@ -99,6 +102,9 @@ class ProviderError(MediaError):
         self.request_id = request_id
         self.status_code = status_code
         self.error_type = error_type
+        #: True when Fal reported the request itself as failed (COMPLETED with an error): a retry
+        #: must submit a new request, re-polling this one only returns the same failure.
+        self.request_failed = False
         head = (self.__doc__ or "").strip().splitlines()[0]
         super().__init__("%s: %s" % (head, self.detail) if self.detail else head)
 
@@ -257,13 +263,13 @@ def inspect_image(data: bytes, cfg: config.Config) -> ImageInfo:
             if fmt in INPUT_FORMATS:
                 img.verify()
     except Image.DecompressionBombError:
-        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS) from None
+        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS, unit="pixels") from None
     except Exception:  # UnidentifiedImageError, SyntaxError/OSError from verify, struct errors...
         raise InvalidInput("not_an_image") from None
     if fmt not in INPUT_FORMATS:
         raise InvalidInput("unsupported_format")
     if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS)
+        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS, unit="pixels")
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InvalidInput("image_too_small", limit=MIN_IMAGE_SIDE)
     return ImageInfo(fmt, width, height, len(data))
@@ -291,7 +297,7 @@ def _open_for_work(data: bytes) -> Image.Image:
             img.draft("RGB", (SEND_MAX_SIDE, SEND_MAX_SIDE))  # decode big JPEGs at 1/2..1/8 scale
         img.load()
     except Image.DecompressionBombError:
-        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS) from None
+        raise InvalidInput("image_too_big", limit=Image.MAX_IMAGE_PIXELS, unit="pixels") from None
     except Exception:
         raise InvalidInput("not_an_image") from None
     try:
@@ -745,9 +751,15 @@ class FalGateway:
                 time.sleep(min(interval, remaining))
 
             fetch_deadline = max(deadline, time.monotonic() + RESULT_GRACE)
-            result = self._call(lambda: handle.get(interval=interval), fetch_deadline, rid)
+            try:
+                result = self._call(lambda: handle.get(interval=interval), fetch_deadline, rid)
+            except ProviderError as exc:
+                exc.request_failed = bool(status.error)     # Fal said this request failed
+                raise
             if status.error and not (isinstance(result, dict) and (result.get("images") or result.get("image"))):
-                raise _classify(None, status.error_type, status.error, rid)
+                failure = _classify(None, status.error_type, status.error, rid)
+                failure.request_failed = True
+                raise failure
             logger.info("fal: request %s completed", rid)
             return result
         except ProviderTimeout as exc:

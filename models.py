@@ -99,6 +99,7 @@ class User(BaseModel):
     is_blocked = BooleanField(default=False)
     has_free_access = BooleanField(default=False)
     free_access_until = DateTimeField(null=True)      # None with has_free_access: no expiry
+    referred_by = BigIntegerField(null=True)          # user.id of the referrer (/start ref_<code>), 0004
 
 
 ASSETS = ("credits", "free_ops")
@@ -185,6 +186,7 @@ class Generation(BaseModel):
     started_at = DateTimeField(null=True)
     heartbeat_at = DateTimeField(null=True)
     finished_at = DateTimeField(null=True)
+    result_file_id = CharField(null=True)             # Telegram file id of the sent result (0004)
 
 
 class PromoCode(BaseModel):
@@ -277,6 +279,23 @@ class ConversationState(BaseModel):
     updated_at = DateTimeField(default=utcnow)
 
 
+class Draft(BaseModel):
+    """A refused or failed job's inputs (migrations/0004), kept DRAFT_TTL seconds so the user can
+    retry, change the prompt, or top up and continue; one per user (a new one replaces it)."""
+
+    user = ForeignKeyField(User, unique=True, on_delete="RESTRICT")
+    token = CharField()                               # what the draft's buttons carry
+    chat_id = BigIntegerField()
+    mode = CharField()
+    prompt = TextField(null=True)
+    options = JSONField(default=dict)
+    input_file_ids = JSONField(default=list)          # Telegram file ids, in order
+    reason = CharField()                              # credits | jobs | policy | failed …
+    resume_on_payment = BooleanField(default=False)   # start it when a top-up is credited
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(index=True)
+
+
 class Heartbeat(BaseModel):
     """A named timestamp and counter (migrations/0003): process liveness (``process:bot`` …),
     periodic task runs (``task:sweep`` …), alert dedupe (``alert:<key>``) and webhook outcome
@@ -289,7 +308,7 @@ class Heartbeat(BaseModel):
 
 ALL_MODELS = [User, Balance, LedgerEntry, Reservation, Generation, PromoCode, Payment,
               PromoRedemption, Refund, ConversationState, AdminAction,
-              Heartbeat]
+              Heartbeat, Draft]
 
 
 # --- lifecycles ---------------------------------------------------------------------------------

@@ -136,6 +136,7 @@ class NotificationOutcome:
     credited_payment_id: uuid.UUID | None = None
     detail: str = ""
     refund_id: str | None = None            # a refund newly applied by this call (tell the user)
+    canceled_payment_id: uuid.UUID | None = None   # an order newly canceled by this call (tell the user)
 
 
 @dataclass(frozen=True)
@@ -856,7 +857,8 @@ def _payment_notification(event: str, yookassa_id: str, cfg: config.Config) -> N
         return NotificationOutcome(200, None, "already_applied")
     fetched = _fetch_payment(yookassa_id)
     result = _apply(order, fetched, cfg, "notification " + event)
-    return NotificationOutcome(200, result.credited, result.detail)
+    return NotificationOutcome(200, result.credited, result.detail,
+                               canceled_payment_id=order.id if result.detail == "canceled" else None)
 
 
 def _refund_notification(notification, cfg: config.Config) -> NotificationOutcome:
@@ -1005,6 +1007,7 @@ class ReconcileReport:
     failed: int = 0
     auth_failed: bool = False
     refunds: list = field(default_factory=list)
+    canceled_ids: list = field(default_factory=list)     # the canceled orders (tell the users)
 
 
 def _backoff(order: Payment, cfg: config.Config, now: datetime.datetime) -> None:
@@ -1084,6 +1087,7 @@ def _reconcile_order(order: Payment, cfg: config.Config, now: datetime.datetime,
         if order.created_at <= now - datetime.timedelta(seconds=ORDER_EXPIRY) and _mark_canceled(
                 order.id, "not_confirmed"):
             report.canceled += 1
+            report.canceled_ids.append(order.id)
         else:
             _backoff(order, cfg, now)
         return
@@ -1104,6 +1108,7 @@ def _reconcile_order(order: Payment, cfg: config.Config, now: datetime.datetime,
         report.credited.append(result.credited)
     elif result.detail == "canceled":
         report.canceled += 1
+        report.canceled_ids.append(order.id)
     elif result.detail == "mismatch":
         if _needs_attention(order, "the API object does not match the order (see the security log)", now):
             report.needs_attention.append(order.id)

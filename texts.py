@@ -29,11 +29,42 @@ TEXTS = {
     "free_access_until": {"ru": "♾ Бесплатный доступ до {until}", "en": "♾ Free access until {until}"},
     "price_line": {"ru": "Цена операции: {price} кредитов. «Добавить текст» — бесплатно.",
                    "en": "One operation costs {price} credits. “Add text” is free."},
-    "price_paid": {"ru": "Стоимость: {price} кредитов (или бесплатная операция).",
-                   "en": "Cost: {price} credits (or a free operation)."},
+    "price_paid": {"ru": "Стоимость: {price} кредитов.", "en": "Cost: {price} credits."},
+    "price_you_free_access": {"ru": "У вас бесплатный доступ — ничего не спишется.",
+                              "en": "You have free access: nothing will be charged."},
+    "price_you_free_op": {"ru": "Будет использована бесплатная операция (осталось {left} из {total}).",
+                          "en": "A free operation will be used ({left} of {total} left)."},
+    "price_you_balance": {"ru": "Ваш баланс: {balance} кредитов.", "en": "Your balance: {balance} credits."},
+    "price_you_short": {"ru": "Ваш баланс: {balance} кредитов — не хватает, пополнить: /balance",
+                        "en": "Your balance: {balance} credits, not enough; top up: /balance"},
     "price_free": {"ru": "Это бесплатно.", "en": "This is free."},
     "choose_amount": {"ru": "Выберите сумму пополнения:", "en": "Choose a top-up amount:"},
     "choose_action": {"ru": "Выберите действие в меню 👇", "en": "Choose an action from the menu 👇"},
+    "admin_help": {"ru": "👮 Команды администратора:\n/stats — статистика\n/user <id> — пользователь\n"
+                         "/grant <id> <кредиты> <причина>\n/free_access <id> [дни]\n/block <id>, /unblock <id>\n"
+                         "/promo_add, /promo_list, /promo_off, /promo_on — промокоды\n"
+                         "/broadcast [ru|en] <текст> — рассылка (с предпросмотром)\n/payments <id>\n/jobs failed\n"
+                         "/refund <id платежа YooKassa> [₽]",
+                   "en": "👮 Admin commands:\n/stats — statistics\n/user <id> — a user\n"
+                         "/grant <id> <credits> <reason>\n/free_access <id> [days]\n/block <id>, /unblock <id>\n"
+                         "/promo_add, /promo_list, /promo_off, /promo_on — promo codes\n"
+                         "/broadcast [ru|en] <text> — broadcast (with a preview)\n/payments <id>\n/jobs failed\n"
+                         "/refund <YooKassa payment id> [₽]"},
+    "hint_stray": {"ru": "Сначала выберите, что сделать, — в меню 👇", "en": "First choose what to do, in the menu 👇"},
+    "support_line": {"ru": "🛟 Поддержка: {contact}", "en": "🛟 Support: {contact}"},
+    "terms_line": {"ru": "📄 Условия: {url}", "en": "📄 Terms: {url}"},
+    "privacy_line": {"ru": "🔒 Конфиденциальность: {url}", "en": "🔒 Privacy: {url}"},
+    "paysupport": {"ru": "🛟 Вопросы по оплате: напишите {contact}. Укажите дату и сумму платежа — мы проверим "
+                         "его и, если нужно, вернём деньги.",
+                   "en": "🛟 Payment questions: write to {contact}. Give the date and amount of the payment: we will "
+                         "check it and refund it if needed."},
+    "paysupport_none": {"ru": "🛟 Вопросы по оплате: контакт поддержки пока не указан администратором — "
+                              "смотрите /help.",
+                        "en": "🛟 Payment questions: the administrator has not set a support contact yet; see /help."},
+    "terms_none": {"ru": "📄 Условия пока не опубликованы. Оплачивая, вы покупаете кредиты для операций в этом боте "
+                         "(1 кредит = 1 ₽); неудавшиеся операции не списываются.",
+                   "en": "📄 Terms are not published yet. Paying, you buy credits for operations in this bot "
+                         "(1 credit = 1 ₽); failed operations are not charged."},
     "help": {
         "ru": "ℹ️ Что умеет Media Lab\n\n"
               "🎨 Создать — картинка по текстовому описанию, в выбранном формате.\n"
@@ -46,7 +77,8 @@ TEXTS = {
               "💰 Операция стоит {price} кредитов (1 кредит = 1 ₽). Новым пользователям — {free} бесплатные "
               "операции. Если задача не удалась, ничего не списывается.\n"
               "🖼 Фото: JPEG, PNG или WEBP, до {max_mb} МБ.\n\n"
-              "/start — меню, /balance — баланс и пополнение, /cancel — отменить текущий шаг, /help — справка.",
+              "/start — меню, /balance — баланс и пополнение, /history — последние результаты, /cancel — отменить "
+              "текущий шаг, /paysupport — вопросы по оплате, /terms — условия, /help — справка.",
         "en": "ℹ️ What Media Lab does\n\n"
               "🎨 Create — a picture from a text description, in the format you choose.\n"
               "✏️ Edit — one photo and what to change in it.\n"
@@ -58,7 +90,8 @@ TEXTS = {
               "💰 One operation costs {price} credits (1 credit = 1 ₽). New users get {free} free operations. "
               "If a job fails, nothing is charged.\n"
               "🖼 Photos: JPEG, PNG or WEBP, up to {max_mb} MB.\n\n"
-              "/start — menu, /balance — balance and top-up, /cancel — cancel the current step, /help — help.",
+              "/start — menu, /balance — balance and top-up, /history — latest results, /cancel — cancel the "
+              "current step, /paysupport — payment questions, /terms — terms, /help — help.",
     },
     "cancelled": {"ru": "✖ Отменено. Выберите действие:", "en": "✖ Cancelled. Choose an action:"},
     "cancelled_short": {"ru": "Отменено", "en": "Cancelled"},
@@ -68,6 +101,7 @@ TEXTS = {
                         "en": "Unknown command. Choose an action from the menu or send /help."},
     "button_outdated": {"ru": "Эта кнопка уже не действует. Откройте меню: /start",
                         "en": "This button is no longer active. Open the menu: /start"},
+    "button_done": {"ru": "✓ Уже сделано", "en": "✓ Already done"},
     "hint_send_photo": {"ru": "📷 Сейчас нужно фото (как фото или файл JPEG/PNG/WEBP).",
                         "en": "📷 A photo is needed now (as a photo or a JPEG/PNG/WEBP file)."},
     "hint_send_text": {"ru": "✍️ Сейчас нужен текст одним сообщением.", "en": "✍️ Please send the text in one message."},
@@ -149,8 +183,24 @@ TEXTS = {
     "job_cancelled_short": {"ru": "Задача отменена", "en": "Job cancelled"},
     "job_not_cancellable": {"ru": "Эту задачу уже нельзя отменить: она выполняется или завершена.",
                             "en": "This job can no longer be cancelled: it is running or finished."},
-    "insufficient_credits": {"ru": "Недостаточно кредитов для этой операции. Пополните баланс 👇",
-                             "en": "Not enough credits for this operation. Please top up 👇"},
+    "insufficient_credits": {"ru": "Недостаточно кредитов: операция стоит {price}, на балансе {balance}. "
+                                   "Нажмите «Пополнить и продолжить» — после оплаты задача запустится сама, ничего не нужно отправлять заново 👇",
+                             "en": "Not enough credits: the operation costs {price}, your balance is {balance}. "
+                                   "Tap “Top up and continue”: once paid, the job starts by itself, nothing to send again 👇"},
+    "btn_topup_continue": {"ru": "💰 Пополнить и продолжить", "en": "💰 Top up and continue"},
+    "btn_retry": {"ru": "🔁 Повторить", "en": "🔁 Retry"},
+    "btn_change_prompt": {"ru": "✏️ Изменить запрос", "en": "✏️ Change the request"},
+    "draft_kept": {"ru": "Ваши фото и запрос сохранены — нажмите «Повторить», когда будете готовы.",
+                   "en": "Your photos and request are kept: press “Retry” when ready."},
+    "draft_still_short": {"ru": "💳 Оплата зачислена, но для задачи всё ещё не хватает: она стоит {price}, "
+                                "на балансе {balance}. Запрос сохранён.",
+                          "en": "💳 The payment is credited, but the job still needs more: it costs {price}, "
+                                "your balance is {balance}. Your request is kept."},
+    "draft_resumed": {"ru": "▶️ Запускаю вашу задачу.", "en": "▶️ Starting your job."},
+    "draft_topup_note": {"ru": "▶️ После оплаты задача запустится сама.",
+                         "en": "▶️ Once paid, your job starts by itself."},
+    "ask_new_prompt": {"ru": "✏️ Напишите новый запрос — фото те же.", "en": "✏️ Write a new request; the photos stay."},
+    "ask_new_generate_prompt": {"ru": "✏️ Напишите новое описание.", "en": "✏️ Write a new description."},
     "too_many_jobs": {"ru": "⏳ У вас уже {limit} задачи в работе. Дождитесь результата и попробуйте снова.",
                       "en": "⏳ You already have {limit} jobs in progress. Wait for a result and try again."},
     "invalid_prompt_empty": {"ru": "✍️ Описание пустое. Напишите, что нужно сделать.",
@@ -165,8 +215,15 @@ TEXTS = {
                                     "Отправьте фото поменьше.",
                               "en": "⚠️ The file is too big: Telegram lets bots download files up to {limit} MB. "
                                     "Please send a smaller one."},
-    "invalid_image_too_small": {"ru": "⚠️ Изображение слишком маленькое: нужно хотя бы {limit} пикселей по короткой стороне.",
-                                "en": "⚠️ The picture is too small: at least {limit} pixels on the short side."},
+    "invalid_image_too_small": {"ru": "⚠️ Изображение слишком маленькое: нужно хотя бы {limit} по короткой стороне.",
+                                "en": "⚠️ The picture is too small: at least {limit} on the short side."},
+    "invalid_image_too_many_pixels": {"ru": "⚠️ Изображение слишком большое: не больше {limit} мегапикселей. "
+                                            "Уменьшите его и отправьте снова.",
+                                      "en": "⚠️ The picture is too large: {limit} megapixels at most. "
+                                            "Please make it smaller and send it again."},
+    "album_first_photo_used": {"ru": "ℹ️ Из альбома взято первое фото — этот режим работает с одним.",
+                               "en": "ℹ️ The first photo of the album is used: this mode takes one."},
+    "album_extra_dropped": {"ru": "Лишние фото не взяты: {count}.", "en": "Extra photos not taken: {count}."},
     "invalid_too_many_images": {"ru": "⚠️ Слишком много фото для этого режима (не больше {limit}).",
                                 "en": "⚠️ Too many photos for this mode ({limit} at most)."},
     "invalid_too_few_images": {"ru": "⚠️ Не хватает фото для этого режима (нужно хотя бы {limit}).",
@@ -179,6 +236,23 @@ TEXTS = {
     "cmd_help": {"ru": "Что умеет бот и цены", "en": "What the bot does and prices"},
     "cmd_balance": {"ru": "Баланс и пополнение", "en": "Balance and top-up"},
     "cmd_cancel": {"ru": "Отменить текущий шаг", "en": "Cancel the current step"},
+    "cmd_paysupport": {"ru": "Вопросы по оплате", "en": "Payment questions"},
+    "cmd_terms": {"ru": "Условия и конфиденциальность", "en": "Terms and privacy"},
+    "cmd_history": {"ru": "Последние результаты", "en": "Latest results"},
+    "btn_use_edit": {"ru": "✏️ Изменить это", "en": "✏️ Edit this"},
+    "btn_use_upscale": {"ru": "⬆️ Улучшить это", "en": "⬆️ Upscale this"},
+    "btn_use_add_text": {"ru": "📝 Добавить текст", "en": "📝 Add text"},
+    "history_title": {"ru": "🗂 Последние результаты:", "en": "🗂 Latest results:"},
+    "history_empty": {"ru": "🗂 Здесь появятся ваши результаты. Выберите режим в меню.",
+                      "en": "🗂 Your results will appear here. Choose a mode in the menu."},
+    "history_line": {"ru": "{n}. {mode} — {date} — {cost}", "en": "{n}. {mode} — {date} — {cost}"},
+    "history_cost_credits": {"ru": "{cost} кр.", "en": "{cost} cr."},
+    "history_cost_free": {"ru": "бесплатно", "en": "free"},
+    "btn_history_send": {"ru": "📤 {n}", "en": "📤 {n}"},
+    "btn_history_rerun": {"ru": "🔁 {n}", "en": "🔁 {n}"},
+    "history_hint": {"ru": "📤 — прислать снова (с действиями), 🔁 — сделать ещё раз.",
+                     "en": "📤 — send again (with actions), 🔁 — make it again."},
+    "history_resent": {"ru": "{mode} — {date}", "en": "{mode} — {date}"},
     # admin
     "yes": {"ru": "да", "en": "yes"},
     "no": {"ru": "нет", "en": "no"},
@@ -188,12 +262,16 @@ TEXTS = {
               "Генерации: {generations_total}, неудачных за 24 ч: {failed_24h} (всего {failed_total})\n"
               "По дням:\n{per_day_text}\nПо режимам:\n{per_mode_text}\n"
               "Оплат: {payments_succeeded}, выручка: {revenue} ₽\n"
-              "Платящих: {paying_users}, конверсия в оплату: {conversion_percent}%",
+              "Платящих: {paying_users}, конверсия в оплату: {conversion_percent}%\n"
+              "За сутки: выручка {revenue_day} ₽, платящих {paying_day}, конверсия активных {conversion_day_percent}%\n"
+              "За неделю: выручка {revenue_week} ₽, платящих {paying_week}, конверсия активных {conversion_week_percent}%",
         "en": "📊 Statistics\nUsers: {users} (new in 24 h: {new_24h}, active in 24 h: {active_24h})\n"
               "Generations: {generations_total}, failed in 24 h: {failed_24h} ({failed_total} in all)\n"
               "Per day:\n{per_day_text}\nPer mode:\n{per_mode_text}\n"
               "Payments: {payments_succeeded}, revenue: {revenue} ₽\n"
-              "Paying users: {paying_users}, conversion to payment: {conversion_percent}%",
+              "Paying users: {paying_users}, conversion to payment: {conversion_percent}%\n"
+              "Last day: revenue {revenue_day} ₽, paying {paying_day}, conversion of active users {conversion_day_percent}%\n"
+              "Last week: revenue {revenue_week} ₽, paying {paying_week}, conversion of active users {conversion_week_percent}%",
     },
     "admin_user": {
         "ru": "👤 {telegram_id} (id {id}) @{username} {first_name}\nСоздан: {created}, был: {last_seen}\n"
@@ -273,7 +351,11 @@ TEXTS = {
     "admin_usage_promo_off": {"ru": "Использование: /promo_off КОД", "en": "Usage: /promo_off CODE"},
     "admin_usage_promo_on": {"ru": "Использование: /promo_on КОД", "en": "Usage: /promo_on CODE"},
     "admin_usage_promo_list": {"ru": "Использование: /promo_list", "en": "Usage: /promo_list"},
-    "admin_usage_broadcast": {"ru": "Использование: /broadcast <текст>", "en": "Usage: /broadcast <text>"},
+    "admin_usage_broadcast": {"ru": "Использование: /broadcast [ru|en] <текст>", "en": "Usage: /broadcast [ru|en] <text>"},
+    "admin_broadcast_preview": {"ru": "📣 Предпросмотр рассылки ({audience}, получателей: {count}):\n\n{text}",
+                                "en": "📣 Broadcast preview ({audience}, recipients: {count}):\n\n{text}"},
+    "admin_broadcast_all": {"ru": "все языки", "en": "all languages"},
+    "btn_broadcast_send": {"ru": "✅ Отправить", "en": "✅ Send"},
     # --- worker (owned by worker.py) ------------------------------------------------------
     "admin_report_mismatch": {
         "ru": "⚠️ Сверка платежей за {day}: учёт бота и YooKassa расходятся.\nПополнения: {topups}\nВозвраты: {refunds}",
@@ -305,6 +387,34 @@ TEXTS = {
         "ru": "🎨 Генерирую…",
         "en": "🎨 Generating…",
     },
+    "notify_payment_canceled": {"ru": "✖ Платёж на {amount} ₽ ({credits} кредитов) отменён. Деньги не списаны, баланс не изменился.",
+                                "en": "✖ The payment of {amount} ₽ ({credits} credits) was canceled. Nothing was charged; "
+                                      "your balance is unchanged."},
+    "notify_referral_bonus": {"ru": "🤝 Ваш приглашённый друг пополнил баланс — вам начислено {credits} кредитов. "
+                                     "Баланс: {balance}.",
+                               "en": "🤝 A friend you invited topped up: you got {credits} credits. Balance: {balance}."},
+    "referral_line": {"ru": "🤝 Пригласите друга: {bonus} кредитов вам после его первого пополнения.\n{link}",
+                      "en": "🤝 Invite a friend: {bonus} credits for you after their first top-up.\n{link}"},
+    "notify_grant": {"ru": "🎁 Администратор начислил вам {credits} кредитов. Баланс: {balance}.",
+                     "en": "🎁 The administrator granted you {credits} credits. Balance: {balance}."},
+    "notify_free_access": {"ru": "♾ Вам включён бесплатный доступ до {until}.",
+                           "en": "♾ Free access is on for you until {until}."},
+    "notify_free_access_forever": {"ru": "♾ Вам включён бесплатный доступ без ограничения срока.",
+                                   "en": "♾ Free access is on for you, with no end date."},
+    "notify_free_access_ending": {"ru": "⏰ Бесплатный доступ закончится {until}. Дальше операции оплачиваются "
+                                        "кредитами: /balance",
+                                  "en": "⏰ Your free access ends {until}. After that operations are paid with "
+                                        "credits: /balance"},
+    "job_started": {"ru": "▶️ В работе…", "en": "▶️ In progress…"},
+    "job_elapsed": {"ru": "(ждём {time})", "en": "(waiting {time})"},
+    "job_fal_queue": {"ru": "⏳ В очереди у модели: {position}-й", "en": "⏳ In the model's queue: number {position}"},
+    "job_retrying": {"ru": "🔁 Повторная попытка ({attempt}/{total})…", "en": "🔁 Retrying ({attempt}/{total})…"},
+    "job_working_generate": {"ru": "🎨 Генерирую…", "en": "🎨 Generating…"},
+    "job_working_edit": {"ru": "✏️ Редактирую…", "en": "✏️ Editing…"},
+    "job_working_merge": {"ru": "🔗 Объединяю…", "en": "🔗 Merging…"},
+    "job_working_face_swap": {"ru": "🔄 Меняю лицо…", "en": "🔄 Swapping the face…"},
+    "job_working_retouch": {"ru": "✨ Ретуширую…", "en": "✨ Retouching…"},
+    "job_working_upscale": {"ru": "⬆️ Улучшаю…", "en": "⬆️ Upscaling…"},
     "job_mode_generate": {"ru": "🎨 Создать", "en": "🎨 Create"},
     "job_mode_edit": {"ru": "✏️ Редактировать", "en": "✏️ Edit"},
     "job_mode_merge": {"ru": "🔗 Объединить", "en": "🔗 Merge"},
@@ -482,6 +592,10 @@ TEXTS = {
         "ru": "💳 Оплата пока не подключена. Напишите администратору.",
         "en": "💳 Payments are not set up yet. Please contact the administrator.",
     },
+    "payments_not_configured_contact": {
+        "ru": "💳 Оплата пока не подключена. Напишите в поддержку: {contact}",
+        "en": "💳 Payments are not set up yet. Please contact support: {contact}",
+    },
     "payment_provider_unavailable": {
         "ru": "⏳ Платёжный сервис сейчас не отвечает. Нажмите «Оплатить» ещё раз через минуту — новый заказ не создастся.",
         "en": "⏳ The payment service is not responding. Tap “Pay” again in a minute — no second order will be created.",
@@ -513,9 +627,34 @@ TEXTS = {
 }
 
 
+LANGS = ("ru", "en")
+
+
 def lang_of(language_code: str | None) -> str:
     """Return "en" for Telegram language codes starting with "en", else "ru"."""
     return "en" if (language_code or "").lower().startswith("en") else "ru"
+
+
+PLURALS = {   # unit -> (ru: one, few, many), (en: one, other)
+    "pixel": (("пиксель", "пикселя", "пикселей"), ("pixel", "pixels")),
+    "credit": (("кредит", "кредита", "кредитов"), ("credit", "credits")),
+    "photo": (("фото", "фото", "фото"), ("photo", "photos")),
+}
+
+
+def plural(count: int, unit: str, lang: str = "ru") -> str:
+    """``"64 пикселя"``, ``"1 кредит"``, ``"5 кредитов"``; ``"1 pixel"``, ``"64 pixels"``."""
+    ru, en = PLURALS[unit]
+    n = abs(int(count))
+    if lang == "en":
+        return "%d %s" % (count, en[0] if n == 1 else en[1])
+    if n % 10 == 1 and n % 100 != 11:
+        form = ru[0]
+    elif 2 <= n % 10 <= 4 and not 12 <= n % 100 <= 14:
+        form = ru[1]
+    else:
+        form = ru[2]
+    return "%d %s" % (count, form)
 
 
 def t(key: str, lang: str = "ru", **values) -> str:

@@ -142,6 +142,8 @@ def _add_webhook(app: Flask, cfg: config.Config) -> None:
                 worker.notify_payment(outcome.credited_payment_id)
             if outcome.refund_id is not None:
                 worker.notify_refund(outcome.refund_id)
+            if outcome.canceled_payment_id is not None:
+                worker.notify_payment_canceled(str(outcome.canceled_payment_id))
             if outcome.detail == "auth_failed":
                 worker.alert_admins_task("yookassa_auth", "admin_alert_yookassa_auth")
         except Exception:

@@ -70,7 +70,7 @@ import ops
 import payments
 import startup
 import texts
-from models import Generation, Payment, Reservation, User, utcnow
+from models import Draft, Generation, Payment, Reservation, User, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,10 @@ def _on_startup() -> None:
     the life of the process keeps that fsync off every task.
     """
     global _started
-    cfg = config.get()
+    try:
+        cfg = config.get()
+    except config.ConfigError as exc:      # the queue's first use may race this hook to say it
+        _die(startup.refuse(exc))
     with _setup_lock:
         if _started:
             return
@@ -501,6 +504,130 @@ def _after_accept(generation_id: str, cfg: config.Config) -> None:
                      generation_id, _describe(exc, cfg))
 
 
+# --- drafts: a refused job's inputs are never thrown away -------------------------------------
+
+DRAFT_REASONS = ("credits", "jobs", "policy", "failed")
+
+
+def save_draft(user_id: int, chat_id: int, mode: str, *, prompt: str | None = None, options: dict | None = None,
+               file_ids=(), reason: str = "failed", resume_on_payment: bool = False,
+               cfg: config.Config | None = None) -> Draft:
+    """Keep a refused or failed job's inputs for DRAFT_TTL seconds, replacing the user's earlier
+    draft (one per user); return it. Its buttons carry ``draft.token``."""
+    cfg = cfg or config.get()
+    now = utcnow()
+    with models.db.atomic():
+        Draft.delete().where(Draft.user == user_id).execute()
+        return Draft.create(user=user_id, token=uuid.uuid4().hex[:10], chat_id=int(chat_id), mode=mode,
+                            prompt=prompt, options=dict(options or {}), input_file_ids=[str(f) for f in file_ids],
+                            reason=reason, resume_on_payment=resume_on_payment, created_at=now,
+                            expires_at=now + datetime.timedelta(seconds=cfg.draft_ttl))
+
+
+def live_draft(user_id: int, token: str | None = None) -> Draft | None:
+    """The user's draft if it has not expired (and carries `token`, when given)."""
+    query = Draft.select().where((Draft.user == user_id) & (Draft.expires_at > utcnow()))
+    if token is not None:
+        query = query.where(Draft.token == token)
+    return query.first()
+
+
+def take_draft(user_id: int, token: str | None = None, *, resume_only: bool = False) -> Draft | None:
+    """Remove and return the user's live draft (with `token` if given; only one marked
+    resume_on_payment with `resume_only`); None when there is none. Atomic: of two callers racing
+    for one draft, one gets it."""
+    draft = live_draft(user_id, token)
+    if draft is None or (resume_only and not draft.resume_on_payment):
+        return None
+    if not Draft.delete().where((Draft.id == draft.id) & (Draft.token == draft.token)).execute():
+        return None
+    return draft
+
+
+def mark_draft_resume(user_id: int, token: str) -> Draft | None:
+    """"Пополнить и продолжить": start the draft when the next top-up is credited; the draft, or
+    None when it is gone (expired, replaced)."""
+    changed = (Draft.update(resume_on_payment=True)
+               .where((Draft.user == user_id) & (Draft.token == token) & (Draft.expires_at > utcnow())).execute())
+    return live_draft(user_id, token) if changed else None
+
+
+def discard_draft(user_id: int) -> None:
+    """Forget the user's draft (a new flow replaced it)."""
+    Draft.delete().where(Draft.user == user_id).execute()
+
+
+def draft_buttons(draft: Draft, lang: str, *, topup: bool = False) -> types.InlineKeyboardMarkup:
+    """The buttons under a refusal: "💰 Пополнить и продолжить" (credits) or "🔁 Повторить", plus
+    "✏️ Изменить запрос" for modes with a prompt, and "🏠 Меню"."""
+    markup = types.InlineKeyboardMarkup()
+    if topup:
+        markup.row(types.InlineKeyboardButton(texts.t("btn_topup_continue", lang), callback_data="payfor:" + draft.token))
+    else:
+        markup.row(types.InlineKeyboardButton(texts.t("btn_retry", lang), callback_data="dretry:" + draft.token))
+    if media.MODE_SPECS[draft.mode].needs_prompt:
+        markup.row(types.InlineKeyboardButton(texts.t("btn_change_prompt", lang), callback_data="dedit:" + draft.token))
+    markup.row(types.InlineKeyboardButton(texts.t("job_menu_button", lang), callback_data="menu"))
+    return markup
+
+
+def refusal_text(exc: BaseException, user_id: int, mode: str, lang: str, cfg: config.Config) -> str:
+    """The text for a job refused at accept time: the price and the balance for too few credits."""
+    if isinstance(exc, billing.InsufficientCredits):
+        return texts.t("insufficient_credits", lang, price=cfg.price(mode), balance=billing.get_balance(user_id).credits)
+    if isinstance(exc, TooManyJobs):
+        return texts.t("too_many_jobs", lang, limit=exc.limit) + "\n" + texts.t("draft_kept", lang)
+    return texts.t("job_failed_generic", lang)
+
+
+def show_status(gen: Generation, lang: str, cfg: config.Config | None = None):
+    """Send the "⏳ В очереди (N)" status message (with its cancel button) for a job started
+    outside the bot (a draft resumed after a top-up) and store its id; return the message."""
+    bot = telegram(cfg)
+    markup = types.InlineKeyboardMarkup()
+    markup.add(types.InlineKeyboardButton(texts.t("btn_cancel_job", lang), callback_data="jobcancel:%s" % gen.id))
+    sent = tg(bot.send_message, gen.chat_id, texts.t("job_queued", lang, position=queue_position(gen.id) or 1),
+              reply_markup=markup)
+    Generation.update(status_message_id=sent.message_id).where(
+        (Generation.id == gen.id) & Generation.status_message_id.is_null()).execute()
+    return sent
+
+
+def resume_draft(user_id: int, cfg: config.Config | None = None) -> Generation | None:
+    """After a top-up was credited: start the user's draft marked "pay and continue" (reserving
+    now), show its status message; when the balance is still short or the job limit is reached,
+    keep the draft and say so. Returns the new job or None. Acts once per draft (`take_draft`)."""
+    cfg = cfg or config.get()
+    draft = take_draft(user_id, resume_only=True)
+    if draft is None:
+        return None
+    user = User.get_by_id(user_id)
+    lang = texts.lang_of(user.language_code)
+    inputs = dict(prompt=draft.prompt, options=dict(draft.options or {}), file_ids=list(draft.input_file_ids or []))
+    try:
+        gen = accept_generation(user, draft.chat_id, draft.mode, cfg=cfg, **inputs)
+    except (billing.InsufficientCredits, TooManyJobs) as exc:
+        short = isinstance(exc, billing.InsufficientCredits)
+        kept = save_draft(user_id, draft.chat_id, draft.mode, reason="credits" if short else "jobs",
+                          resume_on_payment=short, cfg=cfg, **inputs)
+        text = texts.t("draft_still_short", lang, price=cfg.price(draft.mode),
+                       balance=billing.get_balance(user_id).credits) if short else refusal_text(exc, user_id, draft.mode,
+                                                                                               lang, cfg)
+        _best_effort(telegram(cfg).send_message, draft.chat_id, text, reply_markup=draft_buttons(kept, lang, topup=short))
+        logger.info("draft of user=%s not resumed (%s), kept", user_id, type(exc).__name__)
+        return None
+    except Exception as exc:  # noqa: BLE001 - an invalid old draft must not break the payment notice
+        logger.warning("draft of user=%s could not be resumed (%s)", user_id, _describe(exc, cfg))
+        return None
+    logger.info("generation %s: resumed from a draft after a top-up, user=%s", gen.id, user_id)
+    _best_effort(telegram(cfg).send_message, draft.chat_id, texts.t("draft_resumed", lang))
+    try:
+        show_status(gen, lang, cfg)
+    except Exception as exc:  # noqa: BLE001 - the job runs without its status message
+        logger.info("generation %s: no status message (%s)", gen.id, _describe(exc, cfg))
+    return gen
+
+
 def queue_position(generation_id) -> int:
     """Return the job's place in the queue (1 = next), counting queued jobs of every user created
     no later than it; 0 when it is no longer queued. For the bot's "⏳ в очереди (N)" message."""
@@ -582,9 +709,10 @@ class _Heartbeat:
     """Touch ``Generation.heartbeat_at`` every `interval` seconds from a daemon thread while a job
     runs, so `sweep` can tell a live job from one whose worker died."""
 
-    def __init__(self, generation_id: str, interval: float = HEARTBEAT_INTERVAL):
+    def __init__(self, generation_id: str, interval: float = HEARTBEAT_INTERVAL, tick=None):
         self.generation_id = generation_id
         self.interval = interval
+        self.tick = tick                 # called after each beat (the status message's elapsed time)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -603,6 +731,8 @@ class _Heartbeat:
                 with models.db.connection_context():
                     (Generation.update(heartbeat_at=utcnow())
                      .where((Generation.id == self.generation_id) & (Generation.status == "running")).execute())
+                    if self.tick is not None:
+                        self.tick()
             except Exception as exc:
                 logger.warning("generation %s: heartbeat failed (%s)", self.generation_id, _describe(exc))
 
@@ -637,26 +767,29 @@ def _run_generation(gid: str, cfg: config.Config) -> None:
         # The sweeper expired it while the job waited: do not start paying Fal for it now.
         _fail(gen, lang, "expired", "reservation %s is %s" % (reservation.id, reservation.state), cfg)
         return
-    with _Heartbeat(gid):
+    status = StatusMessage(gen, lang, cfg)
+    refresh_queue_positions(cfg)                 # the jobs behind this one moved up
+    with _Heartbeat(gid, tick=status.tick):
         try:
-            _execute(gen, lang, cfg)
+            _execute(gen, lang, cfg, status)
         except RetryTask:
             raise
         except Exception as exc:
             _handle_failure(gid, lang, exc, cfg)
 
 
-def _execute(gen: Generation, lang: str, cfg: config.Config) -> None:
+def _execute(gen: Generation, lang: str, cfg: config.Config, status: "StatusMessage | None" = None) -> None:
     bot = telegram(cfg)
+    status = status or StatusMessage(gen, lang, cfg)
     if gen.result_message_id is None:
-        _show_running(bot, gen, lang)
-        data, seed = _produce(gen, cfg)
+        _show_running(bot, gen, lang, status)
+        data, seed = _produce(gen, cfg, status.on_queue_update)
         status = Generation.select(Generation.status).where(Generation.id == gen.id).scalar()
         if status != "running":
             logger.info("generation %s: result not sent, the job is %s", gen.id, status)
             return
         message = _deliver(bot, gen, lang, data, seed, cfg)
-        (Generation.update(result_message_id=message.message_id, seed=seed)
+        (Generation.update(result_message_id=message.message_id, seed=seed, result_file_id=_sent_file_id(message))
          .where(Generation.id == gen.id).execute())
         gen.result_message_id, gen.seed = message.message_id, seed
         logger.info("generation %s: result sent as message %s (%d bytes)", gen.id, message.message_id, len(data))
@@ -670,6 +803,14 @@ def _execute(gen: Generation, lang: str, cfg: config.Config) -> None:
     status_message_id = _status_message_id(gen.id)
     if status_message_id:
         _best_effort(bot.delete_message, gen.chat_id, status_message_id)
+
+
+def _sent_file_id(message) -> str | None:
+    """The Telegram file id of a sent photo (its largest size) or document (for /history)."""
+    if getattr(message, "photo", None):
+        return message.photo[-1].file_id
+    document = getattr(message, "document", None)
+    return document.file_id if document is not None else None
 
 
 def _status_message_id(gid) -> int | None:
@@ -687,15 +828,99 @@ def _best_effort(func, *args, **kwargs):
         return None
 
 
-def _show_running(bot, gen: Generation, lang: str) -> None:
-    """Edit the bot's "⏳ в очереди" message into "🎨 Генерирую…" (its cancel button stays: a
+STATUS_EDIT_INTERVAL = 3.0       # seconds between two edits of one status message (Telegram rate limits)
+ELAPSED_AFTER = 20               # seconds: from then on the status message shows the time waited
+_queue_shown: dict = {}          # generation id -> (position shown, monotonic time) for queued jobs
+
+
+def _cancel_markup(gen_id, lang: str) -> types.InlineKeyboardMarkup:
+    markup = types.InlineKeyboardMarkup()
+    markup.add(types.InlineKeyboardButton(texts.t("btn_cancel_job", lang), callback_data="jobcancel:%s" % gen_id))
+    return markup
+
+
+class StatusMessage:
+    """One job's status message, edited in place while the job runs: "▶️ В работе", Fal's queue
+    position, the mode's own text ("⬆️ Улучшаю…"), the time waited for long jobs, "retrying
+    (2/4)". Edits are rate-limited (STATUS_EDIT_INTERVAL) and skipped when nothing changed; the
+    cancel button stays on each. Never raises."""
+
+    def __init__(self, gen: Generation, lang: str, cfg: config.Config):
+        self.gen, self.lang, self.cfg = gen, lang, cfg
+        self.phase = texts.t("job_started", lang)
+        self.shown: str | None = None
+        self.at = 0.0
+        self.queue_seen = False
+        self.began = time.monotonic()
+
+    def _text(self) -> str:
+        elapsed = int(time.monotonic() - self.began)
+        if elapsed >= ELAPSED_AFTER:
+            return "%s %s" % (self.phase, texts.t("job_elapsed", self.lang, time="%d:%02d" % divmod(elapsed, 60)))
+        return self.phase
+
+    def show(self, phase: str | None = None, *, force: bool = False) -> None:
+        """Set the phase text (None: keep it) and edit the message unless rate-limited."""
+        if phase is not None:
+            self.phase = phase
+        text = self._text()
+        now = time.monotonic()
+        if text == self.shown or (not force and now - self.at < STATUS_EDIT_INTERVAL):
+            return
+        message_id = self.gen.status_message_id or _status_message_id(self.gen.id)
+        if not message_id:
+            return
+        self.gen.status_message_id = message_id
+        self.shown, self.at = text, now
+        _best_effort(telegram(self.cfg).edit_message_text, text, chat_id=self.gen.chat_id, message_id=message_id,
+                     reply_markup=_cancel_markup(self.gen.id, self.lang))
+
+    def tick(self) -> None:
+        """From the heartbeat thread: refresh the time waited."""
+        self.show()
+
+    def on_queue_update(self, event: dict) -> None:
+        """Fal's status changes: its queue position, then the mode's own "working" text."""
+        if event.get("status") == "IN_QUEUE" and event.get("queue_position") is not None:
+            first, self.queue_seen = not self.queue_seen, True
+            self.show(texts.t("job_fal_queue", self.lang, position=int(event["queue_position"]) + 1), force=first)
+        elif event.get("status") == "IN_PROGRESS":
+            self.show(texts.t("job_working_" + self.gen.mode, self.lang), force=True)
+
+
+def refresh_queue_positions(cfg: config.Config | None = None, limit: int = 20) -> int:
+    """Edit the "⏳ В очереди (N)" messages of the oldest `limit` queued jobs whose place changed,
+    each at most every STATUS_EDIT_INTERVAL seconds; return how many were edited. Never raises."""
+    try:
+        cfg = cfg or config.get()
+        queued = list(Generation.select(Generation.id, Generation.chat_id, Generation.status_message_id,
+                                        Generation.user)
+                      .where(Generation.status == "queued").order_by(Generation.created_at).limit(limit))
+        edited, now = 0, time.monotonic()
+        for position, gen in enumerate(queued, start=1):
+            shown = _queue_shown.get(str(gen.id))
+            if not gen.status_message_id or (shown and (shown[0] == position or now - shown[1] < STATUS_EDIT_INTERVAL)):
+                continue
+            lang = texts.lang_of(User.get_by_id(gen.user_id).language_code)
+            _queue_shown[str(gen.id)] = (position, now)
+            _best_effort(telegram(cfg).edit_message_text, texts.t("job_queued", lang, position=position),
+                         chat_id=gen.chat_id, message_id=gen.status_message_id,
+                         reply_markup=_cancel_markup(gen.id, lang))
+            edited += 1
+        if len(_queue_shown) > 10 * limit:
+            _queue_shown.clear()
+        return edited
+    except Exception as exc:  # noqa: BLE001 - cosmetic
+        logger.info("queue positions not refreshed (%s)", _describe(exc))
+        return 0
+
+
+def _show_running(bot, gen: Generation, lang: str, status: StatusMessage | None = None) -> None:
+    """Edit the bot's "⏳ в очереди" message into "▶️ В работе…" (its cancel button stays: a
     cancel Fal confirms releases the hold) and send the upload_photo chat action. With no status
     message yet (the bot has not stored it), only the chat action is sent: no second status message."""
-    if gen.status_message_id:
-        markup = types.InlineKeyboardMarkup()
-        markup.add(types.InlineKeyboardButton(texts.t("btn_cancel_job", lang), callback_data="jobcancel:%s" % gen.id))
-        _best_effort(bot.edit_message_text, texts.t("job_running", lang), chat_id=gen.chat_id,
-                     message_id=gen.status_message_id, reply_markup=markup)
+    _queue_shown.pop(str(gen.id), None)
+    (status or StatusMessage(gen, lang, config.get())).show(force=True)
     _best_effort(bot.send_chat_action, gen.chat_id, "upload_photo")
 
 
@@ -706,7 +931,16 @@ def _store_request_id(gid, endpoint: str, request_id: str) -> None:
     logger.info("generation %s: Fal request %s stored (%s)", gid, request_id, endpoint)
 
 
-def _produce(gen: Generation, cfg: config.Config) -> tuple[bytes, int | None]:
+MIN_ATTEMPT_WAIT = 5.0           # seconds a run gets even when FAL_TIMEOUT is spent (crash resume, backlog)
+
+
+def _budget(gen: Generation, cfg: config.Config, now: datetime.datetime | None = None) -> float:
+    """Seconds left of FAL_TIMEOUT, counted from the job's first start (retries included)."""
+    started = gen.started_at or now or utcnow()
+    return cfg.fal_timeout - ((now or utcnow()) - started).total_seconds()
+
+
+def _produce(gen: Generation, cfg: config.Config, on_queue_update=None) -> tuple[bytes, int | None]:
     """Build (or resume) the provider request and return (result image bytes, seed or None)."""
     backend = media.backend(cfg)
     if gen.fal_request_id and isinstance(backend, media.FalGateway):
@@ -720,27 +954,42 @@ def _produce(gen: Generation, cfg: config.Config) -> tuple[bytes, int | None]:
             images.append(data)
         request = media.build_request(gen.mode, gen.prompt, images, cfg, gen.options or None,
                                       media.mode_extra_args(gen.mode))
-    reservation = Reservation.get_by_id(gen.reservation_id)
-    final = not _may_retry(gen, reservation, cfg, _retry_delay(gen), utcnow())
+    # The whole wait is capped by FAL_TIMEOUT: this run gets what is left of it; a run resumed after
+    # a crash (the sweeper) or delayed by a backlog still gets a short wait (its result may be ready).
+    remaining = max(_budget(gen, cfg), min(cfg.fal_timeout, MIN_ATTEMPT_WAIT))
     result = backend.run(request, request_id=gen.fal_request_id,
                          on_enqueue=functools.partial(_store_request_id, gen.id, request.endpoint),
-                         timeout=cfg.fal_timeout, cancel_on_timeout=final)
+                         timeout=remaining, cancel_on_timeout=True, on_queue_update=on_queue_update)
     urls = media.parse_result(result)
     seed = media.parse_seed(result)
     return media.download_result(urls[0], cfg, timeout=RESULT_TIMEOUT), seed
 
 
-def _result_buttons(gen: Generation, lang: str) -> types.InlineKeyboardMarkup:
+RESULT_ACTIONS = (("edit", "btn_use_edit"), ("upscale", "btn_use_upscale"), ("add_text", "btn_use_add_text"))
+
+
+def result_buttons(gen, lang: str, *, again: bool = True) -> types.InlineKeyboardMarkup:
+    """The buttons under a result: "🔁 Ещё раз", the actions that take the result as the next
+    input ("✏️ Изменить это", "⬆️ Улучшить это", "📝 Добавить текст": ``use:<mode>:<id>``), "🏠 Меню"."""
     markup = types.InlineKeyboardMarkup()
-    markup.row(types.InlineKeyboardButton(texts.t("job_again_button", lang), callback_data="again:%s" % gen.id),
-               types.InlineKeyboardButton(texts.t("job_menu_button", lang), callback_data="menu"))
+    if again:
+        markup.row(types.InlineKeyboardButton(texts.t("job_again_button", lang), callback_data="again:%s" % gen.id))
+    markup.row(*[types.InlineKeyboardButton(texts.t(key, lang), callback_data="use:%s:%s" % (mode, gen.id))
+                 for mode, key in RESULT_ACTIONS])
+    markup.row(types.InlineKeyboardButton(texts.t("job_menu_button", lang), callback_data="menu"))
     return markup
+
+
+_result_buttons = result_buttons
+
+
+SEED_MODES = ("generate", "edit", "merge")   # where a seed reproduces a picture from a prompt
 
 
 def _caption(gen: Generation, lang: str, seed: int | None, cfg: config.Config) -> str:
     """Mode, seed, what the job costs and what is left (≤ 1024 characters, plain text)."""
     lines = [texts.t("job_done", lang, mode=texts.t("job_mode_" + gen.mode, lang))]
-    if seed is not None:
+    if seed is not None and gen.mode in SEED_MODES:
         lines.append(texts.t("job_seed", lang, seed=seed))
     reservation = Reservation.get_by_id(gen.reservation_id)
     balance = billing.get_balance(gen.user_id)
@@ -758,7 +1007,7 @@ def _caption(gen: Generation, lang: str, seed: int | None, cfg: config.Config) -
 
 def _caption_free(gen: Generation, lang: str) -> str:
     lines = [texts.t("job_done", lang, mode=texts.t("job_mode_" + gen.mode, lang))]
-    if gen.seed is not None:
+    if gen.seed is not None and gen.mode in SEED_MODES:
         lines.append(texts.t("job_seed", lang, seed=gen.seed))
     lines.append(texts.t("job_cost_free", lang))
     return "\n".join(lines)[:CAPTION_LIMIT]
@@ -846,9 +1095,11 @@ def _retry_delay(gen: Generation, at_least: float = 0) -> float:
 
 def _may_retry(gen: Generation, reservation: Reservation | None, cfg: config.Config, delay: float,
                now: datetime.datetime) -> bool:
-    """True if one more run fits: attempts left and the reservation still open. (The sweeper keeps
-    the hold of a live job, so a retry never runs out of reservation time.)"""
-    return gen.attempts < MAX_ATTEMPTS and reservation is not None and reservation.state == "reserved"
+    """True if one more run fits: attempts left, the reservation still open, and the retry's delay
+    within what is left of FAL_TIMEOUT (the whole wait is capped). (The sweeper keeps the hold of
+    a live job, so a retry never runs out of reservation time.)"""
+    return (gen.attempts < MAX_ATTEMPTS and reservation is not None and reservation.state == "reserved"
+            and _budget(gen, cfg, now) > delay)
 
 
 def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config) -> None:
@@ -862,12 +1113,17 @@ def _handle_failure(gid: str, lang: str, exc: BaseException, cfg: config.Config)
     if gen.result_message_id and reservation is not None and reservation.state == "reserved":
         retryable = True  # the image is out; only the bookkeeping failed: always finish it
     if retryable and (_may_retry(gen, reservation, cfg, delay, now) or gen.result_message_id):
-        requeued = models.move(Generation, gid, "running", "queued",
-                               heartbeat_at=now + datetime.timedelta(seconds=delay), error=_describe(exc, cfg))
+        changes = dict(heartbeat_at=now + datetime.timedelta(seconds=delay), error=_describe(exc, cfg))
+        if getattr(exc, "request_failed", False) and not gen.result_message_id:
+            changes["fal_request_id"] = None     # Fal failed that request: the retry submits a new one
+        requeued = models.move(Generation, gid, "running", "queued", **changes)
         logger.warning("generation %s: running → queued, retry in %g s after attempt %d of %d (%s: %s), "
-                       "request=%s", gid, delay, gen.attempts, MAX_ATTEMPTS, kind, _describe(exc, cfg),
-                       gen.fal_request_id)
+                       "request=%s%s", gid, delay, gen.attempts, MAX_ATTEMPTS, kind, _describe(exc, cfg),
+                       gen.fal_request_id, " (failed on Fal: a new request next)" if "fal_request_id" in changes else "")
         if requeued:
+            if not gen.result_message_id:
+                StatusMessage(gen, lang, cfg).show(texts.t("job_retrying", lang, attempt=gen.attempts + 1,
+                                                           total=MAX_ATTEMPTS), force=True)
             raise RetryTask(delay=delay)
         return
     if kind == "generic":
@@ -908,17 +1164,24 @@ def _fail(gen: Generation, lang: str, kind: str, error: str, cfg: config.Config,
         # We stop waiting for a request Fal may still be running: ask it to stop (best-effort,
         # never raises). Timeouts were already cancelled by the gateway on the final attempt.
         media.backend(cfg).cancel(gen.endpoint, gen.fal_request_id)
-    _tell(gen, _failure_text(kind, lang, exc), cfg)
+    markup = None
+    try:   # the inputs are kept: "🔁 Повторить" / "✏️ Изменить запрос"
+        draft = save_draft(gen.user_id, gen.chat_id, gen.mode, prompt=gen.prompt, options=gen.options,
+                           file_ids=gen.input_file_ids or [], reason="policy" if kind == "policy" else "failed", cfg=cfg)
+        markup = draft_buttons(draft, lang)
+    except Exception as exc_:  # noqa: BLE001 - the failure notice matters more than the draft
+        logger.warning("generation %s: draft not kept (%s)", gen.id, _describe(exc_, cfg))
+    _tell(gen, _failure_text(kind, lang, exc), cfg, markup)
 
 
-def _tell(gen: Generation, text: str, cfg: config.Config) -> None:
-    """Show `text` in place of the status message (or as a new message); never raises."""
+def _tell(gen: Generation, text: str, cfg: config.Config, markup=None) -> None:
+    """Show `text` (with `markup`) in place of the status message (or as a new message); never raises."""
     bot = telegram(cfg)
     status_message_id = _status_message_id(gen.id)
     if status_message_id and _best_effort(bot.edit_message_text, text, chat_id=gen.chat_id,
-                                          message_id=status_message_id):
+                                          message_id=status_message_id, reply_markup=markup):
         return
-    _best_effort(bot.send_message, gen.chat_id, text)
+    _best_effort(bot.send_message, gen.chat_id, text, reply_markup=markup)
 
 
 @huey.signal(SIGNAL_INTERRUPTED)
@@ -951,13 +1214,71 @@ def notify_payment(payment_id: str):
         return _notify_payment(str(payment_id), config.get())
 
 
+_B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def referral_code(user_id: int) -> str:
+    """The code of a user's referral link (``/start ref_<code>``): the user id in base 36."""
+    n, out = int(user_id), ""
+    while True:
+        n, r = divmod(n, 36)
+        out = _B36[r] + out
+        if n == 0:
+            return out
+
+
+def set_referrer(user_id: int, code: str) -> bool:
+    """Record that `code`'s owner referred user `user_id` (a new user; never themselves; never
+    changed once set). True when recorded."""
+    try:
+        referrer_id = int(code.lower(), 36) if code and len(code) <= 12 else None
+    except ValueError:
+        referrer_id = None
+    if referrer_id is None or referrer_id == user_id or not User.select().where(User.id == referrer_id).exists():
+        logger.info("user=%s: referral code %r ignored", user_id, code[:16])
+        return False
+    changed = (User.update(referred_by=referrer_id)
+               .where((User.id == user_id) & User.referred_by.is_null()).execute())
+    if changed:
+        logger.info("user=%s referred by user=%s", user_id, referrer_id)
+    return bool(changed)
+
+
+def referral_bonus(payment_id, cfg: config.Config | None = None) -> bool:
+    """When a referred user's top-up is credited, give the referrer REFERRAL_BONUS credits — once
+    per referred user (ledger idempotency key ``referral:<user id>``, kind grant), only for a
+    succeeded (credited) top-up — and tell them. True when this call granted it."""
+    cfg = cfg or config.get()
+    payment = Payment.get_or_none(Payment.id == str(payment_id))
+    if cfg.referral_bonus <= 0 or payment is None or payment.status != "succeeded":
+        return False
+    user = User.get_by_id(payment.user_id)
+    if not user.referred_by or user.referred_by == user.id:
+        return False
+    key = "referral:%s" % user.id
+    if models.LedgerEntry.select().where(models.LedgerEntry.idempotency_key == key).exists():
+        return False
+    # Two tellers of one top-up may race here: the same key and reference replay, crediting once.
+    billing.credit(user.referred_by, cfg.referral_bonus, kind="grant", reference=key, idempotency_key=key)
+    logger.info("referral: user=%s got %s credits for user=%s's first top-up %s", user.referred_by,
+                cfg.referral_bonus, user.id, payment.id)
+    tell_user_once("notice:" + key, user.referred_by, "notify_referral_bonus", cfg, credits=cfg.referral_bonus,
+                   balance=billing.get_balance(user.referred_by).credits)
+    return True
+
+
 def _notify_payment(payment_id: str, cfg: config.Config) -> bool:
+    try:
+        referral_bonus(payment_id, cfg)
+    except Exception as exc:  # noqa: BLE001 - the payment notice must go out
+        logger.error("payment %s: referral bonus failed (%s)", payment_id, _describe(exc, cfg))
     if not payments.claim_notification(payment_id):
         logger.info("payment %s: notification already sent or not due", payment_id)
         return False
     payment = Payment.get_by_id(payment_id)
     _tell_user(payment.user_id, "notify_payment_received", "payment %s" % payment_id, cfg,
                credits=payment.credits)
+    resume_draft(payment.user_id, cfg)       # "Пополнить и продолжить": the job starts now
     return True
 
 
@@ -989,6 +1310,75 @@ def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
     _tell_user(Payment.get_by_id(refund.payment_id).user_id, "notify_refund", "refund %s" % refund_id, cfg,
                amount=payments.kopecks_to_value(refund.amount_kopecks), credits=refund.credits_debited)
     return True
+
+
+# --- every money change is told, once ----------------------------------------------------------
+
+
+def tell_user_once(key: str, user_id: int, text_key: str, cfg: config.Config | None = None, markup=None,
+                   **values) -> bool:
+    """Send text `text_key` (in the user's language, with `values`) to user `user_id` once per
+    `key` (``notice:…``, recorded with `billing.claim_action`: a repeat sends nothing). Returns True
+    when this call sent (or tried to send) it. Never raises for a Telegram failure."""
+    cfg = cfg or config.get()
+    if models.AdminAction.select().where(models.AdminAction.key == key).exists() or not billing.claim_action(key):
+        return False
+    user = User.get_by_id(user_id)
+    text = texts.t(text_key, texts.lang_of(user.language_code), **values)
+    try:
+        tg(telegram(cfg).send_message, user.telegram_id, text, reply_markup=markup)
+        logger.info("user=%s told %s (%s)", user_id, text_key, key)
+    except Exception as exc:  # noqa: BLE001 - the change is done; the notice is best effort
+        logger.warning("user=%s not told %s (%s)", user_id, text_key, _describe(exc, cfg))
+    return True
+
+
+@huey.task()
+def notify_payment_canceled(payment_id: str):
+    """Tell the user a top-up was canceled (nothing was charged), once per payment."""
+    with _DbSession():
+        payment = Payment.get_or_none(Payment.id == str(payment_id))
+        if payment is None or payment.status != "canceled":
+            return False
+        return tell_user_once("notice:canceled:%s" % payment.id, payment.user_id, "notify_payment_canceled",
+                              amount=payments.kopecks_to_value(payment.amount_kopecks), credits=payment.credits)
+
+
+def notify_grant(user_id: int, credits: int, key: str, cfg: config.Config | None = None) -> bool:
+    """Tell the user an admin granted `credits` (once per grant idempotency `key`)."""
+    return tell_user_once("notice:" + key, user_id, "notify_grant", cfg, credits=credits,
+                          balance=billing.get_balance(user_id).credits)
+
+
+def notify_free_access(user_id: int, key: str, cfg: config.Config | None = None) -> bool:
+    """Tell the user free access was granted, with its end date if any (once per `key`)."""
+    user = User.get_by_id(user_id)
+    if user.free_access_until is None:
+        return tell_user_once("notice:" + key, user_id, "notify_free_access_forever", cfg)
+    return tell_user_once("notice:" + key, user_id, "notify_free_access", cfg,
+                          until=user.free_access_until.strftime("%d.%m.%Y %H:%M UTC"))
+
+
+def remind_free_access_once(now: datetime.datetime | None = None, cfg: config.Config | None = None) -> int:
+    """Tell each user whose free access ends within a day that it ends (once per end date);
+    return how many were told."""
+    now = now or utcnow()
+    ending = (User.select().where(User.has_free_access & User.free_access_until.is_null(False)
+                                  & (User.free_access_until > now)
+                                  & (User.free_access_until <= now + datetime.timedelta(days=1))))
+    told = 0
+    for user in ending:
+        key = "notice:free_access_ends:%s:%s" % (user.id, user.free_access_until.strftime("%Y%m%d%H%M"))
+        told += tell_user_once(key, user.id, "notify_free_access_ending", cfg,
+                               until=user.free_access_until.strftime("%d.%m.%Y %H:%M UTC"))
+    return told
+
+
+@huey.periodic_task(crontab(minute="*/10"))
+def free_access_reminders():
+    """Every 10 minutes: `remind_free_access_once`."""
+    with _DbSession():
+        return remind_free_access_once()
 
 
 @huey.task()
@@ -1048,6 +1438,7 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
     if report["extended"]:
         logger.info("sweep: extended the holds of %d live jobs by %s s", report["extended"], cfg.reservation_ttl)
     report["expired"] = billing.expire_stale(now)
+    Draft.delete().where(Draft.expires_at <= now).execute()     # DRAFT_TTL is over
     _end_jobs_without_a_hold(now, cfg, report)
     return report
 
@@ -1157,6 +1548,11 @@ def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | No
             notify_payment(payment_id)
         except Exception as exc:
             logger.error("payment %s: could not enqueue the notification (%s)", payment_id, _describe(exc, cfg))
+    for payment_id in report.canceled_ids:
+        try:
+            notify_payment_canceled(str(payment_id))
+        except Exception as exc:
+            logger.error("payment %s: could not enqueue the cancel notice (%s)", payment_id, _describe(exc, cfg))
     for refund_id in dict.fromkeys(list(report.refunds) + payments.unnotified_refunds(older_than=60, now=now)):
         try:
             notify_refund(refund_id)
@@ -1348,18 +1744,30 @@ def watchdog():
 BROADCAST_RATE = 20.0   # messages per second; Telegram allows about 30/s overall (Bot API FAQ)
 
 
+def _recipients(target_lang: str | None = None) -> list[int]:
+    rows = User.select(User.telegram_id, User.language_code).where(~User.is_blocked).tuples()
+    return [tid for tid, code in rows if target_lang is None or texts.lang_of(code) == target_lang]
+
+
+def broadcast_recipients(target_lang: str | None = None) -> int:
+    """How many users a broadcast reaches (not blocked; of language `target_lang` if given)."""
+    return len(_recipients(target_lang))
+
+
 @huey.task()
-def broadcast(text: str, admin_chat_id: int, lang: str = "ru", rate: float = BROADCAST_RATE):
-    """Send `text` to every user who is not blocked, at most `rate` messages per second (each
-    through `tg`, which waits out 429s), then tell the admin how many were sent and failed.
-    Returns (sent, failed). Runs in the worker so no bot handler is held for minutes."""
+def broadcast(text: str, admin_chat_id: int, lang: str = "ru", rate: float = BROADCAST_RATE,
+              target_lang: str | None = None):
+    """Send `text` to every user who is not blocked (only those whose language is `target_lang`,
+    "ru" or "en", when given), at most `rate` messages per second (each through `tg`, which waits
+    out 429s), then tell the admin how many were sent and failed. Returns (sent, failed). Runs in
+    the worker so no bot handler is held for minutes."""
     cfg = config.get()
     bot = telegram(cfg)
     sent = failed = 0
     interval = 1.0 / rate
     next_at = time.monotonic()
     with _DbSession():
-        recipients = [row[0] for row in User.select(User.telegram_id).where(~User.is_blocked).tuples()]
+        recipients = _recipients(target_lang)
     for telegram_id in recipients:
         delay = next_at - time.monotonic()
         if delay > 0:

@@ -14,6 +14,7 @@ tests/conftest.py has installed the test environment (conftest imports it after 
 """
 import datetime
 import io
+import json
 import os
 import signal
 import subprocess
@@ -58,6 +59,27 @@ def yookassa_fixture(name: str) -> bytes:
 
 USER = 501
 ADMIN = 1000          # ADMIN_IDS in tests/conftest.py
+
+
+def base(data: str) -> str:
+    """Callback data without its flow token (``ratio:16:9~k3x9q2`` → ``ratio:16:9``)."""
+    return data.split(bot.TOKEN_SEP, 1)[0]
+
+
+def fake_button_data(message: dict) -> list[str]:
+    """The full callback data of a message's inline buttons."""
+    keyboard = (message or {}).get("reply_markup") or {}
+    return [b["callback_data"] for row in keyboard.get("inline_keyboard", []) for b in row if "callback_data" in b]
+
+
+def buttons(message: dict) -> list[str]:
+    """The callback data of a message's buttons, flow tokens left out."""
+    return [base(d) for d in fake_button_data(message)]
+
+
+def worker_button_data(message: dict) -> list[str]:
+    """The callback data of a message's inline buttons (the worker's messages carry no flow token)."""
+    return fake_button_data(message)
 
 
 def png(width=256, height=192, color=(40, 120, 200)) -> bytes:
@@ -137,7 +159,7 @@ class Harness:
     def message_with(self, data, user=USER) -> dict:
         """The latest bot message that shows a button with callback `data`."""
         for message in reversed(self.fake.messages(user)):
-            if data in self.fake.button_data(message):
+            if data in fake_button_data(message) or data in buttons(message):
                 return message
         raise AssertionError("no bot message with button %r; last: %r" % (data, self.fake.last_message(user)))
 
@@ -146,16 +168,24 @@ class Harness:
         return the bot's new messages."""
         message = message or self.message_with(data, user)
         since = len(self.fake.messages(user))
-        update = self.fake.press(user, message["message_id"], data, **kw)
+        update = self.fake.press(user, message["message_id"], self.full(message, data), **kw)
         self.pump()
         query_id = update["callback_query"]["id"]
         assert self.fake.answers(query_id), "callback %r was not answered" % data
         return [m for m in self.fake.messages(user)[since:]]
 
-    def answer_text(self, data, user=USER, **kw) -> str | None:
+    @staticmethod
+    def full(message: dict, data: str) -> str:
+        """The full callback data (with the flow token) of the button `data` on `message`."""
+        for full in fake_button_data(message or {}):
+            if full == data or base(full) == data:
+                return full
+        return data
+
+    def answer_text(self, data, user=USER, message=None, **kw) -> str | None:
         """Press `data` and return the text of the callback answer (the toast)."""
-        message = self.message_with(data, user)
-        update = self.fake.press(user, message["message_id"], data, **kw)
+        message = message or self.message_with(data, user)
+        update = self.fake.press(user, message["message_id"], self.full(message, data), **kw)
         self.pump()
         answers = self.fake.answers(update["callback_query"]["id"])
         assert answers, "callback %r was not answered" % data
@@ -275,3 +305,14 @@ def stop(proc, sig=signal.SIGINT, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+YK_IP = "185.71.76.1"     # inside YooKassa's published notification networks
+
+
+def envelope(fake, event: str, object_id: str, **changes) -> bytes:
+    """The notification YooKassa would POST for the fake's current object (with `changes` applied)."""
+    table = fake.refunds if event.startswith("refund.") else fake.payments
+    obj = json.loads(json.dumps(table[object_id]))
+    obj.update(changes)
+    return json.dumps({"type": "notification", "event": event, "object": obj}).encode()

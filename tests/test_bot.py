@@ -17,7 +17,7 @@ import config
 import models
 import worker
 from models import ConversationState, Generation, LedgerEntry, Reservation, User
-from tests.helpers import ADMIN, USER, audit_ok, png, user_row
+from tests.helpers import ADMIN, USER, Harness, audit_ok, buttons, png, user_row
 
 # --- users, menu, buttons --------------------------------------------------------------------
 
@@ -26,7 +26,7 @@ def test_start_greets_with_free_operations_and_the_main_menu(app):
     [reply] = app.send("/start", first_name="Ann")
     assert "Привет, Ann" in reply["text"]
     assert "Бесплатных операций: 4 из 4" in reply["text"]
-    assert app.fake.button_data(reply) == ["mode:generate", "mode:edit", "mode:merge", "mode:add_text",
+    assert buttons(reply) == ["mode:generate", "mode:edit", "mode:merge", "mode:add_text",
                                            "mode:face_swap", "mode:retouch", "mode:upscale", "pay"]
     labels = [b["text"] for b in app.fake.buttons(reply)]
     assert labels == ["🎨 Создать", "✏️ Редактировать", "🔗 Объединить", "📝 Добавить текст",
@@ -77,12 +77,12 @@ def test_every_main_menu_button_answers_and_leads_somewhere(app):
         "mode:upscale": "которое нужно улучшить",
         "pay": "Баланс",
     }
-    for data in app.fake.button_data(menu):
+    for data in buttons(menu):
         replies = app.press(data, message=menu)
         assert replies, "button %s sent nothing" % data
         assert expected[data] in replies[-1]["text"], (data, replies[-1]["text"])
         # Every step offers a way out (cancel) or more choices.
-        assert app.fake.button_data(replies[-1]), data
+        assert buttons(replies[-1]), data
         back = app.press("cancel", message=replies[-1])
         assert "Отменено" in back[-1]["text"]
     answered = {c.params["callback_query_id"] for c in app.fake.calls("answerCallbackQuery") if c.ok}
@@ -101,9 +101,9 @@ def test_menu_command_cancel_and_unknown_inputs(app):
     [reply] = app.send("/nonsense")
     assert "Такой команды нет" in reply["text"]
     [reply] = app.send("просто текст")
-    assert "Выберите действие" in reply["text"]
+    assert "выберите, что сделать" in reply["text"] and buttons(reply) == ["menu"]    # a short hint
     [reply] = app.photo(png())                                  # a photo outside any flow
-    assert "Выберите действие" in reply["text"] and "mode:edit" in app.fake.button_data(reply)
+    assert "выберите, что сделать" in reply["text"] and buttons(reply) == ["menu"]
     [reply] = app.send("/help")
     assert "Добавить текст" in reply["text"] and "10 кредитов" in reply["text"]
     # A button of a finished step is answered, not ignored.
@@ -129,7 +129,7 @@ def test_blocked_user_is_refused(app):
     User.update(is_blocked=True).where(User.telegram_id == USER).execute()
     [reply] = app.send("/start")
     assert "ограничен администратором" in reply["text"]
-    assert not app.fake.button_data(reply)
+    assert not buttons(reply)
 
 
 # --- state ---------------------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_generate_end_to_end(app, fake_fal):
     app.send("/start")
     app.press("mode:generate")
     [ask] = app.send("Закат над морем")
-    assert app.fake.button_data(ask) == ["ratio:1:1", "ratio:16:9", "ratio:9:16", "ratio:4:3", "ratio:3:4", "cancel"]
+    assert buttons(ask) == ["ratio:1:1", "ratio:16:9", "ratio:9:16", "ratio:4:3", "ratio:3:4", "cancel"]
     [queued] = app.press("ratio:16:9")
     assert queued["text"].startswith("⏳ В очереди")
     gen = Generation.get()
@@ -203,7 +203,8 @@ def test_generate_end_to_end(app, fake_fal):
     assert submission["arguments"]["aspect_ratio"] == "16:9"
     result = app.fake.messages(USER)[-1]
     assert result.get("photo") and "Готово" in result["caption"]
-    assert app.fake.button_data(result) == ["again:%s" % gen.id, "menu"]
+    assert buttons(result) == (["again:%s" % gen.id] + ["use:%s:%s" % (m, gen.id) for m in ("edit", "upscale", "add_text")]
+                               + ["menu"])
     assert app.fake.message(USER, queued["message_id"]) is None   # the status message is gone
     [balance] = app.send("/balance")
     assert "Бесплатных операций: 3 из 4" in balance["text"]
@@ -254,7 +255,7 @@ def test_long_polling_end_to_end(database, fake_telegram, fake_fal):
         ask = fake_telegram.wait_for_message(USER, "Опишите", since=mark)
         fake_telegram.send_text(USER, "маяк в тумане")
         ratio = fake_telegram.wait_for_message(USER, "формат", since=mark)
-        fake_telegram.press(USER, ratio["message_id"], "ratio:1:1")
+        fake_telegram.press(USER, ratio["message_id"], Harness.full(ratio, "ratio:1:1"))
         queued = fake_telegram.wait_for_message(USER, "В очереди", since=mark)
         fake_telegram.wait_for(lambda c: c.method == "answerCallbackQuery" and c.ok, since=mark)
         assert ask["message_id"] < queued["message_id"]
@@ -325,7 +326,10 @@ def test_admin_block_free_access_promo_and_broadcast(app):
     [listing] = app.send("/promo_list", user=ADMIN)
     assert "SPRING15 — 15%, 0/100, ожидают 0" in listing["text"] and "WELCOME10" in listing["text"]
     app.fake.block(502)
-    [started] = app.send("/broadcast Новый режим!", user=ADMIN)
+    [preview] = app.send("/broadcast Новый режим!", user=ADMIN)
+    assert "Предпросмотр" in preview["text"] and "получателей: 3" in preview["text"]
+    assert app.run_jobs() == 0                               # nothing sent before the confirm
+    [started] = app.press("bcast", user=ADMIN, message=preview)
     assert "Рассылка запущена" in started["text"]
     assert app.run_jobs() == 1                               # the worker sends it, then reports
     report = app.fake.messages(ADMIN)[-1]
@@ -379,6 +383,8 @@ def test_admin_free_access_and_broadcast_act_once_per_update(app):
         [update] = app.fetch()
         app.bot.process_new_updates([update])
         app.bot.process_new_updates([update])          # Telegram delivers it again
+    for preview in [m for m in app.fake.messages(ADMIN) if "Предпросмотр" in (m.get("text") or "")]:
+        app.press("bcast", user=ADMIN, message=preview)      # both previews confirmed: one broadcast
     user = user_row()
     now = models.utcnow()
     assert abs((user.free_access_until - now).total_seconds() - 7 * 86400) < 60   # 7 days, not 14

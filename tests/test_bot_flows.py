@@ -10,7 +10,7 @@ import billing
 import config
 import promo
 from models import Generation, LedgerEntry, Payment, Reservation
-from tests.helpers import USER, audit_ok, png, user_row
+from tests.helpers import USER, audit_ok, buttons, png, user_row
 
 MB = 1024 * 1024
 
@@ -70,7 +70,7 @@ def test_merge_album_of_three_becomes_one_job_with_three_inputs(app, fake_fal):
         thread.join(30)
     expected = [u["message"]["photo"][-1]["file_id"] for u in album]
     replies = [m for m in app.fake.messages(USER) if "Фото получено" in (m.get("text") or "")]
-    assert len(replies) == 3
+    assert len(replies) == 1 and "(3 из 4)" in replies[0]["text"]          # one reply per album, edited
     [queued_prompt] = app.press("done")
     assert "Что сделать из этих фото" in queued_prompt["text"]
     [queued] = app.send("Собери коллаж")
@@ -86,16 +86,16 @@ def test_merge_album_of_three_becomes_one_job_with_three_inputs(app, fake_fal):
 
 def test_merge_one_by_one_refuses_a_fifth_photo(app):
     [ask] = start_mode(app, "merge")
-    assert "done" not in app.fake.button_data(ask)
+    assert "done" not in buttons(ask)
     [first] = app.photo(png(100, 100))
-    assert "Нужно ещё" in first["text"] and "done" not in app.fake.button_data(first)
+    assert "Нужно ещё" in first["text"] and "done" not in buttons(first)
     for n in range(2, 5):
         [reply] = app.photo(png(100 + n, 100))
-        assert "(%d из 4)" % n in reply["text"] and "done" in app.fake.button_data(reply)
+        assert "(%d из 4)" % n in reply["text"] and "done" in buttons(reply)
     [fifth] = app.photo(png(120, 100))
     assert "не больше 4 фото" in fifth["text"]
     [hint] = app.send("объедини их")                          # text before "Готово": point at the button
-    assert "done" in app.fake.button_data(hint) and Generation.select().count() == 0
+    assert "done" in buttons(hint) and Generation.select().count() == 0
     app.press("done")
     app.send("объедини")
     assert len(Generation.get().input_file_ids) == 4
@@ -103,7 +103,7 @@ def test_merge_one_by_one_refuses_a_fifth_photo(app):
 
 def test_face_swap_asks_consent_once_then_face_then_target(app, fake_fal):
     [note] = start_mode(app, "face_swap")
-    assert "Замена лица" in note["text"] and app.fake.button_data(note) == ["consent", "cancel"]
+    assert "Замена лица" in note["text"] and buttons(note) == ["consent", "cancel"]
     [ask_face] = app.press("consent")
     assert "фото лица" in ask_face["text"]
     [ask_target] = app.photo(png(200, 200, (10, 10, 10)))
@@ -139,9 +139,9 @@ def test_add_text_is_free_and_local(app, fake_fal):
     [ask] = app.photo(png(400, 300))
     assert "Какой текст" in ask["text"]
     [where] = app.send("С днём рождения!")
-    assert app.fake.button_data(where) == ["pos:top", "pos:center", "pos:bottom", "cancel"]
+    assert buttons(where) == ["pos:top", "pos:center", "pos:bottom", "cancel"]
     [colour] = app.press("pos:bottom")
-    assert app.fake.button_data(colour) == ["color:white", "color:black", "color:yellow", "color:red", "cancel"]
+    assert buttons(colour) == ["color:white", "color:black", "color:yellow", "color:red", "cancel"]
     [result] = app.press("color:yellow")
     assert result.get("photo") and "бесплатно" in result["caption"]
     assert Generation.select().count() == 0 and Reservation.select().count() == 0
@@ -202,10 +202,10 @@ def test_insufficient_credits_offers_a_top_up(app):
     app.press("mode:generate")
     app.send("горы")
     [reply] = app.press("ratio:1:1")
-    assert "Недостаточно кредитов" in reply["text"]
-    assert app.fake.button_data(reply) == ["pay", "menu"]
+    assert "Недостаточно кредитов" in reply["text"] and "стоит 10, на балансе 0" in reply["text"]
+    assert [b.split(":")[0] for b in buttons(reply)] == ["payfor", "dedit", "menu"]
     assert Generation.select().count() == 0
-    [balance] = app.press("pay", message=reply)
+    [balance] = app.press(buttons(reply)[0], message=reply)
     assert "Кредиты: 0" in balance["text"]
     audit_ok()
 
@@ -239,7 +239,7 @@ def test_top_up_with_welcome10(shop, fake_yookassa):
     app = shop
     app.send("/start")
     [menu] = app.press("pay")
-    assert app.fake.button_data(menu) == ["amount:100", "amount:300", "amount:500", "amount:1000",
+    assert buttons(menu) == ["amount:100", "amount:300", "amount:500", "amount:1000",
                                           "amount_custom", "promo", "cancel"]
     assert "Бесплатных операций: 4 из 4" in menu["text"]
     app.press("promo")
@@ -348,4 +348,4 @@ def test_balance_without_yookassa_says_so(app):
     app.restart()
     [reply] = app.send("/balance")
     assert "Оплата пока не подключена" in reply["text"]
-    assert app.fake.button_data(reply) == ["promo", "cancel"]
+    assert buttons(reply) == ["menu"]                      # no promo entry or top-up that leads nowhere

@@ -10,14 +10,17 @@ import io
 import json
 import signal
 import threading
+import time
 
 import pytest
 from PIL import Image
 
 import billing
+import media
 import worker
 from models import Generation, Reservation, utcnow
 from tests.helpers import (
+    FAR_FUTURE,
     TELEGRAM_ID,
     audit_ok,
     configure,
@@ -30,6 +33,7 @@ from tests.helpers import (
     reload,
     start_consumer,
     stop,
+    worker_button_data,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +98,7 @@ def test_each_paid_mode_is_delivered_with_caption_and_buttons_and_committed(pipe
     caption = sent.result["caption"]
     assert caption.startswith("✅ Готово") and "Бесплатная операция (осталось 3 из 4)" in caption
     assert "parse_mode" not in sent.params
-    assert fake_telegram.button_data(sent.result) == ["again:%s" % gen.id, "menu"]
+    assert fake_telegram.button_data(sent.result) == (["again:%s" % gen.id] + ["use:%s:%s" % (m, gen.id) for m in ("edit", "upscale", "add_text")] + ["menu"])
     assert fake_telegram.calls("sendChatAction")[0].params["action"] == "upload_photo"
 
     assert Reservation.get_by_id(gen.reservation_id).state == "committed"
@@ -126,14 +130,19 @@ def test_english_user_gets_english_texts(pipeline, fake_telegram, fake_fal):
 
 def test_status_message_is_edited_to_running_then_removed(pipeline, fake_telegram, fake_fal):
     user = make_user(fake_telegram)
+    fake_fal.script("queue", position=2, seconds=0.6)
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
     # the bot shows "⏳ в очереди" and stores the message id (bot._after_accept)
     status = worker.telegram().send_message(TELEGRAM_ID, "⏳ в очереди (%d)" % worker.queue_position(gen.id))
     Generation.update(status_message_id=status.message_id).where(Generation.id == gen.id).execute()
     assert status.text == "⏳ в очереди (1)"
     drain()
-    (edit,) = fake_telegram.calls("editMessageText")
-    assert edit.params["message_id"] == status.message_id and edit.result["text"] == "🎨 Генерирую…"
+    edits = fake_telegram.calls("editMessageText")
+    assert {e.params["message_id"] for e in edits} == {status.message_id}
+    shown = [e.result["text"] for e in edits]
+    assert shown[0] == "▶️ В работе…" and shown[-1] == "🎨 Генерирую…"        # then the mode's own text
+    assert "⏳ В очереди у модели: 2-й" in shown                              # Fal's queue position
+    assert all(worker_button_data(e.result) == ["jobcancel:%s" % gen.id] for e in edits)  # cancel stays
     assert fake_telegram.message(TELEGRAM_ID, status.message_id) is None          # deleted after delivery
     assert worker.queue_position(gen.id) == 0
 
@@ -208,17 +217,34 @@ def test_a_500_at_submit_is_retried_and_then_succeeds(pipeline, fake_telegram, f
     audit_ok()
 
 
-def test_a_500_after_the_request_id_is_stored_never_submits_again_and_is_released_after_the_cap(
-        pipeline, fake_telegram, fake_fal):
+def test_a_request_fal_reported_failed_is_retried_as_a_new_request(pipeline, fake_telegram, fake_fal):
+    """Re-polling a request Fal reported failed only returns the same failure: the retry submits anew,
+    and the user sees "retrying (2/4)" meanwhile."""
     user = make_user(fake_telegram)
     fake_fal.script("error500")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    status = worker.show_status(reload(gen), "ru")
+    task = worker.huey.dequeue()
+    worker.huey.execute(task, timestamp=FAR_FUTURE)
+    assert reload(gen).fal_request_id is None and reload(gen).status == "queued"
+    assert "Повторная попытка (2/%d)" % worker.MAX_ATTEMPTS in fake_telegram.message(TELEGRAM_ID, status.message_id)["text"]
+    drain()
+    gen = reload(gen)
+    assert gen.status == "delivered" and gen.attempts == 2
+    first, second = fake_fal.submissions
+    assert gen.fal_request_id == second["request_id"] != first["request_id"]
+    assert ledger_kinds(gen) == ["reserve", "commit"]
+    audit_ok()
+
+
+def test_requests_failing_every_time_end_after_the_attempt_cap_and_are_released(pipeline, fake_telegram, fake_fal):
+    user = make_user(fake_telegram)
+    fake_fal.set_default("error500")
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
     assert drain() == worker.MAX_ATTEMPTS
     gen = reload(gen)
     assert gen.status == "failed" and gen.attempts == worker.MAX_ATTEMPTS
-    (submission,) = fake_fal.submissions                          # every retry resumed this one
-    resumed = [e for e in fake_fal.requests_log if submission["request_id"] in e["path"] and e["method"] == "GET"]
-    assert len([e for e in resumed if e["path"].endswith("/status")]) >= worker.MAX_ATTEMPTS
+    assert len(fake_fal.submissions) == worker.MAX_ATTEMPTS             # each retry a new request
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
     assert "Сервис генерации сейчас недоступен" in fake_telegram.last_message(TELEGRAM_ID)["text"]
     audit_ok()
@@ -240,33 +266,32 @@ def test_a_retry_is_scheduled_with_backoff_and_the_job_waits_in_queued(pipeline,
     assert worker.sweep_once()["requeued"] == []
 
 
-def test_timeout_then_retry_resumes_the_same_request(pipeline, fake_telegram, fake_fal):
+def test_the_whole_wait_is_capped_by_fal_timeout(pipeline, fake_telegram, fake_fal):
+    """A request slower than FAL_TIMEOUT is cancelled at the cap and released; no retry starts a
+    new wait past it."""
     configure(fake_telegram, fake_fal, fal_timeout=0.4)
     user = make_user(fake_telegram)
-    fake_fal.script("latency", seconds=0.6)
-    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="slow")
-    assert drain() == 2
-    gen = reload(gen)
-    assert gen.status == "delivered" and gen.attempts >= 2                 # at least one timeout
-    (submission,) = fake_fal.submissions
-    assert gen.fal_request_id == submission["request_id"] and fake_fal.cancelled == []
-    assert ledger_kinds(gen) == ["reserve", "commit"]
-    audit_ok()
-
-
-def test_a_hanging_request_times_out_every_attempt_is_cancelled_at_the_end_and_released(
-        pipeline, fake_telegram, fake_fal):
-    configure(fake_telegram, fake_fal, fal_timeout=0.15)
-    user = make_user(fake_telegram)
     fake_fal.script("hang")
-    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="never")
-    assert drain() == worker.MAX_ATTEMPTS
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="slow")
+    started = time.monotonic()
+    assert drain() == 1
+    assert time.monotonic() - started < 5
     gen = reload(gen)
     (submission,) = fake_fal.submissions
     assert gen.status == "failed" and gen.fal_request_id == submission["request_id"]
-    assert fake_fal.wait_until(lambda: fake_fal.cancelled) == [submission["request_id"]]   # only the last
+    assert fake_fal.wait_until(lambda: fake_fal.cancelled) == [submission["request_id"]]
     assert "Модель не успела ответить" in fake_telegram.last_message(TELEGRAM_ID)["text"]
     assert Reservation.get_by_id(gen.reservation_id).state == "released"
+    audit_ok()
+
+
+def test_retries_stop_when_their_delay_would_pass_fal_timeout(pipeline, fake_telegram, fake_fal):
+    configure(fake_telegram, fake_fal, fal_timeout=20)      # the first retry waits 5 s, the second 30 s
+    user = make_user(fake_telegram)
+    fake_fal.set_default("error500")
+    gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="a cat")
+    assert drain() == 2
+    assert reload(gen).status == "failed" and len(fake_fal.submissions) == 2
     audit_ok()
 
 
@@ -301,7 +326,7 @@ def test_a_result_telegram_would_refuse_as_a_photo_is_sent_as_a_document(pipelin
     assert sent.ok and sent.result["document"]["file_name"] == "medialab-generate.png"
     assert Image.open(io.BytesIO(sent.files["document"])).size == (12000, 200)
     assert sent.result["caption"].startswith("✅ Готово")
-    assert fake_telegram.button_data(sent.result) == ["again:%s" % gen.id, "menu"]
+    assert fake_telegram.button_data(sent.result) == (["again:%s" % gen.id] + ["use:%s:%s" % (m, gen.id) for m in ("edit", "upscale", "add_text")] + ["menu"])
     assert reload(gen).status == "delivered"
     audit_ok()
 
@@ -468,13 +493,22 @@ def test_a_sigkilled_worker_is_resumed_by_the_sweeper_with_the_same_request(
 
 
 def _one_timed_out_attempt(fake_telegram, fake_fal, latency):
-    """A job whose first attempt timed out: queued for a retry, its Fal request id stored."""
-    configure(fake_telegram, fake_fal, fal_timeout=0.3)
+    """A job queued for another run with its Fal request id stored while Fal still works on it.
+
+    (Since issue 11 §3 a timeout spends the whole FAL_TIMEOUT and is not retried, so the state is
+    made as a run interrupted after its submit leaves it: the request submitted and its id stored,
+    the job queued, its task in the queue.)"""
+    cfg = configure(fake_telegram, fake_fal)
     user = make_user(fake_telegram, credits=10, free_ops=0)
     fake_fal.script("latency", seconds=latency)
     gen = worker.accept_generation(user, TELEGRAM_ID, "generate", prompt="cancel me")
-    task = worker.huey.dequeue()
-    worker.huey.execute(task)                    # times out → RetryTask: back to queued, retry scheduled
+    request = media.build_request("generate", "cancel me", [], cfg)
+
+    def store(request_id):
+        Generation.update(fal_request_id=request_id, endpoint=request.endpoint).where(Generation.id == gen.id).execute()
+
+    with pytest.raises(media.ProviderTimeout):
+        media.backend(cfg).run(request, request_id=None, on_enqueue=store, timeout=0.3, cancel_on_timeout=False)
     gen = reload(gen)
     assert gen.status == "queued" and gen.fal_request_id
     return user, gen

@@ -607,7 +607,8 @@ def worker_text_keys() -> list:
 def test_every_worker_text_has_both_languages_and_formats():
     values = dict(mode="m", seed=1, cost=10, balance=90, left=3, total=4, reason="r", credits=100, limit=2,
                   day="2026-11-21", topups="t", refunds="r", amount="90.00", order="o", yookassa="y", problem="p",
-                  status=401, detail="d", count=3, task="sweep", minutes=11, free=100, payment_id="p")
+                  status=401, detail="d", count=3, task="sweep", minutes=11, free=100, payment_id="p",
+                  time="1:00", position=3, attempt=2, price=10, until="01.01.2027", bonus=20, link="l")
     keys = worker_text_keys()
     assert len(keys) > 20
     for key in keys:

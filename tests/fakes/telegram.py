@@ -194,8 +194,8 @@ class FakeTelegram(FakeServer):
     name = "FakeTelegram"
     log_requests = False           # calls() is the log
     METHODS = ("getMe", "getUpdates", "setWebhook", "deleteWebhook", "setMyCommands", "sendMessage",
-               "sendPhoto", "sendDocument", "editMessageText", "editMessageCaption", "deleteMessage",
-               "answerCallbackQuery", "sendChatAction", "getFile")
+               "sendPhoto", "sendDocument", "editMessageText", "editMessageCaption", "editMessageReplyMarkup",
+               "deleteMessage", "answerCallbackQuery", "sendChatAction", "getFile")
 
     def __init__(self, token: str = DEFAULT_TOKEN, bot_username: str = "medialab_test_bot", *,
                  strict_chats: bool = True, port: int = 0, webhook_retry_delay: float = 0.5):
@@ -293,14 +293,15 @@ class FakeTelegram(FakeServer):
             return self._user_message(user, content)
 
     def press(self, user_id: int, message_id: int, data: str, *, first_name: str = "Tester",
-              username: str | None = None, language_code: str | None = "ru") -> dict:
+              username: str | None = None, language_code: str | None = "ru", force: bool = False) -> dict:
         """The user presses the inline button with callback ``data`` on a bot message (which must
-        show it now); returns the callback_query update."""
+        show it now, unless ``force``: a tap that raced the keyboard's removal); returns the
+        callback_query update."""
         with self._cond:
             message = self._messages.get((user_id, message_id))
             if message is None or message["from"]["id"] != self.bot_id:
                 raise AssertionError(f"no bot message {message_id} in chat {user_id}")
-            if data not in self.button_data(message):
+            if not force and data not in self.button_data(message):
                 raise AssertionError(f"message {message_id} in chat {user_id} has no button with callback_data "
                                      f"{data!r}; it has {self.button_data(message)}")
             user = self._user(user_id, first_name, username, language_code)
@@ -641,10 +642,12 @@ class FakeTelegram(FakeServer):
         caption = self._formatted(p, "caption", MAX_CAPTION_LENGTH, "message caption is too long")
         return {"caption": caption} if caption else {}
 
-    @staticmethod
-    def _upload(p: dict, uploads: dict, name: str):
-        if p.get(name) not in (None, ""):
-            raise _bad("wrong file identifier/HTTP URL specified")
+    def _upload(self, p: dict, uploads: dict, name: str):
+        if p.get(name) not in (None, ""):              # a file sent before, again by its file_id
+            record = self._files.get(str(p[name]))
+            if record is None:
+                raise _bad("wrong file identifier/HTTP URL specified")
+            return record["file_name"] or name, record["data"]
         if name not in uploads:
             raise _bad(f"there is no {name} in the request")
         if len(uploads[name][1]) > MAX_UPLOAD:
@@ -770,6 +773,12 @@ class FakeTelegram(FakeServer):
         if "text" in message:
             raise _bad("there is no caption in the message to edit")
         return self._edit(message, "caption", caption, markup)
+
+    def _m_editMessageReplyMarkup(self, p, uploads):
+        markup = self._reply_markup(p)               # without reply_markup: the keyboard is removed
+        message = self._edit_target(p)
+        key = "text" if "text" in message else "caption"
+        return self._edit(message, key, message.get(key, ""), markup)
 
     def _m_deleteMessage(self, p, uploads):
         key = (self._target_chat(p, sending=False), _as_int(p.get("message_id")))
