@@ -850,6 +850,11 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
         files = data.setdefault("files", [])
         album = data.get("album") if group and (data.get("album") or {}).get("group") == group else None
         if record["state"] != Step.images.name or data.get("mode") != mode:
+            if (album is not None and caption and mode == "edit" and data.get("mode") == "edit"
+                    and record["state"] == Step.prompt.name and not data.get("caption")):
+                data["caption"] = caption                  # the album's caption came with a later photo
+                ctx.state, ctx.data = record["state"], copy.deepcopy(data)
+                return "late_caption"
             return None                                    # the flow changed meanwhile (or the album is in)
         if caption and mode in ("edit", "merge"):
             data["caption"] = caption
@@ -871,6 +876,8 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
         return len(files), role, copy.deepcopy(album)
 
     outcome = ctx.update(add)
+    if outcome == "late_caption":
+        return _accept(ctx, mode, prompt=media.validate_prompt(caption, ctx.cfg), file_ids=_file_ids(ctx))
     if outcome == -1:
         return _too_many_images(ctx, spec)
     if outcome is None:
@@ -1063,6 +1070,8 @@ def on_pay_for_draft(call: types.CallbackQuery, ctx: Ctx) -> None:
     token = call.data.split(":", 1)[1]
     if worker.mark_draft_resume(ctx.user.id, token) is None:
         return on_stale_button(call, ctx)
+    if not billing.claim_action("tap:payfor:%s:%s" % (ctx.user.id, token[:40])):
+        return _already_done(ctx)                          # one top-up screen per tap
     _answer(ctx)
     ctx.finish()
     show_balance(ctx, resume_note=True)

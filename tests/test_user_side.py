@@ -201,6 +201,8 @@ def test_pay_and_continue_starts_the_refused_job_when_the_payment_is_credited(sh
                                                                       {"aspect_ratio": "16:9"}, "credits")
     [screen] = app.press("payfor:" + draft.token, message=refused)
     assert "запустится сама" in screen["text"]
+    new, answer = tap(app, refused, "payfor:" + draft.token)
+    assert new == [] and "Уже сделано" in answer
     [order] = app.press("amount:100", message=screen)
     paid_by_webhook(app, fake_yookassa, Payment.get())
     texts_ = [m.get("text") or m.get("caption") or "" for m in app.fake.messages(USER)]
@@ -384,6 +386,15 @@ def test_an_edit_album_uses_the_first_photo_and_says_so(app):
     texts_ = [m["text"] for m in app.fake.messages(USER)[since:]]
     assert any("первое фото" in t for t in texts_) and any("Что изменить" in t for t in texts_)
     assert len(texts_) == 2
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_an_edit_album_with_a_caption_is_one_job_with_that_instruction(app, attempt):
+    app.send("/start")
+    app.press("mode:edit")
+    album_in_threads(app, [png(100, 100), png(120, 100)], caption="Сделай ярче")
+    [gen] = list(Generation.select())
+    assert gen.prompt == "Сделай ярче" and len(gen.input_file_ids) == 1
 
 
 def test_a_face_swap_album_of_two_is_face_and_target(app, fake_fal):
