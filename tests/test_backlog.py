@@ -23,8 +23,8 @@ from tests.helpers import poll
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TTL = 3                  # seconds: the smallest RESERVATION_TTL the configuration accepts
-FAL_SECONDS = 0.25       # each job's time at the fake Fal
-JOBS = 36                # × (0.25 s + the pipeline's own work) on one thread: a backlog of 3+ TTLs
+FAL_SECONDS = 0.4        # each job's time at the fake Fal
+JOBS = 30                # one thread: the backlog lasts at least 30 × 0.4 s = 12 s = 4 TTLs, by construction
 USERS = JOBS // 2        # MAX_ACTIVE_JOBS_PER_USER is 2
 
 
