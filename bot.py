@@ -81,7 +81,7 @@ from models import ConversationState, Generation, Payment, User
 logger = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = ["message", "callback_query"]
-ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4")
+ASPECT_RATIOS = media.ASPECT_RATIOS          # one list, in media.MODE_SPECS
 IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
 # Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
 STICKY_KEYS = ("face_swap_consent", "promo_code", "taps")
@@ -1889,6 +1889,11 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
     msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))
     # Steps.
     msg(g(on_image), content_types=["photo", "document"], state=Step.images)
+    # A photo of an album whose first photo already moved the flow on (edit: to the instruction)
+    # still reaches on_image: its caption may be the instruction. Handlers are chosen by the state
+    # when the update is dispatched, and an album's updates are handled concurrently.
+    msg(g(on_image), content_types=["photo", "document"], state=Step.prompt,
+        func=lambda m: m.media_group_id is not None)
     msg(g(on_prompt), content_types=["text"], state=Step.prompt)
     msg(g(on_caption_text), content_types=["text"], state=Step.text)
     msg(g(on_amount_text), content_types=["text"], state=Step.amount)

@@ -156,10 +156,12 @@ class ModeSpec:
     paid: bool = True
     local: bool = False          # done here with Pillow, never sent to Fal
     image_roles: tuple = ()      # names of the images in the order the user sends them
+    aspect_ratios: tuple = ()    # the choices offered (bot), accepted (worker) and sent (Fal); first = default
 
 
 MODE_SPECS: dict[str, ModeSpec] = {
-    "generate": ModeSpec("generate", 0, 0, needs_prompt=True),
+    # fal-ai/nano-banana accepts 21:9 … 9:16 (docs/REFERENCES.md §6); we offer these five.
+    "generate": ModeSpec("generate", 0, 0, needs_prompt=True, aspect_ratios=("1:1", "16:9", "9:16", "4:3", "3:4")),
     "edit": ModeSpec("edit", 1, 1, needs_prompt=True, image_roles=("photo",)),
     "merge": ModeSpec("merge", 2, 4, needs_prompt=True),
     "add_text": ModeSpec("add_text", 1, 1, needs_text=True, paid=False, local=True, image_roles=("photo",)),
@@ -170,8 +172,8 @@ MODE_SPECS: dict[str, ModeSpec] = {
 assert tuple(MODE_SPECS) == config.MODES
 assert tuple(m for m, s in MODE_SPECS.items() if s.paid) == config.PAID_MODES
 
-# Aspect ratios accepted by fal-ai/nano-banana (fal-js endpoint types, docs/REFERENCES.md §6).
-ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "5:4", "1:1", "4:5", "3:4", "2:3", "9:16")
+# The one list of aspect ratios (bot buttons, worker validation, Fal arguments).
+ASPECT_RATIOS = MODE_SPECS["generate"].aspect_ratios
 
 # --------------------------------------------------------------------------------------------
 # Validation

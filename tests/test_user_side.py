@@ -652,3 +652,21 @@ def test_no_referral_link_or_bonus_when_the_bonus_is_off(shop, fake_yookassa):
     paid_by_webhook(app, fake_yookassa, Payment.get())
     assert billing.get_balance(user_row().id).credits == 0
     audit_ok()
+
+
+def test_an_edit_album_whose_captioned_photo_is_handled_last_still_starts_the_job(app):
+    """The race behind the threaded album tests, made deterministic: the photo without the caption
+    is handled first and moves the flow to the instruction step; the captioned photo, dispatched
+    after that, must still reach the image handler and start the job with its caption."""
+    app.send("/start")
+    app.press("mode:edit")
+    app.fake.send_album(USER, [png(100, 100), png(120, 100)], caption="Сделай ярче")
+    updates = app.fetch()
+    captioned = [u for u in updates if u.message.caption]
+    plain = [u for u in updates if not u.message.caption]
+    assert len(captioned) == 1 and len(plain) == 1
+    app.bot.process_new_updates(plain)
+    assert Generation.select().count() == 0
+    app.bot.process_new_updates(captioned)
+    [gen] = list(Generation.select())
+    assert gen.prompt == "Сделай ярче" and len(gen.input_file_ids) == 1
