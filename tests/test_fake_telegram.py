@@ -354,3 +354,91 @@ def test_wait_for_reports_recent_calls_on_timeout(bot, fake_telegram):
     assert "sendMessage chat=777 text='third' -> 400 Bad Request: chat not found" in str(info.value)
     with pytest.raises(AssertionError, match="no getUpdates long poll"):
         fake_telegram.wait_until_polling(timeout=0.05)
+
+
+# --- Telegram Stars --------------------------------------------------------------------------
+
+def stars_invoice(bot, **changes):
+    params = dict(chat_id=USER, title="Media Lab: 100 кредитов", description="Пополнение баланса",
+                  invoice_payload="order-1", provider_token="", currency="XTR",
+                  prices=[types.LabeledPrice("100 кредитов", 70)])
+    params.update(changes)
+    return bot.send_invoice(**params)
+
+
+def test_send_invoice_accepts_only_stars_with_one_price_and_checks_the_lengths(bot, fake_telegram):
+    sent = stars_invoice(bot)
+    assert (sent.invoice.currency, sent.invoice.total_amount, sent.invoice.title) == ("XTR", 70, "Media Lab: 100 кредитов")
+    assert fake_telegram.invoice(USER)["payload"] == "order-1"
+    call = fake_telegram.calls("sendInvoice")[0]
+    assert call.params["provider_token"] == "" and call.params["prices"] == [{"label": "100 кредитов", "amount": 70}]
+    for changes, error in (({"currency": "RUB"}, "CURRENCY_INVALID"),
+                           ({"provider_token": "381764678:TEST:1"}, "PAYMENT_PROVIDER_INVALID"),
+                           ({"prices": [types.LabeledPrice("a", 1), types.LabeledPrice("b", 2)]}, "exactly one price"),
+                           ({"prices": [types.LabeledPrice("a", 0)]}, "STARS_INVOICE_INVALID"),
+                           ({"title": "x" * 33}, "TITLE_INVALID"),
+                           ({"description": "x" * 256}, "DESCRIPTION_INVALID"),
+                           ({"invoice_payload": "я" * 65}, "PAYLOAD_INVALID")):
+        assert error in api_error(lambda changes=changes: stars_invoice(bot, **changes)).description
+    assert stars_invoice(bot, title="x" * 32, description="y" * 255, invoice_payload="z" * 128).invoice
+    link = bot.create_invoice_link("Media Lab", "Пополнение", "order-2", "", "XTR", [types.LabeledPrice("x", 5)])
+    assert link.startswith("https://t.me/$") and fake_telegram.invoice(USER, link=link)["total_amount"] == 5
+    assert "CURRENCY_INVALID" in api_error(lambda: bot.create_invoice_link(
+        "Media Lab", "x", "p", "", "USD", [types.LabeledPrice("x", 5)])).description
+
+
+def test_a_payment_needs_an_ok_pre_checkout_answer_in_time(bot, fake_telegram):
+    fake_telegram.pre_checkout_timeout = 0.3
+    stars_invoice(bot)
+    # ok=True in time: charged, one successful_payment message.
+    attempt = fake_telegram.pay_invoice(USER)
+    query = bot.get_updates(long_polling_timeout=0.001)[-1].pre_checkout_query
+    assert (query.currency, query.total_amount, query.invoice_payload, query.from_user.id) == ("XTR", 70, "order-1", USER)
+    assert bot.answer_pre_checkout_query(query.id, ok=True)
+    assert attempt.wait() == "paid" and attempt.charge_id.startswith("stx")
+    assert "query is too old" in api_error(lambda: bot.answer_pre_checkout_query(query.id, ok=True)).description
+    paid = types.Update.de_json(attempt.update).message.successful_payment
+    assert (paid.currency, paid.total_amount, paid.invoice_payload, paid.telegram_payment_charge_id) == (
+        "XTR", 70, "order-1", attempt.charge_id)
+    # ok=False: no charge; an answer after the deadline is refused and nothing is charged.
+    refused = fake_telegram.pay_invoice(USER)
+    assert "ERROR_MESSAGE_EMPTY" in api_error(lambda: bot.answer_pre_checkout_query(refused.query_id, ok=False)).description
+    assert bot.answer_pre_checkout_query(refused.query_id, ok=False, error_message="Заказ не найден")
+    assert refused.wait() == "refused" and refused.error_message == "Заказ не найден"
+    late = fake_telegram.pay_invoice(USER)
+    assert late.wait() == "timeout"
+    assert "query is too old" in api_error(lambda: bot.answer_pre_checkout_query(late.query_id, ok=True)).description
+    assert [t["id"] for t in fake_telegram.star_transactions()] == [attempt.charge_id]
+
+
+def test_successful_payment_redelivery_lost_delivery_refunds_and_transactions(bot, fake_telegram):
+    fake_telegram.pre_checkout_timeout = 2
+    stars_invoice(bot)
+    attempt = fake_telegram.pay_invoice(USER)
+    bot.answer_pre_checkout_query(attempt.query_id, ok=True)
+    attempt.wait()
+    copies = fake_telegram.deliver_again(attempt.update, times=3)
+    assert len({u["update_id"] for u in copies + [attempt.update]}) == 4
+    assert {u["message"]["successful_payment"]["telegram_payment_charge_id"] for u in copies} == {attempt.charge_id}
+    fake_telegram.lose_next_successful_payment()
+    lost = fake_telegram.pay_invoice(USER)
+    bot.answer_pre_checkout_query(lost.query_id, ok=True)
+    assert lost.wait() == "paid" and lost.update is None
+    updates = bot.get_updates(long_polling_timeout=0.001)
+    assert sum(1 for u in updates if u.message and u.message.successful_payment) == 4   # the lost one never came
+    # The bot refunds once; the second refund of the same charge fails.
+    assert "USER_ID_INVALID" in api_error(lambda: bot.refund_star_payment(USER + 1, attempt.charge_id)).description
+    assert bot.refund_star_payment(USER, attempt.charge_id) is True
+    assert "CHARGE_ALREADY_REFUNDED" in api_error(lambda: bot.refund_star_payment(USER, attempt.charge_id)).description
+    refunded = types.Update.de_json(fake_telegram.refund(lost.charge_id)).message
+    assert refunded.content_type is None            # pyTelegramBotAPI 4.37.1: no handler sees it
+    assert (refunded.refunded_payment.telegram_payment_charge_id, refunded.refunded_payment.total_amount) == (
+        lost.charge_id, 70)
+    # getStarTransactions: oldest first, paged; a refund has the payment's id and a receiver.
+    page = bot.get_star_transactions(offset=1, limit=2).transactions
+    assert [(t.id, t.source is None, t.receiver is None) for t in page] == [
+        (lost.charge_id, False, True), (attempt.charge_id, True, False)]
+    every = bot.get_star_transactions().transactions
+    assert [t.id for t in every] == [attempt.charge_id, lost.charge_id, attempt.charge_id, lost.charge_id]
+    assert every[0].source.user.id == USER and every[0].source.invoice_payload == "order-1" and every[0].amount == 70
+    assert "limit" in api_error(lambda: bot.get_star_transactions(limit=101)).description

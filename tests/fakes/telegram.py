@@ -34,9 +34,22 @@ Faithful, for what Media Lab uses (texts from tdlib/telegram-bot-api ``Client.cp
   getFile over 20 MiB ``file is too big``; downloads are recorded as ``Call("download")``.
 * A callback query can be answered once.
 
-Not modelled: groups, channels, inline mode, payments, media groups sent by the bot, reply
-parameters, flood control (use ``fail_next``), ``allowed_updates`` (only message and callback_query
-updates exist here).
+* Telegram Stars (core.telegram.org/bots/payments-stars, bots/api#payments): sendInvoice /
+  createInvoiceLink only in ``XTR`` with an empty ``provider_token`` and exactly one price (whole
+  Stars), title 1–32, description 1–255 characters, payload 1–128 bytes. ``pay_invoice`` plays a user
+  paying: a ``pre_checkout_query`` update, then — only for ``ok=True`` answered within
+  ``pre_checkout_timeout`` seconds (10 in Telegram) — the charge (a StarTransaction whose id is the
+  ``telegram_payment_charge_id``) and a ``successful_payment`` service message. A late answer gets
+  ``query is too old ...`` and the payment is canceled. ``deliver_again`` pushes the same service
+  message N more times; ``lose_next_successful_payment`` charges without delivering it.
+  refundStarPayment (``CHARGE_ALREADY_REFUNDED`` the second time) and ``refund`` (Telegram refunding
+  on its own) add a refund transaction (same id, a ``receiver``) and a ``refunded_payment`` message.
+  getStarTransactions: ``offset``, ``limit`` 1..100, oldest first. Error texts marked approx. are
+  ours where the exact Bot API text is not known.
+
+Not modelled: groups, channels, inline mode, payments in real currencies (provider tokens),
+shipping, tips, subscriptions, media groups sent by the bot, reply parameters, flood control (use
+``fail_next``), ``allowed_updates`` (all update kinds are delivered).
 """
 from __future__ import annotations
 
@@ -69,9 +82,11 @@ MAX_DOWNLOAD = 20 << 20            # telegram-bot-api Client.h MAX_DOWNLOAD_FILE
 LONG_POLL_MAX_TIMEOUT = 50
 FIRST_UPDATE_ID = 100_000_001
 MESSAGE_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText", "editMessageCaption"})
-_JSON_PARAMS = frozenset({"reply_markup", "allowed_updates", "commands", "entities", "caption_entities"})
-_INT_PARAMS = frozenset({"chat_id", "message_id", "offset", "limit", "cache_time"})
-_BOOL_PARAMS = frozenset({"show_alert", "drop_pending_updates"})
+_JSON_PARAMS = frozenset({"reply_markup", "allowed_updates", "commands", "entities", "caption_entities", "prices"})
+_INT_PARAMS = frozenset({"chat_id", "message_id", "offset", "limit", "cache_time", "user_id"})
+_BOOL_PARAMS = frozenset({"show_alert", "drop_pending_updates", "ok"})
+PRE_CHECKOUT_TIMEOUT = 10.0        # seconds Telegram waits for answerPreCheckoutQuery
+_QUERY_TOO_OLD = "query is too old and response timeout expired or query ID is invalid"
 _CHAT_ACTIONS = frozenset({"typing", "upload_photo", "upload_document", "choose_sticker", "find_location",
                            "record_video", "upload_video", "record_voice", "upload_voice"})
 _API_PATH = re.compile(r"/bot([^/]+)/([A-Za-z0-9_]+)/?")
@@ -188,6 +203,33 @@ def _thumbnail(data: bytes, box: int):
         return buf.getvalue(), img.width, img.height
 
 
+class PaymentAttempt:
+    """A user's tap on Pay (``FakeTelegram.pay_invoice``): ``query_id`` and ``update`` (the
+    pre_checkout_query pushed); ``wait()`` returns the outcome — ``"paid"`` (then ``charge_id`` and
+    ``update``, the successful_payment update or None when it was lost), ``"refused"`` (ok=false,
+    ``error_message``) or ``"timeout"`` (no answer within the deadline: canceled)."""
+
+    def __init__(self, query_id: str, update: dict):
+        self.query_id, self.pre_checkout = query_id, update
+        self.outcome: str | None = None
+        self.charge_id: str | None = None
+        self.update: dict | None = None
+        self.error_message: str | None = None
+        self._done = threading.Event()
+
+    def _finish(self, outcome: str, **values) -> None:
+        self.outcome = outcome
+        for name, value in values.items():
+            setattr(self, name, value)
+        self._done.set()
+
+    def wait(self, timeout: float = 15.0) -> str:
+        """Block until Telegram decided (at most `timeout` seconds); return the outcome."""
+        if not self._done.wait(timeout):
+            raise AssertionError(f"pre-checkout {self.query_id} undecided after {timeout}s")
+        return self.outcome
+
+
 class FakeTelegram(FakeServer):
     """Local fake Telegram Bot API for one bot. See the module docstring."""
 
@@ -195,10 +237,12 @@ class FakeTelegram(FakeServer):
     log_requests = False           # calls() is the log
     METHODS = ("getMe", "getUpdates", "setWebhook", "deleteWebhook", "setMyCommands", "sendMessage",
                "sendPhoto", "sendDocument", "editMessageText", "editMessageCaption", "editMessageReplyMarkup",
-               "deleteMessage", "answerCallbackQuery", "sendChatAction", "getFile")
+               "deleteMessage", "answerCallbackQuery", "sendChatAction", "getFile", "sendInvoice",
+               "createInvoiceLink", "answerPreCheckoutQuery", "refundStarPayment", "getStarTransactions")
 
     def __init__(self, token: str = DEFAULT_TOKEN, bot_username: str = "medialab_test_bot", *,
-                 strict_chats: bool = True, port: int = 0, webhook_retry_delay: float = 0.5):
+                 strict_chats: bool = True, port: int = 0, webhook_retry_delay: float = 0.5,
+                 pre_checkout_timeout: float = PRE_CHECKOUT_TIMEOUT):
         super().__init__(port)
         self.token = token
         self.bot_id = int(token.split(":", 1)[0])
@@ -222,6 +266,12 @@ class FakeTelegram(FakeServer):
         self._faults: dict[str, list[list]] = {}        # method -> [[error, times], ...]
         self._webhook: dict | None = None
         self._polling = 0
+        self.pre_checkout_timeout = pre_checkout_timeout
+        self._invoices: dict[str, dict] = {}            # invoice key (message or link) -> invoice
+        self._pre_checkouts: dict[str, dict] = {}       # query id -> {"answer": None | params, "late": bool}
+        self._transactions: list[dict] = []             # StarTransaction objects, oldest first
+        self._charges: dict[str, dict] = {}             # charge id -> {"user", "invoice", "refunded"}
+        self._lose_successful = 0
 
     def start(self) -> FakeTelegram:
         if self._server is None:
@@ -337,6 +387,116 @@ class FakeTelegram(FakeServer):
         error = _ApiError(error_code, description, {"retry_after": retry_after} if retry_after is not None else None)
         with self._cond:
             self._faults.setdefault(method.lower(), []).append([error, times])
+
+    # ------------------------------------------------------------------ Telegram Stars (users, Telegram)
+
+    def invoice(self, user_id: int, message_id: int | None = None, link: str | None = None) -> dict:
+        """The invoice behind a bot message in ``user_id``'s chat (the latest when ``message_id`` is
+        None) or behind an invoice ``link``: ``{"title", "description", "payload", "currency",
+        "total_amount"}``."""
+        with self._cond:
+            if link is not None:
+                key = "link:" + link
+            else:
+                if message_id is None:
+                    ids = [m for m in self._bot_messages.get(user_id, []) if f"msg:{user_id}:{m}" in self._invoices]
+                    if not ids:
+                        raise AssertionError(f"no invoice in chat {user_id}")
+                    message_id = ids[-1]
+                key = f"msg:{user_id}:{message_id}"
+            if key not in self._invoices:
+                raise AssertionError(f"no invoice {key}")
+            return copy.deepcopy(self._invoices[key])
+
+    def pay_invoice(self, user_id: int, message_id: int | None = None, *, link: str | None = None,
+                    language_code: str | None = "ru") -> PaymentAttempt:
+        """The user taps Pay on an invoice: a ``pre_checkout_query`` update is pushed now, and a
+        background thread waits ``pre_checkout_timeout`` seconds for answerPreCheckoutQuery. With
+        ``ok=True`` in time the Stars are charged and a ``successful_payment`` message is pushed;
+        otherwise the payment is canceled. Returns a `PaymentAttempt` (``wait()`` → its outcome)."""
+        invoice = self.invoice(user_id, message_id, link)
+        with self._cond:
+            user = self._user(user_id, self._users.get(user_id, {}).get("first_name", "Tester"),
+                              self._users.get(user_id, {}).get("username"), language_code)
+            query_id = str(5 * 10**18 + next(self._ids))
+            self._pre_checkouts[query_id] = {"answer": None, "late": False}
+            update = self._push_update("pre_checkout_query", {
+                "id": query_id, "from": copy.deepcopy(user), "currency": invoice["currency"],
+                "total_amount": invoice["total_amount"], "invoice_payload": invoice["payload"]})
+        attempt = PaymentAttempt(query_id, update)
+        threading.Thread(target=self._checkout, args=(attempt, user, invoice), name="FakeTelegram-checkout",
+                         daemon=True).start()
+        return attempt
+
+    def _checkout(self, attempt: PaymentAttempt, user: dict, invoice: dict) -> None:
+        deadline = time.monotonic() + self.pre_checkout_timeout
+        with self._cond:
+            state = self._pre_checkouts[attempt.query_id]
+            while state["answer"] is None and not self._stopping.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            answer = state["answer"]
+            state["late"] = answer is None
+            if answer is None:
+                attempt._finish("timeout")
+            elif not answer.get("ok"):
+                attempt._finish("refused", error_message=answer.get("error_message"))
+            else:
+                charge_id = f"stxFAKE{next(self._ids):08d}"
+                self._charges[charge_id] = {"user": user["id"], "invoice": dict(invoice), "refunded": False}
+                self._transactions.append({
+                    "id": charge_id, "amount": invoice["total_amount"], "date": int(time.time()),
+                    "source": {"type": "user", "transaction_type": "invoice_payment", "user": copy.deepcopy(user),
+                               "invoice_payload": invoice["payload"]}})
+                payment = {"currency": invoice["currency"], "total_amount": invoice["total_amount"],
+                           "invoice_payload": invoice["payload"], "telegram_payment_charge_id": charge_id,
+                           "provider_payment_charge_id": ""}
+                update = None
+                if self._lose_successful:
+                    self._lose_successful -= 1
+                else:
+                    update = self._user_message(user, {"successful_payment": payment})
+                attempt._finish("paid", charge_id=charge_id, update=update)
+            self._cond.notify_all()
+
+    def lose_next_successful_payment(self, times: int = 1) -> None:
+        """The next ``times`` payments are charged but their successful_payment never reaches the bot."""
+        with self._cond:
+            self._lose_successful += times
+
+    def deliver_again(self, update: dict, times: int = 1) -> list[dict]:
+        """Push the message of ``update`` (a successful_payment, say) ``times`` more times, each as a
+        new update, as Telegram does when it could not be sure the bot got it; returns them."""
+        with self._cond:
+            return [self._push_update("message", update["message"]) for _ in range(times)]
+
+    def refund(self, charge_id: str) -> dict:
+        """Telegram refunds a Stars payment on its own (a dispute, say): the refund transaction and
+        a ``refunded_payment`` message; returns the update."""
+        with self._cond:
+            return self._refund(charge_id)
+
+    def star_transactions(self) -> list[dict]:
+        """Every StarTransaction so far, oldest first."""
+        with self._cond:
+            return copy.deepcopy(self._transactions)
+
+    def _refund(self, charge_id: str) -> dict:
+        charge = self._charges.get(charge_id)
+        if charge is None:
+            raise _bad("CHARGE_NOT_FOUND")                                           # approx.
+        if charge["refunded"]:
+            raise _bad("CHARGE_ALREADY_REFUNDED")
+        charge["refunded"] = True
+        invoice, user = charge["invoice"], self._users[charge["user"]]
+        self._transactions.append({"id": charge_id, "amount": invoice["total_amount"], "date": int(time.time()),
+                                   "receiver": {"type": "user", "transaction_type": "invoice_payment",
+                                                "user": copy.deepcopy(user), "invoice_payload": invoice["payload"]}})
+        return self._push_update("message", self._new_message(user["id"], user, {"refunded_payment": {
+            "currency": invoice["currency"], "total_amount": invoice["total_amount"],
+            "invoice_payload": invoice["payload"], "telegram_payment_charge_id": charge_id}}))
 
     # ------------------------------------------------------------------ observation
 
@@ -811,6 +971,74 @@ class FakeTelegram(FakeServer):
             record["file_path"] = f"{record['kind']}/file_{next(self._ids)}{ext}"
             self._paths[record["file_path"]] = record["file_id"]
         return {k: record[k] for k in ("file_id", "file_unique_id", "file_size", "file_path")}
+
+    def _invoice(self, p: dict, payload_key: str) -> dict:
+        title, description = str(p.get("title") or ""), str(p.get("description") or "")
+        payload = str(p.get(payload_key) or "")
+        if not 1 <= len(title) <= 32:
+            raise _bad("TITLE_INVALID" if title else "title is empty")                  # approx.
+        if not 1 <= len(description) <= 255:
+            raise _bad("DESCRIPTION_INVALID" if description else "description is empty")  # approx.
+        if not 1 <= len(payload.encode("utf-8")) <= 128:
+            raise _bad("PAYLOAD_INVALID" if payload else "payload is empty")            # approx.
+        if p.get("currency") != "XTR":
+            raise _bad("CURRENCY_INVALID: the fake models Telegram Stars (XTR) only")   # approx.
+        if p.get("provider_token") not in (None, ""):
+            raise _bad("PAYMENT_PROVIDER_INVALID: pass an empty provider_token for Telegram Stars")  # approx.
+        prices = p.get("prices")
+        if not isinstance(prices, list):
+            raise _bad("can't parse prices JSON object")                                 # approx.
+        if len(prices) != 1:
+            raise _bad("STARS_INVOICE_INVALID: exactly one price is allowed in Telegram Stars")  # approx.
+        amount = prices[0].get("amount") if isinstance(prices[0], dict) else None
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0 or not prices[0].get("label"):
+            raise _bad("STARS_INVOICE_INVALID")                                          # approx.
+        if p.get("max_tip_amount") or p.get("suggested_tip_amounts") or p.get("need_shipping_address"):
+            raise _bad("STARS_INVOICE_INVALID: no tips or shipping in Telegram Stars")   # approx.
+        return {"title": title, "description": description, "payload": payload, "currency": "XTR",
+                "total_amount": amount}
+
+    def _m_sendInvoice(self, p, uploads):
+        invoice, markup = self._invoice(p, "payload"), self._reply_markup(p)
+        chat_id = self._target_chat(p)
+        message = self._bot_message(chat_id, {"invoice": {
+            "title": invoice["title"], "description": invoice["description"], "start_parameter": "",
+            "currency": invoice["currency"], "total_amount": invoice["total_amount"]}}, markup)
+        self._invoices[f"msg:{chat_id}:{message['message_id']}"] = invoice
+        return message
+
+    def _m_createInvoiceLink(self, p, uploads):
+        invoice = self._invoice(p, "payload")
+        link = f"https://t.me/$FAKE{next(self._ids):010d}"
+        self._invoices["link:" + link] = invoice
+        return link
+
+    def _m_answerPreCheckoutQuery(self, p, uploads):
+        state = self._pre_checkouts.get(str(p.get("pre_checkout_query_id") or ""))
+        if state is None or state["answer"] is not None or state["late"]:
+            raise _bad(_QUERY_TOO_OLD)
+        if not p.get("ok") and not str(p.get("error_message") or "").strip():
+            raise _bad("ERROR_MESSAGE_EMPTY")                                            # approx.
+        state["answer"] = {"ok": bool(p.get("ok")), "error_message": p.get("error_message")}
+        self._cond.notify_all()
+        return True
+
+    def _m_refundStarPayment(self, p, uploads):
+        charge_id = str(p.get("telegram_payment_charge_id") or "")
+        if not charge_id:
+            raise _bad("CHARGE_ID_EMPTY")                                                # approx.
+        charge = self._charges.get(charge_id)
+        if charge is not None and charge["user"] != _as_int(p.get("user_id")):
+            raise _bad("USER_ID_INVALID")                                                # approx.
+        self._refund(charge_id)
+        return True
+
+    def _m_getStarTransactions(self, p, uploads):
+        offset = max(_as_int(p.get("offset")) or 0, 0)
+        limit = _as_int(p.get("limit")) or 100
+        if not 1 <= limit <= 100:
+            raise _bad("limit must be between 1 and 100")                                # approx.
+        return {"transactions": copy.deepcopy(self._transactions[offset:offset + limit])}
 
 
 try:  # the fixture is optional so that demo.py can import this module without pytest
