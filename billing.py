@@ -725,6 +725,35 @@ def _audit_promo_limits(bad) -> None:
             bad("I12 payment %s was discounted but holds no redemption of its code" % payment.id)
 
 
+def _confirmed(payment) -> bool:
+    """A payment carries the confirmation of exactly one provider: its own, and not the other's."""
+    if payment.provider == "stars":
+        return bool(payment.telegram_charge_id) and not payment.yookassa_payment_id and payment.currency == "XTR"
+    return bool(payment.yookassa_payment_id) and not payment.telegram_charge_id and payment.currency != "XTR"
+
+
+def _audit_stars(bad) -> None:
+    """I14: every Stars refund (``stars:<charge id>``) references the Stars payment with that charge
+    and is the whole charge; I15: per order, the top-up credits never exceed what was paid for
+    (the order's credits) and a Stars charge id sits on a Stars order only."""
+    for refund in Refund.select(Refund, Payment).join(Payment).where(Refund.id.startswith("stars:")):
+        payment = refund.payment
+        if payment.provider != "stars" or "stars:%s" % payment.telegram_charge_id != refund.id:
+            bad("I14 Stars refund %s references payment %s (%s, charge %s)"
+                % (refund.id, payment.id, payment.provider, payment.telegram_charge_id))
+        elif refund.amount_kopecks != payment.amount_kopecks:
+            bad("I14 Stars refund %s is %s of %s Stars (a Stars refund is the whole charge)"
+                % (refund.id, refund.amount_kopecks, payment.amount_kopecks))
+    credited = dict(LedgerEntry.select(LedgerEntry.reference, fn.SUM(LedgerEntry.amount))
+                    .where(LedgerEntry.kind == "topup").group_by(LedgerEntry.reference).tuples())
+    for payment in Payment.select(Payment.id, Payment.credits, Payment.provider, Payment.telegram_charge_id):
+        total = credited.get("payment:%s" % payment.id, 0)
+        if total > payment.credits:
+            bad("I15 payment %s: %s credits topped up, %s paid for" % (payment.id, total, payment.credits))
+        if payment.telegram_charge_id and payment.provider != "stars":
+            bad("I15 payment %s (%s) holds a Telegram charge id" % (payment.id, payment.provider))
+
+
 def _audit_refunds(bad) -> None:
     """I13: per payment, refunded kopecks = Σ its refunds ≤ what was paid, and the credits asked
     back = the cumulative share credits × refunded // paid (partial refunds converge)."""
@@ -813,7 +842,8 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             if balance.reserved != open_sums.get(key, 0):
                 bad("I4 user %s %s: reserved %s, open reservations hold %s"
                     % (key[0], key[1], balance.reserved, open_sums.get(key, 0)))
-        # I7: every top-up credit references exactly one succeeded, confirmed payment.
+        # I7: every top-up credit references exactly one succeeded payment confirmed by exactly one
+        # provider: YooKassa (its payment id) or Telegram Stars (its charge id, currency XTR).
         topups = list(LedgerEntry.select().where(LedgerEntry.kind == "topup"))
         seen_refs: dict = {}
         for row in topups:
@@ -821,8 +851,12 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             payment = _payment_for(row.reference)
             if payment is None:
                 bad("I7 top-up ledger %s references no payment (%s)" % (row.id, row.reference))
-            elif payment.status != "succeeded" or not payment.yookassa_payment_id:
+            elif payment.status != "succeeded":
                 bad("I7 top-up ledger %s: payment %s is %s" % (row.id, payment.id, payment.status))
+            elif not _confirmed(payment):
+                bad("I7 top-up ledger %s: payment %s (%s) is not confirmed by exactly one provider "
+                    "(yookassa %s, stars %s)" % (row.id, payment.id, payment.provider, payment.yookassa_payment_id,
+                                                 payment.telegram_charge_id))
             elif payment.credits != row.amount or payment.user_id != row.user_id:
                 bad("I7 top-up ledger %s does not match payment %s" % (row.id, payment.id))
         for ref, count in seen_refs.items():
@@ -836,6 +870,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
                 bad("I9 user %s was granted %s free operations (limit %s)" % (row.user_id, row.total, free_operations))
         _audit_promo_limits(bad)
         _audit_refunds(bad)
+        _audit_stars(bad)
         free_deliveries = (Generation.select().join(Reservation, on=(Generation.reservation == Reservation.id))
                            .where((Generation.status == "delivered")
                                   & Reservation.state.in_(["expired", "released"])).count())

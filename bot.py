@@ -1499,7 +1499,8 @@ def _admin(usage_key: str):
 
 def collect_stats(now: datetime.datetime | None = None, days: int = 7) -> dict:
     """Read-only figures for /stats: users, active in 24 h, generations per day (last `days`) and
-    per mode, failures, revenue (kopecks, succeeded payments minus refunds), paying users."""
+    per mode, failures, revenue (kopecks, succeeded RUB payments minus refunds; Stars payments are not
+    roubles and count only as payments and paying users), paying users."""
     now = now or models.utcnow()
     day_ago = now - datetime.timedelta(hours=24)
     since = (now - datetime.timedelta(days=days - 1)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -1511,7 +1512,7 @@ def collect_stats(now: datetime.datetime | None = None, days: int = 7) -> dict:
                 .group_by(Generation.mode).order_by(Generation.mode)}
     succeeded = Payment.select().where(Payment.status == "succeeded")
     revenue = (Payment.select(fn.COALESCE(fn.SUM(Payment.amount_kopecks - Payment.refunded_kopecks), 0))
-               .where(Payment.status == "succeeded").scalar())
+               .where((Payment.status == "succeeded") & (Payment.currency == "RUB")).scalar())   # Stars are not ₽
     payers = succeeded.select(fn.COUNT(fn.DISTINCT(Payment.user))).scalar()
     periods = {}
     for name, hours in (("day", 24), ("week", 24 * 7)):

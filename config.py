@@ -400,6 +400,11 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds an order stays pending before reconciliation asks YooKassa", PAY),
     Setting("REFUND_WINDOW_DAYS", integer(1, 3650), 30,
             "Days after a top-up during which reconciliation looks for refunds it was not told about", PAY),
+    Setting("STARS_ENABLED", flag, False,
+            "Telegram Stars top-ups (XTR, no provider token): 1 to offer them beside the card payment;\n"
+            "reconciled with getStarTransactions every RECONCILE_INTERVAL seconds. Promo codes do not apply", PAY),
+    Setting("STARS_PER_100_CREDITS", integer(1, 100000), 70,
+            "Whole Stars per 100 credits: a top-up of N credits costs ceil(N × this / 100) Stars", PAY),
     # --- Operations
     Setting("HEALTH_MIN_FREE_MB", integer(0, 10**7), 500,
             "/health and /yookassa/health answer 503 below this much free disk (MB) in DATA_DIR, or when\n"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from peewee import fn
+from peewee import Case, fn
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -79,11 +79,14 @@ class MediaLabCollector:
     def _payments(self):
         count = GaugeMetricFamily("medialab_payments", "Top-up orders by status", labels=["status"])
         credits = GaugeMetricFamily("medialab_payment_credits", "Credits of top-up orders by status", labels=["status"])
-        kopecks = GaugeMetricFamily("medialab_payment_kopecks", "Amount of top-up orders by status, kopecks",
+        kopecks = GaugeMetricFamily("medialab_payment_kopecks",
+                                    "Amount of RUB top-up orders by status, kopecks (Stars orders not counted)",
                                     labels=["status"])
         refunded = 0
+        rub = Payment.currency == "RUB"         # Stars orders keep Stars in amount_kopecks: not roubles
         rows = (Payment.select(Payment.status, fn.COUNT(Payment.id), fn.SUM(Payment.credits),
-                               fn.SUM(Payment.amount_kopecks), fn.SUM(Payment.refunded_kopecks))
+                               fn.SUM(Case(None, [(rub, Payment.amount_kopecks)], 0)),
+                               fn.SUM(Case(None, [(rub, Payment.refunded_kopecks)], 0)))
                 .group_by(Payment.status).order_by(Payment.status).tuples())
         for status, n, cr, kop, ref in rows:
             count.add_metric([status], n)

@@ -233,6 +233,14 @@ class Payment(BaseModel):
     next_check_at = DateTimeField(null=True, index=True)  # reconciliation: not before (backoff)
     check_attempts = IntegerField(null=True)          # reconciliation: re-fetches while pending
     problem = TextField(null=True)                    # needs_attention: why
+    # migrations/0005: Telegram Stars. provider "stars" orders have currency "XTR" and keep the
+    # price in whole Stars in amount_kopecks / refunded_kopecks (the currency's minor unit: XTR has
+    # none smaller than one Star); revenue in roubles counts RUB orders only.
+    provider = CharField(default="yookassa", null=True)   # yookassa | stars (NULL never written)
+    telegram_charge_id = CharField(null=True, unique=True)  # Stars: telegram_payment_charge_id
+
+
+PAYMENT_PROVIDERS = ("yookassa", "stars")
 
 
 class PromoRedemption(BaseModel):
@@ -250,9 +258,10 @@ class PromoRedemption(BaseModel):
 
 
 class Refund(BaseModel):
-    """A YooKassa refund, applied to the ledger exactly once."""
+    """A refund, applied to the ledger exactly once: YooKassa's, or a Stars refund (``stars:<charge id>``,
+    always the whole charge; amount_kopecks then counts Stars)."""
 
-    id = CharField(primary_key=True)                  # YooKassa refund id
+    id = CharField(primary_key=True)                  # YooKassa refund id, or stars:<telegram charge id>
     payment = ForeignKeyField(Payment, backref="refunds", on_delete="RESTRICT")
     amount_kopecks = BigIntegerField()
     credits_requested = BigIntegerField()
@@ -325,7 +334,8 @@ GENERATION_TRANSITIONS = {
 
 PAYMENT_TRANSITIONS = {
     "pending": ("succeeded", "canceled", "needs_attention"),
-    "canceled": ("succeeded",),          # YooKassa says paid after our cancel: the user paid
+    "canceled": ("succeeded", "needs_attention"),  # paid after our cancel: the user paid (a Stars
+                                                   # payment that does not match it needs a human)
     "needs_attention": ("succeeded",),   # verified later (a notification, the check button)
     "succeeded": (),
 }

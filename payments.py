@@ -332,7 +332,7 @@ def _reusable_order(user_id: int, credits: int, code: str | None, now: datetime.
     first): a repeated tap after the discount was applied re-uses the discounted order instead of
     silently making a full-price one."""
     query = (Payment.select().where((Payment.user == user_id) & (Payment.credits == credits)
-                                    & (Payment.status == "pending")
+                                    & (Payment.status == "pending") & (Payment.provider == "yookassa")
                                     & (Payment.created_at >= now - datetime.timedelta(seconds=REUSE_WINDOW)))
              .order_by(Payment.created_at.desc()))
     orders = list(query)
@@ -708,6 +708,14 @@ def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund |
     return Refund.get_by_id(refund_id)
 
 
+def record_refund(order_id: uuid.UUID, refund_id: str, amount: int) -> Refund | None:
+    """Record refund `refund_id` of `amount` (the order's minor unit: kopecks, or Stars for an XTR
+    order) of order `order_id` once and take back its share of the credits, as for a YooKassa
+    refund (the cumulative rule, capped, the shortfall recorded). Returns the new Refund, or None
+    when it was recorded already. Used for Stars refunds (stars.py)."""
+    return _apply_refund(order_id, refund_id, amount)
+
+
 def claim_refund_notification(refund_id: str) -> bool:
     """Return True exactly once for an applied refund: the caller then tells the user."""
     return bool(Refund.update(notified_at=utcnow())
@@ -919,9 +927,11 @@ class RefundResult:
 
 
 def find_order(reference: str) -> Payment | None:
-    """Our order for `reference`: a YooKassa payment id as the cabinet shows it, or our order uuid."""
+    """Our order for `reference`: a YooKassa payment id as the cabinet shows it, a Telegram Stars
+    charge id, or our order uuid."""
     reference = (reference or "").strip()
-    order = Payment.get_or_none(Payment.yookassa_payment_id == reference) if reference else None
+    order = Payment.get_or_none((Payment.yookassa_payment_id == reference)
+                                | (Payment.telegram_charge_id == reference)) if reference else None
     if order is None:
         try:
             order = Payment.get_or_none(Payment.id == uuid.UUID(reference))
@@ -1035,7 +1045,7 @@ def due_for_reconciliation(cfg: config.Config, now: datetime.datetime, limit: in
     (never-checked orders before all others), at most `limit`: a round robin no order can starve."""
     cutoff = now - datetime.timedelta(seconds=cfg.reconcile_after)
     return list(Payment.select().where(
-        (Payment.status == "pending") & (Payment.created_at <= cutoff)
+        (Payment.status == "pending") & (Payment.provider == "yookassa") & (Payment.created_at <= cutoff)
         & (Payment.next_check_at.is_null() | (Payment.next_check_at <= now)))
         .order_by(Payment.checked_at.asc(nulls="first"), Payment.created_at).limit(limit))
 
@@ -1215,9 +1225,10 @@ def daily_report(cfg: config.Config | None = None, day: datetime.date | None = N
     start = datetime.datetime.combine(day, datetime.time.min)
     end = start + datetime.timedelta(days=1)
     ours_topups = {p.yookassa_payment_id: p.amount_kopecks for p in Payment.select().where(
-        (Payment.status == "succeeded") & (Payment.succeeded_at >= start) & (Payment.succeeded_at < end))}
-    ours_refunds = {r.id: r.amount_kopecks for r in Refund.select().where(
-        (Refund.created_at >= start) & (Refund.created_at < end))}
+        (Payment.status == "succeeded") & (Payment.provider == "yookassa")
+        & (Payment.succeeded_at >= start) & (Payment.succeeded_at < end))}
+    ours_refunds = {r.id: r.amount_kopecks for r in Refund.select().join(Payment).where(
+        (Payment.provider == "yookassa") & (Refund.created_at >= start) & (Refund.created_at < end))}
     api_topups = {p.id: value_to_kopecks(p.amount.value) for p in _list_all(yookassa.Payment.list, {
         "status": "succeeded", "captured_at.gte": _iso(start), "captured_at.lt": _iso(end)})}
     api_refunds = {r.id: value_to_kopecks(r.amount.value) for r in _list_all(yookassa.Refund.list, {

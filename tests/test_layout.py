@@ -1,4 +1,4 @@
-"""Imports point one way: bot/web → worker → payments → promo → billing → models → config
+"""Imports point one way: bot/web → worker → stars → payments → promo → billing → models → config
 (`ops` — heartbeats, health, admin views — and `metrics` sit beside billing: models, config only).
 
 Parses every top-level module with `ast` and fails on an import the layering forbids.
@@ -8,7 +8,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-OURS = {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "bot", "web",
+OURS = {"config", "models", "billing", "promo", "payments", "stars", "media", "texts", "worker", "bot", "web",
         "manage", "demo", "backup", "ops", "metrics", "startup"}
 
 ALLOWED = {
@@ -22,8 +22,10 @@ ALLOWED = {
     "metrics": {"config", "models", "ops"},
     "promo": {"config", "models", "billing"},
     "payments": {"config", "models", "billing", "promo"},
-    "worker": {"config", "models", "billing", "promo", "payments", "media", "texts", "ops", "startup"},
-    "bot": {"config", "models", "billing", "promo", "payments", "media", "texts", "worker", "ops", "startup"},
+    "stars": {"config", "models", "billing", "payments"},     # Telegram Stars top-ups, beside payments
+    "worker": {"config", "models", "billing", "promo", "payments", "stars", "media", "texts", "ops", "startup"},
+    "bot": {"config", "models", "billing", "promo", "payments", "stars", "media", "texts", "worker", "ops",
+            "startup"},
     "web": {"config", "models", "payments", "worker", "texts", "ops", "metrics", "startup"},
     "backup": set(),
     "manage": {"config", "models", "billing", "promo", "backup", "startup"},
