@@ -26,8 +26,9 @@ Callback data: ``menu``, ``cancel``, ``mode:<mode>``, ``consent``, ``ratio:<w:h>
 id>``, ``pay``, ``amount:<credits>``, ``amount_custom``, ``promo``, ``check:<payment uuid>``,
 ``dretry:<draft token>``, ``dedit:<draft token>``, ``payfor:<draft token>`` (a kept draft),
 ``use:<edit|upscale|add_text>:<generation id>`` (a result as the next input), ``hsend:<id>`` and
-``rerun:<id>`` (/history), ``bcast`` (an admin's broadcast preview); anything else (or a button of
-a step that is over) is answered "this button is no longer active".
+``rerun:<id>`` (/history), ``bcast`` (an admin's broadcast preview), ``stars``, ``stars:<credits>``
+(Telegram Stars); anything else (or a button of a step that is over) is answered "this button is
+no longer active".
 
 A tap acts once, and only on its own flow (issue 11 §1): every flow button carries its flow's token
 (``ratio:16:9~k3x9q2``, `Ctx.button`); the middleware splits it off into ``ctx.token`` and `_claim`
@@ -35,6 +36,12 @@ records ``<token>:<kind>`` on the chat's state row in the same locked transactio
 transition, so a second tap (sequential or concurrent) answers "✓ Уже сделано" and a button of an
 older flow "this button is no longer active". Buttons that are not part of a flow are claimed with
 `billing.claim_action` (``tap:again:<id>``, ``tap:draft:<user>:<token>``).
+
+Telegram Stars (issue 12, `stars`): the invoice's payload is our order id; the pre_checkout_query is
+answered here in the bot process (`on_pre_checkout`, within Telegram's 10 s); successful_payment and
+refunded_payment service messages are applied by `MediaLabBot.process_new_updates` before the
+handlers (pyTelegramBotAPI 4.37.1 gives refunded_payment no content_type, and a payment must be
+credited even for a user the middleware would refuse).
 
 `main()` runs long polling, or webhook mode when TELEGRAM_WEBHOOK_URL is set (`create_webhook_app`).
 """
@@ -73,6 +80,7 @@ import models
 import ops
 import payments
 import promo
+import stars
 import startup
 import texts
 import worker
@@ -80,7 +88,8 @@ from models import ConversationState, Generation, Payment, User
 
 logger = logging.getLogger(__name__)
 
-ALLOWED_UPDATES = ["message", "callback_query"]
+ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
+USER_UPDATES = ("message", "callback_query")      # what UserMiddleware loads a user and a chat state for
 ASPECT_RATIOS = media.ASPECT_RATIOS          # one list, in media.MODE_SPECS
 IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
 # Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
@@ -335,7 +344,7 @@ class UserMiddleware(BaseMiddleware):
 
     def __init__(self, bot: telebot.TeleBot, cfg: config.Config):
         super().__init__()
-        self.update_types = list(ALLOWED_UPDATES)
+        self.update_types = list(USER_UPDATES)
         self.bot = bot
         self.cfg = cfg
 
@@ -605,10 +614,12 @@ def _support_lines(ctx: Ctx) -> list[str]:
 
 
 def cmd_help(message: types.Message, ctx: Ctx) -> None:
-    """/help: what each mode does, prices and free operations, support and terms (and, for
-    admins, the admin commands)."""
+    """/help: what each mode does, prices and free operations (and Stars when they are on), support
+    and terms (and, for admins, the admin commands)."""
     text = ctx.t("help", price=ctx.cfg.price_per_operation, free=ctx.cfg.free_operations_count,
                  max_mb=ctx.cfg.max_image_bytes // (1024 * 1024))
+    if ctx.cfg.stars_enabled:
+        text += "\n\n" + ctx.t("help_stars", rate=ctx.cfg.stars_per_100_credits)
     extra = _support_lines(ctx)
     if ctx.telegram_id in ctx.cfg.admin_ids:
         extra.append(ctx.t("admin_help"))
@@ -1296,6 +1307,9 @@ def show_balance(ctx: Ctx, *, resume_note: bool = False) -> None:
             buttons.append((label, ctx.button("amount:%d" % credits)))
         rows += [buttons[i:i + 2] for i in range(0, len(buttons), 2)]
         rows.append([(ctx.t("btn_other_amount"), "amount_custom")])
+    if ctx.cfg.stars_enabled:       # beside the card payment, and also without YooKassa
+        rows.append([(ctx.t("btn_stars"), "stars")])
+    if rows:
         rows.append([(ctx.t("btn_promo"), "promo")])
         rows.append([(ctx.t("btn_cancel"), ctx.button("cancel"))])
         lines += _support_lines(ctx)
@@ -1410,6 +1424,81 @@ def on_check(call: types.CallbackQuery, ctx: Ctx) -> None:
         _send(ctx, ctx.t("payment_canceled"), _menu_button_markup(ctx))
     else:
         _answer(ctx, ctx.t("payment_pending"), alert=True)
+
+
+def on_stars(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """"⭐ Telegram Stars": the same top-up amounts priced in Stars (promo codes do not apply)."""
+    _answer(ctx)
+    if not ctx.cfg.stars_enabled:
+        raise stars.StarsNotEnabled()
+    ctx.finish()
+    buttons = [(ctx.t("btn_stars_amount", credits=credits, stars=stars.price_stars(credits, ctx.cfg)),
+                ctx.button("stars:%d" % credits)) for credits in ctx.cfg.topup_amounts]
+    rows = [buttons[i:i + 2] for i in range(0, len(buttons), 2)] + [[(ctx.t("btn_cancel"), ctx.button("cancel"))]]
+    _send(ctx, ctx.t("stars_title", rate=ctx.cfg.stars_per_100_credits), _markup(rows))
+
+
+def on_stars_amount(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """A Stars amount button: our order first, then an invoice in XTR (empty provider token, one
+    price in whole Stars, the order id as payload)."""
+    try:
+        credits = int(call.data.split(":", 1)[1])
+    except ValueError:
+        return on_stale_button(call, ctx)
+    if credits not in ctx.cfg.topup_amounts:
+        return on_stale_button(call, ctx)
+    if not _claim(ctx, "stars"):                             # one invoice per Stars screen
+        return
+    order = stars.create_order(ctx.user.id, credits, ctx.cfg)
+    worker.tg(ctx.bot.send_invoice, ctx.chat_id, ctx.t("stars_invoice_title", credits=credits)[:stars.TITLE_MAX],
+              ctx.t("stars_invoice_description", credits=credits)[:stars.DESCRIPTION_MAX], str(order.id), "",
+              stars.CURRENCY, [types.LabeledPrice(ctx.t("stars_price_label", credits=credits), order.amount_kopecks)])
+
+
+def on_pre_checkout(bot: telebot.TeleBot, cfg: config.Config, query: types.PreCheckoutQuery) -> None:
+    """Answer a pre_checkout_query at once (Telegram cancels the payment after 10 s): ok only for a
+    pending Stars order of this user with this amount and currency, else ok=False with the reason
+    in the user's language. Never raises."""
+    lang = texts.lang_of(getattr(query.from_user, "language_code", None))
+    try:
+        reason = stars.check_pre_checkout(query.from_user.id, query.invoice_payload, query.currency,
+                                          query.total_amount)
+    except Exception:  # noqa: BLE001 - the query must be answered whatever happens
+        logger.exception("pre-checkout %s: could not check the order", query.id)
+        reason = "error"
+    try:
+        if reason is None:
+            worker.tg(bot.answer_pre_checkout_query, query.id, ok=True)
+        else:
+            worker.tg(bot.answer_pre_checkout_query, query.id, ok=False,
+                      error_message=texts.t("stars_precheckout_" + reason, lang))
+    except Exception as exc:  # noqa: BLE001 - late (Telegram canceled the payment) or Telegram down
+        logger.warning("pre-checkout %s: answer failed (%s)", query.id, _redact(str(exc), bot.token))
+
+
+def on_payment_message(bot: telebot.TeleBot, cfg: config.Config, message: types.Message) -> None:
+    """A successful_payment or refunded_payment service message in Stars: credit the order once
+    (keyed on the charge id) and tell the user once, or take the refund's credits back once and
+    tell the user; a payment that matches no order is never dropped — the admins are told."""
+    paid, refunded, sender = message.successful_payment, message.refunded_payment, message.from_user
+    if paid is not None and paid.currency == stars.CURRENCY:
+        outcome = stars.apply_successful_payment(sender.id, paid.currency, paid.total_amount, paid.invoice_payload,
+                                                 paid.telegram_payment_charge_id, "successful_payment")
+        if outcome.detail in ("needs_attention", "unmatched"):
+            worker.alert_admins("stars:%s" % paid.telegram_payment_charge_id,
+                                texts.t("admin_alert_stars", "ru", problem=outcome.problem), cfg)
+        elif outcome.order_id is not None:
+            worker.tell_payment(outcome.order_id, cfg)       # once per order, whichever copy gets here first
+    elif refunded is not None and refunded.currency == stars.CURRENCY:
+        try:
+            refund = stars.apply_refund(refunded.telegram_payment_charge_id, "refunded_payment")
+        except payments.PaymentError as exc:
+            worker.alert_admins("stars_refund:%s" % refunded.telegram_payment_charge_id, texts.t(
+                "admin_alert_stars", "ru", problem="refund of %s Stars, charge %s: %s" % (
+                    refunded.total_amount, refunded.telegram_payment_charge_id, exc)), cfg)
+            return
+        if refund is not None:
+            worker.tell_refund(refund.id, cfg)
 
 
 def on_promo(call: types.CallbackQuery, ctx: Ctx) -> None:
@@ -1624,6 +1713,9 @@ def cmd_refund(message: types.Message, ctx: Ctx) -> None:
             raise AdminError() from None
         if kopecks <= 0:
             raise AdminError()
+    order = payments.find_order(args[0])
+    if order is not None and order.provider == stars.PROVIDER:
+        return _refund_stars(ctx, order, has_amount=kopecks is not None)
     key = "refund:%s" % (ctx.update_id if ctx.update_id is not None else "%s:%s" % (ctx.chat_id, message.message_id))
     try:
         result = payments.refund_topup(args[0], kopecks, idempotency_key=key, cfg=ctx.cfg)
@@ -1638,6 +1730,24 @@ def cmd_refund(message: types.Message, ctx: Ctx) -> None:
     else:
         _send(ctx, ctx.t("admin_refund_pending", refund_id=result.refund_id, amount=_rub(result.kopecks),
                          status=result.status))
+
+
+def _refund_stars(ctx: Ctx, order: Payment, *, has_amount: bool) -> None:
+    """/refund of a Stars order: the whole charge through refundStarPayment; the credits come back
+    by the refund rule and the user is told (`stars.refund_order`)."""
+    if has_amount:
+        raise AdminError("admin_refund_stars_whole")
+    try:
+        refund = stars.refund_order(order, ctx.bot)
+    except payments.PaymentError as exc:
+        logger.warning("admin %s: Stars refund of order %s failed: %s", ctx.telegram_id, order.id, exc)
+        raise AdminError("admin_refund_failed", reason=str(exc)) from None
+    if refund is None:      # a refunded_payment update applied it first
+        refund = models.Refund.get_by_id(stars.refund_id(order.telegram_charge_id))
+    logger.info("admin %s refunded Stars order %s (charge %s)", ctx.telegram_id, order.id, order.telegram_charge_id)
+    worker.tell_refund(refund.id, ctx.cfg)
+    _send(ctx, ctx.t("admin_refund_stars_done", charge=order.telegram_charge_id, stars=refund.amount_kopecks,
+                     credits=refund.credits_debited, shortfall=refund.shortfall))
 
 
 @_admin("admin_usage_grant")
@@ -1840,13 +1950,28 @@ class MediaLabBot(telebot.TeleBot):
     """TeleBot that copies each update's `update_id` onto its message / callback query (admin
     grants use it as their idempotency key)."""
 
+    cfg: config.Config | None = None
+
     def process_new_updates(self, updates):
-        """Copy each update's id onto its message / callback query (admin /grant keys on it)."""
+        """Copy each update's id onto its message / callback query (admin /grant keys on it); apply
+        Stars successful_payment / refunded_payment messages first (`on_payment_message`) and leave
+        them out of the handlers."""
+        rest = []
         for update in updates:
+            message = update.message
+            if message is not None and (message.successful_payment is not None
+                                        or message.refunded_payment is not None):
+                try:
+                    on_payment_message(self, self.cfg or config.get(), message)
+                except Exception:  # noqa: BLE001 - reconciliation finds what this missed
+                    logger.exception("update %s: payment message not applied", update.update_id)
+                self.last_update_id = max(self.last_update_id, update.update_id)   # polling confirms it
+                continue
             for part in (update.message, update.callback_query):
                 if part is not None:
                     part.update_id = update.update_id
-        return super().process_new_updates(updates)
+            rest.append(update)
+        return super().process_new_updates(rest) if rest else None
 
     _beat_at: float | None = None
 
@@ -1926,6 +2051,9 @@ def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
     cb(g(on_amount_custom), func=lambda c: c.data == "amount_custom")
     cb(g(on_promo), func=lambda c: c.data == "promo")
     cb(g(on_check), func=_prefix("check:"))
+    cb(g(on_stars), func=lambda c: c.data == "stars")
+    cb(g(on_stars_amount), func=_prefix("stars:"))
+    bot.register_pre_checkout_query_handler(lambda query: on_pre_checkout(bot, cfg, query), func=lambda q: True)
     cb(g(on_stale_button), func=lambda c: True)
 
 
@@ -1937,6 +2065,7 @@ def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_t
     bot = MediaLabBot(cfg.telegram_bot_token, threaded=threaded, num_threads=num_threads,
                       state_storage=PeeweeStateStorage(), use_class_middlewares=True,
                       exception_handler=BotExceptionHandler(cfg.telegram_bot_token))
+    bot.cfg = cfg
     bot.add_custom_filter(StateFilter(bot))
     bot.setup_middleware(UserMiddleware(bot, cfg))
     register_handlers(bot, cfg)

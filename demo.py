@@ -5,7 +5,8 @@ loopback), then the three real processes — `python bot.py`, `gunicorn web:app`
 `huey_consumer worker.huey` — configured only through the public environment variables, and
 drives one user through: /start → a free generation → balance → a top-up of 100 credits with
 WELCOME10 (pays 90.00 ₽) → YooKassa's notification → a paid generation → a job Fal refuses,
-released → `make audit`. The conversation is printed as it happens; images land in data/demo/.
+released → a top-up of 100 credits in Telegram Stars (the invoice, the pre-checkout answered by
+the bot, successful_payment delivered three times, one credit) → `make audit`. The conversation is printed as it happens; images land in data/demo/.
 
 The demo grants one free operation (FREE_OPERATIONS_COUNT=1) so the second image is paid.
 """
@@ -120,6 +121,8 @@ class Demo:
             "YOOKASSA_ALLOW_TEST": "1",
             "TRUSTED_PROXY_COUNT": "1",          # as behind nginx: the fake says X-Forwarded-For
             "FREE_OPERATIONS_COUNT": "1",
+            "STARS_ENABLED": "1",
+            "STARS_PER_100_CREDITS": "70",
             "WEB_BIND": "127.0.0.1:%d" % self.web_port,
             "WEB_WORKERS": "2",
             "LOG_LEVEL": "INFO",
@@ -262,6 +265,27 @@ class Demo:
         mark = self.generate("Запрос, который модель отклонит", menu)
         self.wait("не списан", mark, timeout=60)
 
+        mark = self.say("/balance")
+        self.wait("", mark)
+
+        self.t.note("второй способ пополнить — звёзды Telegram (Stars)")
+        mark = self.say("/balance")
+        balance = self.wait("", mark)
+        mark = self.tap(balance, "Telegram Stars")
+        stars_menu = self.wait("", mark)
+        mark = self.tap(stars_menu, "100 кредитов")
+        sent = self.telegram.wait_for(lambda c: c.ok and c.method == "sendInvoice" and c.chat_id == USER,
+                                      timeout=30, since=mark)
+        self.t.note("счёт «%s»: %s %s, provider_token «%s», payload = наш заказ %s" % (
+            sent.params["title"], sent.params["prices"][0]["amount"], sent.params["currency"],
+            sent.params["provider_token"], sent.params["payload"]))
+        self.t.user("оплачивает счёт звёздами")
+        mark = self.telegram.mark()
+        attempt = self.telegram.pay_invoice(USER)
+        self.t.note("pre-checkout → %s, Telegram charge %s" % (attempt.wait(15), attempt.charge_id))
+        self.wait("Оплата получена", mark)
+        self.telegram.deliver_again(attempt.update, times=2)
+        self.t.note("Telegram доставляет successful_payment ещё 2 раза — начисление одно")
         mark = self.say("/balance")
         self.wait("", mark)
 

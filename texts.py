@@ -328,8 +328,10 @@ TEXTS = {
     "admin_refund_failed": {"ru": "⚠️ Возврат не выполнен: {reason}", "en": "⚠️ Refund failed: {reason}"},
     "admin_usage_payments": {"ru": "Использование: /payments <telegram id>", "en": "Usage: /payments <telegram id>"},
     "admin_usage_jobs": {"ru": "Использование: /jobs failed", "en": "Usage: /jobs failed"},
-    "admin_usage_refund": {"ru": "Использование: /refund <id платежа YooKassa> [сумма ₽]",
-                           "en": "Usage: /refund <YooKassa payment id> [amount ₽]"},
+    "admin_usage_refund": {"ru": "Использование: /refund <id платежа YooKassa> [сумма ₽] или /refund <charge id "
+                                 "Stars или id заказа Stars> (звёзды возвращаются целиком)",
+                           "en": "Usage: /refund <YooKassa payment id> [amount ₽] or /refund <Stars charge id or "
+                                 "Stars order id> (Stars are refunded whole)"},
     "admin_usage_stats": {"ru": "Использование: /stats", "en": "Usage: /stats"},
     "admin_usage_user": {"ru": "Использование: /user <telegram id>", "en": "Usage: /user <telegram id>"},
     "admin_usage_grant": {"ru": "Использование: /grant <telegram id> <кредиты> <причина>",
@@ -623,6 +625,58 @@ TEXTS = {
     "payment_canceled": {
         "ru": "❌ Платёж отменён, деньги не списаны.",
         "en": "❌ The payment was canceled; nothing was charged.",
+    },
+    # --- Telegram Stars (stars.py via bot.py, worker.py) -------------------------------------
+    "btn_stars": {"ru": "⭐ Telegram Stars", "en": "⭐ Telegram Stars"},
+    "btn_stars_amount": {"ru": "{credits} кредитов — {stars} ⭐", "en": "{credits} credits — {stars} ⭐"},
+    "stars_title": {
+        "ru": "⭐ Оплата звёздами Telegram (Stars): {rate} ⭐ за 100 кредитов.\n"
+              "Промокоды и скидки к оплате звёздами не применяются.\nВыберите сумму пополнения:",
+        "en": "⭐ Pay with Telegram Stars: {rate} ⭐ per 100 credits.\n"
+              "Promo codes and discounts do not apply to Stars.\nChoose a top-up amount:",
+    },
+    "stars_invoice_title": {"ru": "Media Lab: {credits} кредитов", "en": "Media Lab: {credits} credits"},
+    "stars_invoice_description": {
+        "ru": "Пополнение баланса Media Lab на {credits} кредитов (1 кредит = 1 ₽). Промокоды к оплате "
+              "звёздами не применяются.",
+        "en": "A Media Lab top-up of {credits} credits (1 credit = 1 ₽). Promo codes do not apply to Stars.",
+    },
+    "stars_price_label": {"ru": "{credits} кредитов", "en": "{credits} credits"},
+    "stars_precheckout_unknown": {
+        "ru": "Заказ не найден. Откройте «Баланс» и выставите новый счёт.",
+        "en": "Order not found. Open “Balance” and create a new invoice.",
+    },
+    "stars_precheckout_not_pending": {
+        "ru": "Этот счёт уже оплачен или устарел. Откройте «Баланс» и выставите новый.",
+        "en": "This invoice is already paid or has expired. Open “Balance” and create a new one.",
+    },
+    "stars_precheckout_mismatch": {
+        "ru": "Сумма счёта не совпадает с заказом. Откройте «Баланс» и выставите новый счёт.",
+        "en": "The invoice does not match the order. Open “Balance” and create a new invoice.",
+    },
+    "stars_precheckout_error": {
+        "ru": "Не удалось проверить заказ. Попробуйте ещё раз через минуту.",
+        "en": "Could not check the order. Please try again in a minute.",
+    },
+    "stars_not_enabled": {"ru": "⭐ Оплата звёздами сейчас отключена.", "en": "⭐ Paying with Stars is switched off."},
+    "help_stars": {
+        "ru": "⭐ Пополнить баланс можно и звёздами Telegram: {rate} ⭐ за 100 кредитов. Промокоды к оплате "
+              "звёздами не применяются.",
+        "en": "⭐ You can also top up with Telegram Stars: {rate} ⭐ per 100 credits. Promo codes do not apply "
+              "to Stars.",
+    },
+    "notify_refund_stars": {
+        "ru": "↩️ Возврат {stars} ⭐ оформлен. Списано {credits} кредитов. Баланс: {balance} кредитов.",
+        "en": "↩️ A refund of {stars} ⭐ was made. {credits} credits were taken back. Balance: {balance} credits.",
+    },
+    "admin_alert_stars": {"ru": "⚠️ Telegram Stars: {problem}", "en": "⚠️ Telegram Stars: {problem}"},
+    "admin_refund_stars_done": {
+        "ru": "↩️ Возврат звёзд {charge} ({stars} ⭐) проведён: списано {credits} кредитов, не хватило {shortfall}.",
+        "en": "↩️ Stars refund {charge} ({stars} ⭐) done: {credits} credits taken back, {shortfall} short.",
+    },
+    "admin_refund_stars_whole": {
+        "ru": "⭐ Звёзды возвращаются только целиком: /refund <id заказа или charge id> без суммы.",
+        "en": "⭐ Stars are refunded whole only: /refund <order id or charge id> without an amount.",
     },
 }
 

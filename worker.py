@@ -68,6 +68,7 @@ import media
 import models
 import ops
 import payments
+import stars
 import startup
 import texts
 from models import Draft, Generation, Payment, Reservation, User, utcnow
@@ -1295,6 +1296,17 @@ def _tell_user(user_id: int, text_key: str, what: str, cfg: config.Config, **val
         logger.warning("%s: could not tell user=%s (%s)", what, user.id, _describe(exc, cfg))
 
 
+def tell_payment(payment_id, cfg: config.Config | None = None) -> bool:
+    """`notify_payment` in this process now (the bot, after a Stars successful_payment): tells the
+    user once per payment however many processes call it; True for the call that claimed it."""
+    return _notify_payment(str(payment_id), cfg or config.get())
+
+
+def tell_refund(refund_id: str, cfg: config.Config | None = None) -> bool:
+    """`notify_refund` in this process now (the bot, after a Stars refund); once per refund."""
+    return _notify_refund(str(refund_id), cfg or config.get())
+
+
 @huey.task()
 def notify_refund(refund_id: str):
     """Tell the user a refund took credits back (once per refund: `payments.claim_refund_notification`)."""
@@ -1307,8 +1319,13 @@ def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
         logger.info("refund %s: notification already sent", refund_id)
         return False
     refund = models.Refund.get_by_id(refund_id)
-    _tell_user(Payment.get_by_id(refund.payment_id).user_id, "notify_refund", "refund %s" % refund_id, cfg,
-               amount=payments.kopecks_to_value(refund.amount_kopecks), credits=refund.credits_debited)
+    order = Payment.get_by_id(refund.payment_id)
+    if order.currency == stars.CURRENCY:       # amount_kopecks counts Stars for a Stars order
+        _tell_user(order.user_id, "notify_refund_stars", "refund %s" % refund_id, cfg,
+                   stars=refund.amount_kopecks, credits=refund.credits_debited)
+    else:
+        _tell_user(order.user_id, "notify_refund", "refund %s" % refund_id, cfg,
+                   amount=payments.kopecks_to_value(refund.amount_kopecks), credits=refund.credits_debited)
     return True
 
 
@@ -1561,6 +1578,40 @@ def reconcile_once(cfg: config.Config | None = None, now: datetime.datetime | No
     return ids
 
 
+def reconcile_stars_once(cfg: config.Config | None = None, now: datetime.datetime | None = None
+                         ) -> stars.StarsReconcileReport:
+    """Reconcile Telegram Stars (`stars.reconcile` over getStarTransactions with the send-only bot):
+    enqueue `notify_payment` for each order it credited and `notify_refund` for each refund it
+    applied, and tell the admins (deduplicated per transaction) about what it could not match.
+    Returns the report (empty when STARS_ENABLED is off)."""
+    cfg = cfg or config.get()
+    if not cfg.stars_enabled:
+        return stars.StarsReconcileReport()
+    report = stars.reconcile(telegram(cfg), cfg, now)
+    for key, problem in report.problems:
+        alert_admins(key, texts.t("admin_alert_stars", "ru", problem=problem), cfg, now)
+    for payment_id in report.credited:
+        try:
+            notify_payment(str(payment_id))
+        except Exception as exc:
+            logger.error("payment %s: could not enqueue the notification (%s)", payment_id, _describe(exc, cfg))
+    for refund_id in report.refunds:
+        try:
+            notify_refund(refund_id)
+        except Exception as exc:
+            logger.error("refund %s: could not enqueue the notification (%s)", refund_id, _describe(exc, cfg))
+    return report
+
+
+def reconcile_stars() -> stars.StarsReconcileReport:
+    """One Stars reconciliation pass with its own database connection (`reconcile_stars_once`). Run
+    every RECONCILE_INTERVAL seconds by the consumer's `Ticker` when STARS_ENABLED is on."""
+    with _DbSession():
+        report = reconcile_stars_once(config.get())
+        ops.beat("task:reconcile_stars")
+    return report
+
+
 def reconcile_payments() -> list:
     """One reconciliation pass with its own database connection (`reconcile_once`). Run every
     RECONCILE_INTERVAL seconds by the consumer's `Ticker`."""
@@ -1576,12 +1627,14 @@ class Ticker(ops.Loop):
     as written (Huey's periodic tasks have minute granularity), from one daemon thread of the
     consumer process. It calls them directly rather than through the queue, so a backlog of
     generations never delays the sweeper that keeps their holds. A failing pass is logged and
-    tried again at the next tick. `stop()` ends the thread. `jobs` (a list of (callable, seconds))
-    replaces the two for tests."""
+    tried again at the next tick. With STARS_ENABLED it also runs `reconcile_stars` every
+    RECONCILE_INTERVAL seconds. `stop()` ends the thread. `jobs` (a list of (callable, seconds))
+    replaces them for tests."""
 
     def __init__(self, cfg: config.Config, jobs: list | None = None):
         super().__init__("ticker")
-        self.jobs = jobs or [(sweep, cfg.sweep_interval), (reconcile_payments, cfg.reconcile_interval)]
+        self.jobs = jobs or [(sweep, cfg.sweep_interval), (reconcile_payments, cfg.reconcile_interval)] + (
+            [(reconcile_stars, cfg.reconcile_interval)] if cfg.stars_enabled else [])
 
     def _loop(self) -> None:
         due = [time.monotonic()] * len(self.jobs)
@@ -1673,7 +1726,7 @@ def alert_needs_attention(payment_id, cfg: config.Config | None = None) -> bool:
     order = Payment.get_or_none(Payment.id == payment_id)
     return alert_admins("needs_attention:%s" % payment_id, texts.t(
         "admin_alert_needs_attention", "ru", order=payment_id,
-        yookassa=(order.yookassa_payment_id if order else None) or "—",
+        yookassa=(order and (order.yookassa_payment_id or order.telegram_charge_id)) or "—",
         problem=(order.problem if order else None) or "—"), cfg)
 
 
