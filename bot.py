@@ -1481,7 +1481,7 @@ def on_payment_message(bot: telebot.TeleBot, cfg: config.Config, message: types.
     (keyed on the charge id) and tell the user once, or take the refund's credits back once and
     tell the user; a payment that matches no order is never dropped — the admins are told."""
     paid, refunded, sender = message.successful_payment, message.refunded_payment, message.from_user
-    if paid is not None and paid.currency == stars.CURRENCY:
+    if paid is not None:              # any currency: one we never invoiced is a mismatch for the admins
         outcome = stars.apply_successful_payment(sender.id, paid.currency, paid.total_amount, paid.invoice_payload,
                                                  paid.telegram_payment_charge_id, "successful_payment")
         if outcome.detail in ("needs_attention", "unmatched"):
@@ -1489,7 +1489,7 @@ def on_payment_message(bot: telebot.TeleBot, cfg: config.Config, message: types.
                                 texts.t("admin_alert_stars", "ru", problem=outcome.problem), cfg)
         elif outcome.order_id is not None:
             worker.tell_payment(outcome.order_id, cfg)       # once per order, whichever copy gets here first
-    elif refunded is not None and refunded.currency == stars.CURRENCY:
+    elif refunded is not None:
         try:
             refund = stars.apply_refund(refunded.telegram_payment_charge_id, "refunded_payment")
         except payments.PaymentError as exc:
@@ -1678,6 +1678,11 @@ def cmd_payments(message: types.Message, ctx: Ctx) -> None:
     lines = []
     for p in ops.user_payments(user.id):
         refunded = ctx.t("admin_payment_refunded", amount=_rub(p.refunded_kopecks)) if p.refunded_kopecks else ""
+        if p.provider == stars.PROVIDER:      # amount_kopecks counts whole Stars
+            lines.append("%s ⭐ %s — %s ⭐, %s, %s%s" % (p.created_at.strftime("%Y-%m-%d %H:%M"),
+                                                        p.telegram_charge_id or p.id, p.amount_kopecks, p.credits,
+                                                        p.status, " ↩️" if p.refunded_kopecks else ""))
+            continue
         lines.append("%s %s — %s ₽, %s, %s%s" % (p.created_at.strftime("%Y-%m-%d %H:%M"),
                                                      p.yookassa_payment_id or "—", _rub(p.amount_kopecks),
                                                      p.credits, p.status, refunded))

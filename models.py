@@ -308,7 +308,8 @@ class Draft(BaseModel):
 class Heartbeat(BaseModel):
     """A named timestamp and counter (migrations/0003): process liveness (``process:bot`` …),
     periodic task runs (``task:sweep`` …), alert dedupe (``alert:<key>``) and webhook outcome
-    counts (``webhook:<status>:<detail>``). Written and read through `ops`."""
+    counts (``webhook:<status>:<detail>``). Written and read through `ops`; one more row,
+    ``stars:transactions``, is the Stars reconciliation's cursor (stars.py)."""
 
     name = CharField(primary_key=True)
     at = DateTimeField(null=True)

@@ -309,6 +309,24 @@ def test_reconciliation_reports_what_it_cannot_match_to_the_admins_once(app):
     audit_ok()
 
 
+def test_a_blocked_user_who_paid_is_credited_and_an_unknown_refund_goes_to_the_admins(app):
+    open_invoice(app)
+    attempt = app.fake.pay_invoice(USER)
+    app.bot.process_new_updates(app.fetch())
+    attempt.wait()
+    billing.set_blocked(user_row().id)                 # blocked between the invoice and the payment
+    app.pump()
+    assert [r.amount for r in topups()] == [100]
+    [listing] = app.send("/payments %d" % USER, user=ADMIN)
+    assert "70 ⭐" in listing["text"] and attempt.charge_id in listing["text"]
+    update = json.loads(json.dumps(app.fake.refund(attempt.charge_id)))
+    app.fetch()
+    update["message"]["refunded_payment"]["telegram_payment_charge_id"] = "stxNOPE"
+    app.bot.process_new_updates([types.Update.de_json(json.dumps(update))])
+    assert "stxNOPE" in app.fake.wait_for_message(ADMIN, "stxNOPE")["text"]
+    audit_ok()
+
+
 def test_the_ticker_runs_stars_reconciliation_only_when_enabled(cfg):
     assert worker.reconcile_stars in [job for job, _ in worker.Ticker(cfg.replace(stars_enabled=True)).jobs]
     assert worker.reconcile_stars not in [job for job, _ in worker.Ticker(cfg).jobs]
