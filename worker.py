@@ -182,6 +182,19 @@ class _Huey(Huey):
     def storage(self, value):
         self._storage = value
 
+    def create_consumer(self, **options):
+        """``huey_consumer`` calls this in its main thread before any thread starts: the
+        configuration and the queue are opened here, so a problem is one line and exit 78 from
+        the main thread, never a race between threads that each find it."""
+        try:
+            cfg = config.get()
+        except config.ConfigError as exc:
+            _die(startup.refuse(exc))
+        self.storage                                      # noqa: B018 - opens the queue now
+        startup.configure_logging(cfg)
+        _check_consumer_start(cfg)
+        return super().create_consumer(**options)
+
 
 huey = _Huey(HUEY_NAME)
 
@@ -284,7 +297,6 @@ def _on_startup() -> None:
         # secrets filter on every handler, huey's included (it was added after our import).
         startup.configure_logging(cfg)
         quiet_periodic_logs()
-        _check_consumer_start(cfg)
         _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()
     try:
