@@ -396,9 +396,10 @@ def _sustained(steps) -> int:
     return best
 
 
-def run(quick: bool = False, users: int = USERS) -> dict:
+def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", "product")) -> dict:
     """Run product and baseline (about 2 × (warm-up + ramp)); return flat ``bot_*`` figures."""
-    rates, step_seconds = ((20, 100, 200), 2.0) if quick else (RATES, STEP)
+    default_rates, step_seconds = ((20, 100, 200), 2.0) if quick else (RATES, STEP)
+    rates = tuple(rates or default_rates)
     if quick:
         users = min(users, 400)
     tmp = tempfile.mkdtemp(prefix="bench-bot-")
@@ -419,7 +420,7 @@ def run(quick: bool = False, users: int = USERS) -> dict:
                      "bot_threads": BOT_THREADS}
     ok = False
     try:
-        for kind in ("baseline", "product"):
+        for kind in kinds:
             result = _one(kind, users, rates, step_seconds, tmp, env)
             prefix = "bot_" if kind == "product" else "bot_baseline_"
             figures[prefix + "warm_up_s"] = result["warm_up_s"]
@@ -430,8 +431,8 @@ def run(quick: bool = False, users: int = USERS) -> dict:
                 figures["%sachieved_at_%d" % (prefix, r)] = s["achieved"]
                 figures["%serrors_at_%d" % (prefix, r)] = s["no_reply"] + s["error_replies"] + s["starved"]
             figures[prefix + "sustained_rate"] = _sustained(result["steps"])
-        base = figures.get("bot_baseline_sustained_rate")
-        figures["bot_sustained_ratio"] = round(figures["bot_sustained_rate"] / base, 2) if base else None
+        base, mine = figures.get("bot_baseline_sustained_rate"), figures.get("bot_sustained_rate")
+        figures["bot_sustained_ratio"] = round(mine / base, 2) if base and mine is not None else None
         ok = True
     finally:
         _stop(fal)
@@ -451,4 +452,8 @@ if __name__ == "__main__":
         n = USERS
         if "--users" in sys.argv:
             n = int(sys.argv[sys.argv.index("--users") + 1])
-        print(json.dumps(run(quick="--quick" in sys.argv, users=n), indent=1))
+        chosen = None
+        if "--rates" in sys.argv:
+            chosen = [int(r) for r in sys.argv[sys.argv.index("--rates") + 1].split(",")]
+        kinds = ("product",) if "--product-only" in sys.argv else ("baseline", "product")
+        print(json.dumps(run(quick="--quick" in sys.argv, users=n, rates=chosen, kinds=kinds), indent=1))
