@@ -1135,8 +1135,9 @@ def _after_accept(ctx: Ctx, generation: Generation) -> None:
     """Show the "⏳ в очереди" status message the worker then edits in place."""
     markup = _markup([[(ctx.t("btn_cancel_job"), "jobcancel:%s" % generation.id)]])
     sent = _send(ctx, ctx.t("job_queued", position=worker.queue_position(generation.id) or 1), markup)
-    Generation.update(status_message_id=sent.message_id).where(
-        (Generation.id == generation.id) & Generation.status_message_id.is_null()).execute()
+    with billing.writer_turn():                            # a write: take the turn (see PeeweeStateStorage)
+        Generation.update(status_message_id=sent.message_id).where(
+            (Generation.id == generation.id) & Generation.status_message_id.is_null()).execute()
     if Generation.get_by_id(generation.id).status not in worker.ACTIVE_STATES:
         # The worker finished before it could see the id: remove the stale "в очереди" itself.
         worker.tg(ctx.bot.delete_message, ctx.chat_id, sent.message_id)

@@ -489,10 +489,11 @@ def _send_to_provider(order: Payment, user: User, cfg: config.Config) -> Payment
         raise PaymentRejected("YooKassa canceled order %s at once (%s)" % (order.id, reason))
     confirmation = getattr(response, "confirmation", None)
     url = getattr(confirmation, "confirmation_url", None)
-    changed = (Payment.update(yookassa_payment_id=response.id, confirmation_url=url, test=bool(response.test),
-                              updated_at=utcnow())
-               .where((Payment.id == order.id) & (Payment.yookassa_payment_id.is_null()
-                                                  | (Payment.yookassa_payment_id == response.id))).execute())
+    with billing.writer_turn():  # a write: queue with the others, not in SQLite's sleeping busy handler
+        changed = (Payment.update(yookassa_payment_id=response.id, confirmation_url=url, test=bool(response.test),
+                                  updated_at=utcnow())
+                   .where((Payment.id == order.id) & (Payment.yookassa_payment_id.is_null()
+                                                      | (Payment.yookassa_payment_id == response.id))).execute())
     if not changed:
         logger.error("order %s already has another YooKassa payment than %s", order.id, response.id)
     logger.info("top-up sent to YooKassa: order=%s yookassa=%s amount=%s status=%s",
