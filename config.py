@@ -420,7 +420,8 @@ SETTINGS: tuple[Setting, ...] = (
     # --- Processes
     Setting("LOG_LEVEL", choice(*LOG_LEVELS), "INFO", "DEBUG, INFO, WARNING or ERROR", PROC),
     Setting("WEB_BIND", bind_address, "127.0.0.1:8000", "Where gunicorn (deploy/gunicorn.conf.py) listens", PROC),
-    Setting("WEB_WORKERS", integer(1, 64), 2, "gunicorn worker processes", PROC),
+    Setting("WEB_WORKERS", integer(1, 64), 1,
+            "gunicorn worker processes (each has 8 threads; another process is ~70 MB more memory)", PROC),
 )
 
 BY_NAME = {s.name: s for s in SETTINGS}

@@ -31,13 +31,28 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import fal_client
-import fal_client.client
-import httpx
 import requests
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 import config
+
+
+class _OnFirstUse:
+    """A module imported on first attribute access. fal-client and httpx (≈4 MB of RSS per
+    process) are needed only where generations run (the worker); the bot and web import this
+    module for validation and would otherwise carry them (bench/bench_pipeline.py, rss_*)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+fal_client = _OnFirstUse("fal_client")     # fal_client.client too: importing the package imports it
+httpx = _OnFirstUse("httpx")
 
 logger = logging.getLogger(__name__)
 

@@ -73,7 +73,14 @@ sys.path.insert(0, %r)
 from tests.fakes import fal as fake_module
 fake = fake_module.FakeFal(key="bench-fal-id:bench-fal-key").start()
 print(fake.url, flush=True)
-sys.stdin.read()
+# "prerendered" on stdin: from then on every result file is one PNG rendered here once, so the
+# fake's own Pillow work drops out of the job overhead (pipeline_prerendered_*).
+render = getattr(fake_module, "_render_png", None)
+for line in sys.stdin:
+    if line.strip() == "prerendered" and render is not None:
+        png = render({"name": "prerendered", "width": 512, "height": 512, "noise": False, "text": "bench"})
+        fake_module._render_png = lambda spec, png=png: png
+        print("prerendered", flush=True)
 fake.stop()
 """
 
@@ -95,6 +102,29 @@ def _readline(process, timeout: float) -> str:
     """One line of a child's stdout within `timeout` seconds ("" on timeout or exit)."""
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     return process.stdout.readline().strip() if ready else ""
+
+
+class _LineReader:
+    """The lines of a pipe, read by a daemon thread: `get(timeout)` returns one ("" on timeout/EOF)."""
+
+    def __init__(self, stream):
+        import queue
+
+        self._queue = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            self._queue.put(line.strip())
+        self._queue.put("")
+
+    def get(self, timeout: float) -> str:
+        import queue
+
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return ""
 
 
 class _Child:
@@ -222,12 +252,22 @@ def run(quick: bool = False) -> dict:
         FAL_POLL_INTERVAL="0.05", LOG_LEVEL="WARNING", YOOKASSA_SHOP_ID="123456",
         YOOKASSA_SECRET_KEY="bench_secret", YOOKASSA_API_URL="http://127.0.0.1:9/v3",
         YOOKASSA_RETURN_URL="https://t.me/medialab_bench_bot", WEB_BIND="127.0.0.1:%d" % web_port,
-        WEB_WORKERS="2", PYTHONPATH=ROOT)
+        PYTHONPATH=ROOT)
+    if os.environ.get("BENCH_WEB_WORKERS"):          # else deploy/gunicorn.conf.py's default, as deployed
+        env["WEB_WORKERS"] = os.environ["BENCH_WEB_WORKERS"]
+    figures["pipeline_web_workers"] = env.get("WEB_WORKERS", "default")
     processes: dict = {}
     try:
         processes["worker"] = _start([os.path.join(BIN, "huey_consumer"), "worker.huey", *CONSUMER_FLAGS], env,
                                      os.path.join(tmp, "worker.log"))
         deadline = time.monotonic() + START_DEADLINE
+        # The bot first: web's health check answers 503 until the bot has written a heartbeat.
+        if os.path.exists(os.path.join(ROOT, "bot.py")):
+            processes["bot"] = _start([sys.executable, "bot.py"], env, os.path.join(tmp, "bot.log"))
+            if _readline(telegram.process, START_DEADLINE) != "polling":
+                notes.append("bot did not start long polling (see %s/bot.log)" % tmp)
+        else:
+            notes.append("bot.py missing: bot memory not measured")
         if os.path.exists(os.path.join(ROOT, "web.py")):
             processes["web"] = _start([sys.executable, "-m", "gunicorn", "-c", "deploy/gunicorn.conf.py", "web:app"],
                                       env, os.path.join(tmp, "web.log"))
@@ -235,20 +275,16 @@ def run(quick: bool = False) -> dict:
                 notes.append("web did not become healthy (see %s/web.log)" % tmp)
         else:
             notes.append("web.py missing: web memory not measured")
-        if os.path.exists(os.path.join(ROOT, "bot.py")):
-            processes["bot"] = _start([sys.executable, "bot.py"], env, os.path.join(tmp, "bot.log"))
-            if _readline(telegram.process, START_DEADLINE) != "polling":
-                notes.append("bot did not start long polling (see %s/bot.log)" % tmp)
-        else:
-            notes.append("bot.py missing: bot memory not measured")
 
         driver = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--driver", str(seq_jobs),
-                                   str(load_jobs)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+                                   str(load_jobs)], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
         result = None
         phase_deadline = time.monotonic() + PHASE_DEADLINE
         sampler = None
+        lines = _LineReader(driver.stdout)      # not select()+readline(): two lines may arrive in one read
         while time.monotonic() < phase_deadline:
-            line = _readline(driver, max(0.1, phase_deadline - time.monotonic()))
+            line = lines.get(max(0.1, phase_deadline - time.monotonic()))
             if not line:
                 if driver.poll() is not None:
                     break
@@ -270,6 +306,12 @@ def run(quick: bool = False) -> dict:
                 figures["pipeline_rss_load_mb_total"] = round(sum(sampler.peak.values()), 1)
                 figures["pipeline_pss_load_mb_total"] = round(sum(sampler.peak_pss.values()), 1)
                 sampler = None
+            elif line == "PRERENDER":
+                fal.process.stdin.write("prerendered\n")
+                fal.process.stdin.flush()
+                answer = _readline(fal.process, 10)
+                driver.stdin.write(("ok" if answer == "prerendered" else "no") + "\n")
+                driver.stdin.flush()
             elif line.startswith("{"):
                 result = json.loads(line)
         if sampler is not None:
@@ -351,6 +393,24 @@ def _driver(seq_jobs: int, load_jobs: int) -> None:
     accept_s = time.perf_counter() - began
     finished = wait_all(load_ids, timeout=PHASE_DEADLINE / 2)
     print("LOAD_END", flush=True)
+    # The same sequential jobs again with the fake Fal serving one pre-rendered PNG: the
+    # product's share of the overhead without the fake's own rendering.
+    print("PRERENDER", flush=True)
+    pre = {}
+    if sys.stdin.readline().strip() == "ok":
+        pre_ids = []
+        for n in range(seq_jobs):
+            gen = worker.accept_generation(solo, solo.telegram_id, "generate", prompt="prerendered %d" % n)
+            pre_ids.append(str(gen.id))
+            wait_all([str(gen.id)])
+        pre_rows = [g for g in Generation.select().where(Generation.id.in_(pre_ids)) if g.finished_at]
+        pre_job = [(g.finished_at - g.created_at).total_seconds() * 1000 for g in pre_rows]
+        pre_pickup = [(g.started_at - g.created_at).total_seconds() * 1000 for g in pre_rows if g.started_at]
+        pre_run = [(g.finished_at - g.started_at).total_seconds() * 1000 for g in pre_rows if g.started_at]
+        pre = {"prerendered_job_p50_ms": round(_percentile(pre_job, 0.5), 1),
+               "prerendered_job_p99_ms": round(_percentile(pre_job, 0.99), 1),
+               "prerendered_pickup_p50_ms": round(_percentile(pre_pickup, 0.5), 1),
+               "prerendered_run_p50_ms": round(_percentile(pre_run, 0.5), 1)}
     rows = list(Generation.select().where(Generation.id.in_(load_ids)))
     delivered = [g for g in rows if g.status == "delivered"]
     span = (max(g.finished_at for g in delivered) - min(g.created_at for g in rows)).total_seconds() if delivered else 0
@@ -367,7 +427,7 @@ def _driver(seq_jobs: int, load_jobs: int) -> None:
         "load_job_p50_ms": round(_percentile(load_job, 0.5), 1),
         "load_job_p99_ms": round(_percentile(load_job, 0.99), 1),
         "load_delivered": len(delivered), "load_all_finished": finished,
-        "audit_ok": report.ok,
+        "audit_ok": report.ok, **pre,
     }), flush=True)
 
 

@@ -8,6 +8,12 @@ WEB_WORKERS, LOG_LEVEL … from .env and the environment, validated by config.py
 start-up checks (database reachable and migrated, Redis queue reachable, YooKassa keys accepted).
 A problem is one line and the master exits 78 (configuration; systemd does not restart it) or 69
 (database/Redis down; systemd restarts it) — see startup.py "Exit codes".
+
+One worker process (WEB_WORKERS, default 1) with 8 threads: the web process serves only
+YooKassa notifications, health checks and scrapes, whose work is mostly waiting on YooKassa and
+SQLite, so threads carry it; every extra worker is another ~70 MB of RSS (the whole product is
+meant to fit in 300 MB: bench/bench_pipeline.py). A preloaded app would not help that figure:
+RSS counts the pages a forked worker shares with the master in both.
 """
 import os
 import sys
@@ -32,7 +38,7 @@ for _warning in _warnings:
 bind = _cfg.web_bind
 workers = _cfg.web_workers
 worker_class = "gthread"
-threads = 4
+threads = 8
 timeout = 30               # a webhook answers within a few seconds (YooKassa calls are 10 s max)
 graceful_timeout = 30
 max_requests = 1000
