@@ -31,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 USERS = 64
+ROUNDS = 3
 CREDITS = 10**15
 PRICE = 10
 
@@ -178,6 +179,7 @@ def _measure(worker, path, user_ids, processes, seconds) -> dict:
     commit_ms = [x for r in results for x in r["commit_ms"]]
     cycles = sum(r["cycles"] for r in results)
     return {
+        "elapsed": elapsed, "reserve_all": reserve_ms, "commit_all": commit_ms,
         "cycles_per_s": round(cycles / elapsed, 1),
         "cycles": cycles,
         "reserve_p50_ms": _percentile(reserve_ms, 0.50), "reserve_p99_ms": _percentile(reserve_ms, 0.99),
@@ -199,23 +201,54 @@ def _audit(path) -> tuple[bool, int]:
     return report.ok, rows
 
 
+def _pooled(parts: list) -> dict:
+    """One figure set from several interleaved slices of the same configuration."""
+    elapsed = sum(p["elapsed"] for p in parts)
+    reserve_ms = [x for p in parts for x in p["reserve_all"]]
+    commit_ms = [x for p in parts for x in p["commit_all"]]
+    cycles = sum(p["cycles"] for p in parts)
+    return {
+        "cycles_per_s": round(cycles / elapsed, 1) if elapsed else 0.0, "cycles": cycles,
+        "reserve_p50_ms": _percentile(reserve_ms, 0.50), "reserve_p99_ms": _percentile(reserve_ms, 0.99),
+        "commit_p50_ms": _percentile(commit_ms, 0.50), "commit_p99_ms": _percentile(commit_ms, 0.99),
+        "reserve_max_ms": _percentile(reserve_ms, 1.0), "commit_max_ms": _percentile(commit_ms, 1.0),
+        "busy": sum(p["busy"] for p in parts), "errors": [e for p in parts for e in p["errors"]],
+        "per_round": [round(p["cycles"] / p["elapsed"], 1) if p["elapsed"] else 0.0 for p in parts],
+    }
+
+
 def run(quick: bool = False) -> dict:
     """Measure and return flat figures: billing and raw cycles/s for 1 and 4 processes, p50/p99
     latency (ms) of reserve and commit transactions, busy errors, the ratio to raw, and whether
-    the audit passed afterwards. Each measurement runs 3 s (quick: 1 s)."""
+    the audit passed afterwards.
+
+    The four configurations run interleaved in ROUNDS rounds (order rotated each round) of
+    seconds/ROUNDS each, then are pooled: the disk's fsync latency on a shared box drifts by
+    several times within a minute, and back-to-back blocks of one configuration each measured
+    the drift as much as the code. 3 s per configuration (quick: 1 s)."""
     seconds = 1.0 if quick else 3.0
+    rounds = 1 if quick else ROUNDS
     folder = tempfile.mkdtemp(prefix="bench-billing-", dir=os.environ.get("BENCH_DIR") or None)
     try:
         billing_db, raw_db = os.path.join(folder, "billing.db"), os.path.join(folder, "raw.db")
         billing_users, raw_users = _prepare(billing_db), _prepare(raw_db)
-        out = {"seconds_per_measurement": seconds, "sqlite_version": sqlite3.sqlite_version,
+        out = {"seconds_per_measurement": seconds, "rounds": rounds, "sqlite_version": sqlite3.sqlite_version,
                "cpus": os.cpu_count()}
-        runs = {}
-        for name, worker, path, users in (("billing", _billing_worker, billing_db, billing_users),
-                                          ("raw", _raw_worker, raw_db, raw_users)):
-            for processes in (1, 4):
-                result = runs[name, processes] = _measure(worker, path, users, processes, seconds)
-                out["%s_cycles_per_s_%dproc" % (name, processes)] = result["cycles_per_s"]
+        configs = [("billing", _billing_worker, billing_db, billing_users, 1),
+                   ("raw", _raw_worker, raw_db, raw_users, 1),
+                   ("billing", _billing_worker, billing_db, billing_users, 4),
+                   ("raw", _raw_worker, raw_db, raw_users, 4)]
+        slices: dict = {}
+        for n in range(rounds):
+            for name, worker, path, users, processes in configs[n % 4:] + configs[:n % 4]:
+                slices.setdefault((name, processes), []).append(
+                    _measure(worker, path, users, processes, seconds / rounds))
+        runs = {key: _pooled(parts) for key, parts in slices.items()}
+        for (name, processes), result in runs.items():
+            out["%s_cycles_per_s_%dproc" % (name, processes)] = result["cycles_per_s"]
+            out["%s_cycles_per_s_%dproc_rounds" % (name, processes)] = result["per_round"]
+        b1, b4 = runs["billing", 1]["cycles_per_s"], runs["billing", 4]["cycles_per_s"]
+        out["billing_4proc_to_1proc_ratio"] = round(b4 / b1, 3) if b1 else None
         for name in ("billing", "raw"):
             for processes, suffix in ((4, ""), (1, "_1proc")):
                 result = runs[name, processes]
