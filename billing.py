@@ -771,6 +771,92 @@ def _audit_refunds(bad) -> None:
                 % (payment.id, credits, expected))
 
 
+# The audit's scans read plain tuples of the columns they check, not model instances: building a
+# peewee object per row was most of a 1,000,000-row audit (55 s → see bench/bench_growth.py).
+_CHAIN_COLUMNS = (LedgerEntry.id, LedgerEntry.user, LedgerEntry.asset, LedgerEntry.kind, LedgerEntry.amount,
+                  LedgerEntry.delta_available, LedgerEntry.delta_reserved, LedgerEntry.available_after,
+                  LedgerEntry.reserved_after)
+
+
+def _audit_chain(query, sums: dict, bad) -> None:
+    """I2, I11 over `query`'s ledger rows (ordered by user, asset, id), continuing `sums`
+    {(user id, asset): (available, reserved)} and leaving the final balances in it."""
+    for row_id, user_id, asset, kind, amount, d_avail, d_res, avail_after, res_after in (
+            query.select(*_CHAIN_COLUMNS).tuples().iterator()):
+        key = (user_id, asset)
+        avail, res = sums.get(key, (0, 0))
+        avail, res = avail + d_avail, res + d_res
+        if avail != avail_after or res != res_after:
+            bad("I2 ledger %s (user %s %s): balance-after %s/%s does not follow from the previous row (%s/%s)"
+                % (row_id, user_id, asset, avail_after, res_after, avail, res))
+            avail, res = avail_after, res_after
+        sums[key] = (avail, res)
+        if amount <= 0 or amount > INT64_MAX:
+            bad("I11 ledger %s has amount %s" % (row_id, amount))
+        if kind != "payment_refund" and abs(d_avail) + abs(d_res) == 0:
+            bad("I11 ledger %s (%s) changes nothing" % (row_id, kind))
+
+
+def _audit_reservations(query, resolving: dict, open_sums: dict, counts: dict, stale_before, bad) -> None:
+    """I4 (open sums), I5, I10, I11 over `query`'s reservations; `resolving` maps the ledger's
+    reserve/commit/release/expire idempotency keys to their kind."""
+    columns = (Reservation.id, Reservation.user, Reservation.asset, Reservation.amount, Reservation.state,
+               Reservation.idempotency_key, Reservation.created_at, Reservation.expires_at)
+    want = {"reserved": [], "committed": ["commit"], "released": ["release"], "expired": ["expire"]}
+    for rid, user_id, asset, amount, state, key, created_at, expires_at in query.select(*columns).tuples().iterator():
+        counts[state] = counts.get(state, 0) + 1
+        if state == "reserved":
+            if asset != "free_access":
+                open_sums[(user_id, asset)] = open_sums.get((user_id, asset), 0) + amount
+            if expires_at < stale_before:
+                bad("I10 reservation %s (from %s) is open past its expiry %s + the sweep interval"
+                    % (rid, created_at, expires_at))
+        if asset == "free_access":
+            if amount != 0:
+                bad("I11 free-access reservation %s holds %s" % (rid, amount))
+            continue
+        if ("reserve:" + key) not in resolving:
+            bad("I5 reservation %s has no reserve row in the ledger" % rid)
+        ends = [kind for kind in ("commit", "release", "expire") if "%s:%s" % (kind, key) in resolving]
+        if ends != want[state]:
+            bad("I5 reservation %s is %s but the ledger resolves it by %s" % (rid, state, ends or "nothing"))
+
+
+def _audit_topups(query, bad) -> list:
+    """I6, I7 over `query`'s top-up rows (payments read in one query); return their amounts."""
+    rows = list(query.select(LedgerEntry.id, LedgerEntry.user, LedgerEntry.amount, LedgerEntry.reference).tuples())
+    ids = {}
+    for _, _, _, reference in rows:
+        if reference.startswith("payment:"):
+            try:
+                ids[reference] = uuid.UUID(reference.split(":", 1)[1])
+            except ValueError:
+                pass
+    found = {}
+    wanted = list(set(ids.values()))
+    for start in range(0, len(wanted), 500):
+        for payment in Payment.select().where(Payment.id.in_(wanted[start:start + 500])):
+            found[payment.id] = payment
+    seen: dict = {}
+    for row_id, user_id, amount, reference in rows:
+        seen[reference] = seen.get(reference, 0) + 1
+        payment = found.get(ids.get(reference))
+        if payment is None:
+            bad("I7 top-up ledger %s references no payment (%s)" % (row_id, reference))
+        elif payment.status != "succeeded":
+            bad("I7 top-up ledger %s: payment %s is %s" % (row_id, payment.id, payment.status))
+        elif not _confirmed(payment):
+            bad("I7 top-up ledger %s: payment %s (%s) is not confirmed by exactly one provider "
+                "(yookassa %s, stars %s)" % (row_id, payment.id, payment.provider, payment.yookassa_payment_id,
+                                             payment.telegram_charge_id))
+        elif payment.credits != amount or payment.user_id != user_id:
+            bad("I7 top-up ledger %s does not match payment %s" % (row_id, payment.id))
+    for ref, count in seen.items():
+        if count > 1:
+            bad("I6 %s credited %d times" % (ref, count))
+    return [row[2] for row in rows]
+
+
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
           sweep_interval: int | None = None) -> AuditReport:
     """Check the ledger invariants I1–I11 on a read snapshot; never writes.
@@ -788,19 +874,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
         balances = {(b.user_id, b.asset): b for b in Balance.select()}
         # I1, I2, I11: cached = sum of journal; continuous balance-after chain; positive amounts.
         sums: dict = {}
-        for row in LedgerEntry.select().order_by(LedgerEntry.user, LedgerEntry.asset, LedgerEntry.id).iterator():
-            key = (row.user_id, row.asset)
-            avail, res = sums.get(key, (0, 0))
-            avail, res = avail + row.delta_available, res + row.delta_reserved
-            if (avail, res) != (row.available_after, row.reserved_after):
-                bad("I2 ledger %s (user %s %s): balance-after %s/%s does not follow from the previous row (%s/%s)"
-                    % (row.id, row.user_id, row.asset, row.available_after, row.reserved_after, avail, res))
-                avail, res = row.available_after, row.reserved_after
-            sums[key] = (avail, res)
-            if row.amount <= 0 or row.amount > INT64_MAX:
-                bad("I11 ledger %s has amount %s" % (row.id, row.amount))
-            if row.kind not in ("payment_refund",) and abs(row.delta_available) + abs(row.delta_reserved) == 0:
-                bad("I11 ledger %s (%s) changes nothing" % (row.id, row.kind))
+        _audit_chain(LedgerEntry.select().order_by(LedgerEntry.user, LedgerEntry.asset, LedgerEntry.id), sums, bad)
         for key, balance in balances.items():
             expected = sums.get(key, (0, 0))
             if (balance.available, balance.reserved) != expected:
@@ -812,56 +886,18 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             bad("I1 user %s %s: ledger rows without a balance row" % key)
         # I4, I5, I10: reserved = open reservations; each resolved once; none too old.
         open_sums: dict = {}
-        resolving = {}
-        for row in (LedgerEntry.select(LedgerEntry.kind, LedgerEntry.idempotency_key)
-                    .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).iterator()):
-            resolving[row.idempotency_key] = row.kind
+        resolving = dict(LedgerEntry.select(LedgerEntry.idempotency_key, LedgerEntry.kind)
+                         .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).tuples().iterator())
         late = datetime.timedelta(seconds=sweep)
         counts = {"reserved": 0, "committed": 0, "released": 0, "expired": 0}
-        for r in Reservation.select().iterator():
-            counts[r.state] = counts.get(r.state, 0) + 1
-            if r.state == "reserved":
-                if r.asset != "free_access":
-                    k = (r.user_id, r.asset)
-                    open_sums[k] = open_sums.get(k, 0) + r.amount
-                if r.expires_at + late < now:
-                    bad("I10 reservation %s (from %s) is open past its expiry %s + the sweep interval"
-                        % (r.id, r.created_at, r.expires_at))
-            if r.asset == "free_access":
-                if r.amount != 0:
-                    bad("I11 free-access reservation %s holds %s" % (r.id, r.amount))
-                continue
-            if ("reserve:" + r.idempotency_key) not in resolving:
-                bad("I5 reservation %s has no reserve row in the ledger" % r.id)
-            ends = [kind for kind in ("commit", "release", "expire")
-                    if "%s:%s" % (kind, r.idempotency_key) in resolving]
-            want = {"reserved": [], "committed": ["commit"], "released": ["release"], "expired": ["expire"]}[r.state]
-            if ends != want:
-                bad("I5 reservation %s is %s but the ledger resolves it by %s" % (r.id, r.state, ends or "nothing"))
+        _audit_reservations(Reservation.select(), resolving, open_sums, counts, now - late, bad)
         for key, balance in balances.items():
             if balance.reserved != open_sums.get(key, 0):
                 bad("I4 user %s %s: reserved %s, open reservations hold %s"
                     % (key[0], key[1], balance.reserved, open_sums.get(key, 0)))
         # I7: every top-up credit references exactly one succeeded payment confirmed by exactly one
         # provider: YooKassa (its payment id) or Telegram Stars (its charge id, currency XTR).
-        topups = list(LedgerEntry.select().where(LedgerEntry.kind == "topup"))
-        seen_refs: dict = {}
-        for row in topups:
-            seen_refs[row.reference] = seen_refs.get(row.reference, 0) + 1
-            payment = _payment_for(row.reference)
-            if payment is None:
-                bad("I7 top-up ledger %s references no payment (%s)" % (row.id, row.reference))
-            elif payment.status != "succeeded":
-                bad("I7 top-up ledger %s: payment %s is %s" % (row.id, payment.id, payment.status))
-            elif not _confirmed(payment):
-                bad("I7 top-up ledger %s: payment %s (%s) is not confirmed by exactly one provider "
-                    "(yookassa %s, stars %s)" % (row.id, payment.id, payment.provider, payment.yookassa_payment_id,
-                                                 payment.telegram_charge_id))
-            elif payment.credits != row.amount or payment.user_id != row.user_id:
-                bad("I7 top-up ledger %s does not match payment %s" % (row.id, payment.id))
-        for ref, count in seen_refs.items():
-            if count > 1:
-                bad("I6 %s credited %d times" % (ref, count))
+        topups = _audit_topups(LedgerEntry.select().where(LedgerEntry.kind == "topup"), bad)
         # I9: free operations granted per account.
         for row in (LedgerEntry.select(LedgerEntry.user, fn.SUM(LedgerEntry.amount).alias("total"))
                     .where((LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
@@ -893,7 +929,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
             "credits_reserved": sum(b.reserved for (u, a), b in balances.items() if a == "credits"),
             "free_ops_available": sum(b.available for (u, a), b in balances.items() if a == "free_ops"),
             "topups": len(topups),
-            "topup_credits": sum(r.amount for r in topups),
+            "topup_credits": sum(topups),
             "reservations": counts,
             "free_deliveries": free_deliveries,     # an anomaly (logged when it happens), not a violation
         }
