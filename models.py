@@ -242,6 +242,9 @@ class Payment(BaseModel):
 
 PAYMENT_PROVIDERS = ("yookassa", "stars")
 
+    class Meta:
+        indexes = ((("status", "notified_at"), False),)   # unnotified_payments (migration 0006)
+
 
 class PromoRedemption(BaseModel):
     """A user's use of a code: reserved on a pending payment, consumed on success, once per user."""

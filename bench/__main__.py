@@ -12,13 +12,14 @@ import sys
 import time
 import traceback
 
-PARTS = ("bench.bench_billing", "bench.bench_webhook", "bench.bench_pipeline", "bench.bench_bot")
+PARTS = ("bench.bench_billing", "bench.bench_webhook", "bench.bench_pipeline", "bench.bench_bot",
+         "bench.bench_growth")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", help="run one part: billing, webhook, pipeline or bot")
+    parser.add_argument("--only", help="run one part: billing, webhook, pipeline, bot or growth")
     parser.add_argument("--out", default=os.path.join("data", "bench.json"))
     args = parser.parse_args(argv)
     figures: dict = {}

@@ -16,7 +16,7 @@ import config
 import models
 from tests.helpers import postgres_url
 
-HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat", "0004_user_side", "0005_stars"]
+HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat", "0004_user_side", "0005_stars", "0006_growth_indexes"]
 SQLITE_TRIGGERS = {"ledger_no_update", "ledger_no_delete", "reservation_final", "reservation_no_delete"}
 PG_TRIGGERS = {"ledger_append_only", "reservation_final"}
 
