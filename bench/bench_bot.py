@@ -386,6 +386,31 @@ def _one(kind: str, users: int, rates, step_seconds: float, tmp: str, env_extra:
         _stop(driver)
 
 
+def _stored(db_path: str, queue_path: str) -> dict:
+    """What the run left behind (issue 13 §3: nothing grows without bound): conversation-state
+    rows against users, and the queue database (jobs done are deleted; results are not stored)."""
+    import sqlite3
+
+    out = {}
+    conn = sqlite3.connect(db_path)
+    try:
+        out["bot_users_stored"] = conn.execute('SELECT count(*) FROM "user"').fetchone()[0]
+        out["bot_conversation_state_rows"] = conn.execute("SELECT count(*) FROM conversation_state").fetchone()[0]
+        out["bot_generations_stored"] = conn.execute("SELECT count(*) FROM generation").fetchone()[0]
+    finally:
+        conn.close()
+    if os.path.exists(queue_path):
+        conn = sqlite3.connect(queue_path)
+        try:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            out["bot_queue_rows"] = sum(conn.execute('SELECT count(*) FROM "%s"' % t).fetchone()[0] for t in tables)
+        finally:
+            conn.close()
+        out["bot_queue_db_kb"] = round(sum(os.path.getsize(queue_path + suffix) for suffix in ("", "-wal")
+                                           if os.path.exists(queue_path + suffix)) / 1024)
+    return out
+
+
 def _sustained(steps) -> int:
     best = 0
     for s in steps:
@@ -431,6 +456,8 @@ def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", 
                 figures["%sachieved_at_%d" % (prefix, r)] = s["achieved"]
                 figures["%serrors_at_%d" % (prefix, r)] = s["no_reply"] + s["error_replies"] + s["starved"]
             figures[prefix + "sustained_rate"] = _sustained(result["steps"])
+        if "product" in kinds:
+            figures.update(_stored(db_path, queue_path))
         base, mine = figures.get("bot_baseline_sustained_rate"), figures.get("bot_sustained_rate")
         figures["bot_sustained_ratio"] = round(mine / base, 2) if base and mine is not None else None
         ok = True
