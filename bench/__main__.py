@@ -13,7 +13,7 @@ import time
 import traceback
 
 PARTS = ("bench.bench_billing", "bench.bench_webhook", "bench.bench_pipeline", "bench.bench_bot",
-         "bench.bench_growth")
+         "bench.bench_growth", "bench.bench_scaleout")
 
 
 def main(argv=None) -> int:

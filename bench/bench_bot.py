@@ -323,7 +323,7 @@ from tests.fakes import fal as m
 server = getattr(m, "_Server", None)
 if server is not None:
     server.request_queue_size = 256
-fake = m.FakeFal(key="bench-fal-key").start()
+fake = m.FakeFal(key="bench-fal-id:bench-fal-key").start()
 print(fake.url, flush=True)
 sys.stdin.read()
 fake.stop()
@@ -438,7 +438,7 @@ def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", 
     yookassa, yookassa_url = _child(FAKE_YOOKASSA % ROOT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOOKASSA_", "FAL_", "TELEGRAM_"))}
     env.update(TELEGRAM_BOT_TOKEN=TOKEN, DATABASE_URL="sqlite:///" + db_path, QUEUE_URL="sqlite:///" + queue_path,
-               FAL_KEY="bench-fal-key", FAL_QUEUE_URL=fal_url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="WARNING",
+               FAL_KEY="bench-fal-id:bench-fal-key", FAL_QUEUE_URL=fal_url, FAL_POLL_INTERVAL="0.05", LOG_LEVEL="WARNING",
                YOOKASSA_SHOP_ID="123456", YOOKASSA_SECRET_KEY="test_secret", YOOKASSA_API_URL=yookassa_url + "/v3",
                YOOKASSA_RETURN_URL="https://t.me/medialab_bench_bot", PYTHONPATH=ROOT)
     figures: dict = {"bot_users": users, "bot_rates": ",".join(map(str, rates)), "bot_step_s": step_seconds,

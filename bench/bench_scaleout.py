@@ -1,0 +1,199 @@
+"""Benchmark: the scale-out path (issue 13 §5), keys ``pg_*`` — run only with BENCH_POSTGRES_URL.
+
+PostgreSQL reserve+commit cycles/s with 4 and 16 processes through `billing` (spawned; each binds
+`models.init_db` to BENCH_POSTGRES_URL), against raw psycopg2 running the same statements in the
+same transactions (reserve: conditional UPDATE of the balance RETURNING + ledger INSERT +
+reservation INSERT; commit: conditional UPDATE of the reservation + UPDATE of the balance +
+ledger INSERT) on the same migrated schema, interleaved. ``pg_ratio_<n>proc`` = billing / raw.
+
+The database named in BENCH_POSTGRES_URL is the bench's own (``createdb bench``): its schema
+``public`` is dropped and recreated at the start. Without the variable the part says it skipped.
+The Redis queue part (BENCH_REDIS_URL) is not written yet: it reports itself as skipped.
+
+``python -m bench.bench_scaleout [--quick]`` prints the figures as JSON.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+USERS = 64
+CREDITS = 10**15
+PRICE = 10
+
+
+def _bind(url):
+    import config
+    import models
+
+    config.configure(config.load({"DATABASE_URL": url, "QUEUE_URL": "memory://",
+                                  "TELEGRAM_BOT_TOKEN": "123456:BENCH"}, require_token=False))
+    return models.init_db(url)
+
+
+def _reset(url) -> list[int]:
+    """Drop and recreate schema public of the bench database, migrate, create USERS users."""
+    import billing
+    import models
+
+    database = models.open_database(url)
+    database.connect()
+    database.execute_sql("DROP SCHEMA IF EXISTS public CASCADE")
+    database.execute_sql("CREATE SCHEMA public")
+    models.migrate(database)
+    database.close()
+    _bind(url)
+    ids = []
+    for n in range(USERS):
+        user, _ = billing.get_or_create_user(10**9 + n, free_operations=0)
+        billing.credit(user.id, CREDITS, kind="grant", reference="bench", idempotency_key="bench:%d" % n)
+        ids.append(user.id)
+    models.db.close()
+    return ids
+
+
+def _billing_worker(url, user_ids, seconds, barrier, queue, seed):
+    import billing
+    import models
+
+    _bind(url)
+    rng = random.Random(seed)
+    cycles, errors, latencies = 0, [], []
+    models.db.connect(reuse_if_open=True)
+    barrier.wait(60)
+    deadline = time.perf_counter() + seconds
+    tag = "%d-%d" % (os.getpid(), seed)
+    while time.perf_counter() < deadline:
+        key = "pg:%s:%d" % (tag, cycles)
+        try:
+            t0 = time.perf_counter()
+            r = billing.reserve(rng.choice(user_ids), PRICE, reference=key, idempotency_key=key, ttl=900)
+            billing.commit(r.id)
+            latencies.append((time.perf_counter() - t0) * 1000)
+        except Exception as exc:  # noqa: BLE001 - counted, the bench goes on
+            errors.append(repr(exc)[:200])
+            continue
+        cycles += 1
+    models.db.close()
+    queue.put({"cycles": cycles, "errors": errors[:5], "ms": latencies})
+
+
+LEDGER = ("INSERT INTO ledger (user_id, asset, kind, amount, delta_available, delta_reserved, available_after, "
+          "reserved_after, reference, idempotency_key, shortfall, created_at) "
+          "VALUES (%s, 'credits', %s, %s, %s, %s, %s, %s, %s, %s, 0, now())")
+
+
+def _raw_worker(url, user_ids, seconds, barrier, queue, seed):
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    rng = random.Random(seed)
+    cycles, errors, latencies = 0, [], []
+    barrier.wait(60)
+    deadline = time.perf_counter() + seconds
+    tag = "%d-%d" % (os.getpid(), seed)
+    while time.perf_counter() < deadline:
+        key = "raw:%s:%d" % (tag, cycles)
+        user_id = rng.choice(user_ids)
+        try:
+            t0 = time.perf_counter()
+            with conn, conn.cursor() as cur:
+                cur.execute("UPDATE balance SET available = available - %s, reserved = reserved + %s "
+                            "WHERE user_id = %s AND asset = 'credits' AND available >= %s RETURNING available, reserved",
+                            (PRICE, PRICE, user_id, PRICE))
+                avail, res = cur.fetchone()
+                cur.execute(LEDGER, (user_id, "reserve", PRICE, -PRICE, PRICE, avail, res, key, "reserve:" + key))
+                cur.execute("INSERT INTO reservation (user_id, asset, amount, price, state, reference, idempotency_key, "
+                            "created_at, expires_at) VALUES (%s, 'credits', %s, %s, 'reserved', %s, %s, now(), now()) "
+                            "RETURNING id", (user_id, PRICE, PRICE, key, key))
+                rid = cur.fetchone()[0]
+            with conn, conn.cursor() as cur:
+                cur.execute("UPDATE reservation SET state = 'committed', resolved_at = now() "
+                            "WHERE id = %s AND state = 'reserved'", (rid,))
+                cur.execute("UPDATE balance SET reserved = reserved - %s WHERE user_id = %s AND asset = 'credits' "
+                            "AND reserved >= %s RETURNING available, reserved", (PRICE, user_id, PRICE))
+                avail, res = cur.fetchone()
+                cur.execute(LEDGER, (user_id, "commit", PRICE, 0, -PRICE, avail, res, key, "commit:" + key))
+            latencies.append((time.perf_counter() - t0) * 1000)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc)[:200])
+            continue
+        cycles += 1
+    conn.close()
+    queue.put({"cycles": cycles, "errors": errors[:5], "ms": latencies})
+
+
+def _measure(worker, url, user_ids, processes, seconds) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(url, user_ids, seconds, barrier, queue, n)) for n in range(processes)]
+    for p in procs:
+        p.start()
+    barrier.wait(120)
+    started = time.perf_counter()
+    results = [queue.get(timeout=seconds + 120) for _ in procs]
+    elapsed = time.perf_counter() - started
+    for p in procs:
+        p.join(30)
+    ms = sorted(x for r in results for x in r["ms"])
+    return {"cycles": sum(r["cycles"] for r in results), "elapsed": elapsed,
+            "errors": [e for r in results for e in r["errors"]],
+            "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 2) if ms else None}
+
+
+def _audit(url) -> bool:
+    import billing
+    import models
+
+    _bind(url)
+    ok = billing.audit().ok
+    models.db.close()
+    return ok
+
+
+def run(quick: bool = False) -> dict:
+    """PostgreSQL figures when BENCH_POSTGRES_URL is set, else a note that the part was skipped."""
+    out: dict = {}
+    url = os.environ.get("BENCH_POSTGRES_URL")
+    if not url:
+        out["pg_skipped"] = "BENCH_POSTGRES_URL is not set"
+    else:
+        seconds, rounds = (1.0, 1) if quick else (1.5, 2)
+        user_ids = _reset(url)
+        totals: dict = {}
+        for r in range(rounds):
+            for processes in (4, 16):
+                order = (("billing", _billing_worker), ("raw", _raw_worker))
+                for name, worker in (order if r % 2 == 0 else order[::-1]):
+                    result = _measure(worker, url, user_ids, processes, seconds)
+                    total = totals.setdefault((name, processes), {"cycles": 0, "elapsed": 0.0, "errors": [], "p99": []})
+                    total["cycles"] += result["cycles"]
+                    total["elapsed"] += result["elapsed"]
+                    total["errors"] += result["errors"]
+                    total["p99"].append(result["p99"])
+        for (name, processes), total in totals.items():
+            prefix = "pg_" if name == "billing" else "pg_raw_"
+            out["%scycles_per_s_%dproc" % (prefix, processes)] = round(total["cycles"] / total["elapsed"], 1)
+            out["%scycle_p99_ms_%dproc" % (prefix, processes)] = max(p for p in total["p99"] if p is not None)
+            out["%serrors_%dproc" % (prefix, processes)] = len(total["errors"])
+            if total["errors"]:
+                out["%serror_sample_%dproc" % (prefix, processes)] = total["errors"][0]
+        for processes in (4, 16):
+            raw = out["pg_raw_cycles_per_s_%dproc" % processes]
+            out["pg_ratio_%dproc" % processes] = round(out["pg_cycles_per_s_%dproc" % processes] / raw, 3) if raw else None
+        out["pg_audit_ok"] = _audit(url)
+    out["redis_skipped"] = ("BENCH_REDIS_URL is not set" if not os.environ.get("BENCH_REDIS_URL")
+                            else "the Redis queue part is not written yet")
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
