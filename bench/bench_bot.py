@@ -70,6 +70,43 @@ def on_callback(call):
 bot.infinity_polling(timeout=30, long_polling_timeout=25, allowed_updates=["message", "callback_query"])
 """
 
+WEBHOOK_SECRET = "bench-webhook-secret-0123456789"
+WEBHOOK_PATH = "/telegram/webhook"
+WEBHOOK_PROCESSES = 2
+
+
+def baseline_webhook_app():
+    """The webhook-mode baseline (a gunicorn factory): a minimal pyTelegramBotAPI bot answering
+    every update inline with one message, at the same path, with the same secret check."""
+    import hmac
+
+    import telebot
+    from flask import Flask, request
+    from telebot import apihelper, types
+
+    apihelper.API_URL = os.environ["TELEGRAM_API_URL"] + "/bot{0}/{1}"
+    bot = telebot.TeleBot(TOKEN, threaded=False)
+
+    @bot.message_handler(func=lambda m: True, content_types=["text"])
+    def on_message(message):
+        bot.send_message(message.chat.id, "ok")
+
+    @bot.callback_query_handler(func=lambda c: True)
+    def on_callback(call):
+        bot.answer_callback_query(call.id, "ok")
+
+    app = Flask("baseline")
+
+    @app.post(WEBHOOK_PATH)
+    def hook():
+        if not hmac.compare_digest(request.headers.get("X-Telegram-Bot-Api-Secret-Token", ""), WEBHOOK_SECRET):
+            return "", 403
+        bot.process_new_updates([types.Update.de_json(request.get_data(as_text=True))])
+        return "", 200
+
+    return app
+
+
 # The script every user repeats: (kind, payload). "press" needs a bot message showing the button.
 SCRIPT = (("press", "mode:generate"), ("text", "a red fox in the snow, number {n}"), ("press", "ratio:1:1"),
           ("text", "/balance"), ("press", "amount:100"), ("text", "/start"))
@@ -93,8 +130,15 @@ def _percentile(values, q):
 class _Driver:
     """Plays USERS users against `fake` (one update at a time each) and records reply latencies."""
 
-    def __init__(self, fake, users: int, baseline: bool, seed: int = 7):
+    def __init__(self, fake, users: int, baseline: bool, seed: int = 7, hook: str | None = None):
         self.fake = fake
+        self.hook = hook                 # webhook mode: POST each update there (like Telegram, 40 connections)
+        self.pool = None
+        if hook:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=40)
+            self.sessions = threading.local()
         self.baseline = baseline
         self.rng = random.Random(seed)
         self.users = [FIRST_USER + n for n in range(users)]
@@ -186,7 +230,21 @@ class _Driver:
                 entry["qid"] = qid
                 self._by_qid[qid] = user
         else:
-            self.fake.send_text(user, payload.format(n=self.rng.randrange(10**6)), first_name="Load")
+            update = self.fake.send_text(user, payload.format(n=self.rng.randrange(10**6)), first_name="Load")
+        if self.pool is not None:
+            self.pool.submit(self._post, update)
+
+    def _post(self, update):
+        import requests
+
+        session = getattr(self.sessions, "session", None)
+        if session is None:
+            session = self.sessions.session = requests.Session()
+        try:
+            session.post(self.hook, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET},
+                         timeout=REPLY_TIMEOUT)
+        except Exception:  # noqa: BLE001 - shows as an update without a reply
+            pass
 
     def _next_idle(self, deadline):
         while time.monotonic() < deadline:
@@ -261,8 +319,9 @@ class _Driver:
         return out
 
 
-def _fake_main(users: int, baseline: bool, rates, step_seconds: float) -> None:
-    """The child process: fake Bot API + driver; prints the URL, then one JSON line of results."""
+def _fake_main(users: int, baseline: bool, rates, step_seconds: float, hook: str | None = None) -> None:
+    """The child process: fake Bot API + driver; prints the URL, then one JSON line of results.
+    With `hook` (webhook mode) it reads that URL from stdin first and posts the updates there."""
     from tests.fakes import telegram as fake_module
 
     server = getattr(fake_module, "_Server", None)
@@ -270,8 +329,11 @@ def _fake_main(users: int, baseline: bool, rates, step_seconds: float) -> None:
         server.request_queue_size = max(server.request_queue_size, 256)
     fake = fake_module.FakeTelegram(token=TOKEN, strict_chats=False).start()
     print(fake.url, flush=True)
-    fake.wait_until_polling(timeout=START_DEADLINE)
-    driver = _Driver(fake, users, baseline)
+    if hook:
+        hook = sys.stdin.readline().strip()             # the parent says where once the server answers
+    else:
+        fake.wait_until_polling(timeout=START_DEADLINE)
+    driver = _Driver(fake, users, baseline, hook=hook)
     watcher = threading.Thread(target=driver._watch, daemon=True)
     watcher.start()
     warm = driver.warm_up(rate=100.0, timeout=120.0)
@@ -343,19 +405,59 @@ fake.stop()
 """
 
 
-def _one(kind: str, users: int, rates, step_seconds: float, tmp: str, env_extra: dict) -> dict:
-    """Run the driver against the product (kind="product") or the baseline bot; return its JSON."""
-    driver = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--fake", str(users), "1" if kind == "baseline" else "0",
-         ",".join(str(r) for r in rates), str(step_seconds)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+def _gunicorn(app: str, env: dict, log, port: int):
+    bin_dir = os.path.dirname(sys.executable)
+    return subprocess.Popen([os.path.join(bin_dir, "gunicorn"), "-w", str(WEBHOOK_PROCESSES), "-k", "gthread",
+                             "--threads", str(BOT_THREADS), "-b", "127.0.0.1:%d" % port, "--timeout", "30", app],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_listening(port: int, deadline: float) -> bool:
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _one(kind: str, users: int, rates, step_seconds: float, tmp: str, env_extra: dict, webhook: bool = False) -> dict:
+    """Run the driver against the product (kind="product") or the baseline bot; return its JSON.
+    `webhook`: both run as WEBHOOK_PROCESSES gunicorn workers and the driver posts the updates."""
+    args = [sys.executable, os.path.abspath(__file__), "--fake", str(users), "1" if kind == "baseline" else "0",
+            ",".join(str(r) for r in rates), str(step_seconds)]
+    if webhook:
+        args.append("webhook")
+    driver = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     processes = []
     try:
         url = _readline(driver, START_DEADLINE)
         if not url.startswith("http://127.0.0.1:"):
             raise RuntimeError("the fake Bot API did not start")
-        log = open(os.path.join(tmp, "%s.log" % kind), "ab")
-        if kind == "baseline":
+        log = open(os.path.join(tmp, "%s%s.log" % (kind, "-webhook" if webhook else "")), "ab")
+        if webhook:
+            import socket
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            env = dict(env_extra, TELEGRAM_API_URL=url, TELEGRAM_WEBHOOK_URL="https://bot.example.com" + WEBHOOK_PATH,
+                       TELEGRAM_WEBHOOK_SECRET=WEBHOOK_SECRET)
+            if kind == "product":
+                processes.append(subprocess.Popen(
+                    [os.path.join(os.path.dirname(sys.executable), "huey_consumer"), "worker.huey", "-w", "4", "-k",
+                     "thread", "-d", "0.01", "-m", "1", "-f", "-g", "INT", "-t", "60"], cwd=ROOT, env=env, stdout=log,
+                    stderr=subprocess.STDOUT))
+            processes.append(_gunicorn("bot:create_webhook_app()" if kind == "product"
+                                       else "bench.bench_bot:baseline_webhook_app()", env, log, port))
+            if not _wait_listening(port, time.monotonic() + START_DEADLINE):
+                raise RuntimeError("%s webhook server did not start (logs in %s)" % (kind, tmp))
+            driver.stdin.write("http://127.0.0.1:%d%s\n" % (port, WEBHOOK_PATH))
+            driver.stdin.flush()
+        elif kind == "baseline":
             processes.append(subprocess.Popen([sys.executable, "-c", BASELINE_BOT, url, TOKEN, str(BOT_THREADS)],
                                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
         else:
@@ -421,9 +523,12 @@ def _sustained(steps) -> int:
     return best
 
 
-def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", "product")) -> dict:
+def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", "product"),
+        webhook: bool | None = None) -> dict:
     """Run product and baseline (about 2 × (warm-up + ramp)); return flat ``bot_*`` figures."""
     default_rates, step_seconds = ((20, 100, 200), 2.0) if quick else (RATES, STEP)
+    if webhook is None:                 # webhook mode (2 gunicorn processes) too, unless quick
+        webhook = not quick
     rates = tuple(rates or default_rates)
     if quick:
         users = min(users, 400)
@@ -445,9 +550,10 @@ def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", 
                      "bot_threads": BOT_THREADS}
     ok = False
     try:
-        for kind in kinds:
-            result = _one(kind, users, rates, step_seconds, tmp, env)
-            prefix = "bot_" if kind == "product" else "bot_baseline_"
+        modes = [(kind, False) for kind in kinds] + ([(kind, True) for kind in kinds] if webhook else [])
+        for kind, hooked in modes:
+            result = _one(kind, users, rates, step_seconds, tmp, env, webhook=hooked)
+            prefix = ("bot_webhook_" if hooked else "bot_") + ("" if kind == "product" else "baseline_")
             figures[prefix + "warm_up_s"] = result["warm_up_s"]
             for s in result["steps"]:
                 r = s["rate"]
@@ -458,8 +564,10 @@ def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", 
             figures[prefix + "sustained_rate"] = _sustained(result["steps"])
         if "product" in kinds:
             figures.update(_stored(db_path, queue_path))
-        base, mine = figures.get("bot_baseline_sustained_rate"), figures.get("bot_sustained_rate")
-        figures["bot_sustained_ratio"] = round(mine / base, 2) if base and mine is not None else None
+        for prefix in ("bot_", "bot_webhook_"):
+            base, mine = figures.get(prefix + "baseline_sustained_rate"), figures.get(prefix + "sustained_rate")
+            if base is not None or mine is not None:
+                figures[prefix + "sustained_ratio"] = round(mine / base, 2) if base and mine is not None else None
         ok = True
     finally:
         _stop(fal)
@@ -474,7 +582,7 @@ def run(quick: bool = False, users: int = USERS, rates=None, kinds=("baseline", 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--fake":
         _fake_main(int(sys.argv[2]), sys.argv[3] == "1", [int(r) for r in sys.argv[4].split(",")],
-                   float(sys.argv[5]))
+                   float(sys.argv[5]), hook=sys.argv[6] if len(sys.argv) > 6 else None)
     else:
         n = USERS
         if "--users" in sys.argv:
@@ -483,4 +591,6 @@ if __name__ == "__main__":
         if "--rates" in sys.argv:
             chosen = [int(r) for r in sys.argv[sys.argv.index("--rates") + 1].split(",")]
         kinds = ("product",) if "--product-only" in sys.argv else ("baseline", "product")
-        print(json.dumps(run(quick="--quick" in sys.argv, users=n, rates=chosen, kinds=kinds), indent=1))
+        hooked = True if "--webhook" in sys.argv else (False if "--no-webhook" in sys.argv else None)
+        print(json.dumps(run(quick="--quick" in sys.argv, users=n, rates=chosen, kinds=kinds, webhook=hooked),
+                         indent=1))
