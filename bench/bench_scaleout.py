@@ -8,7 +8,10 @@ ledger INSERT) on the same migrated schema, interleaved. ``pg_ratio_<n>proc`` = 
 
 The database named in BENCH_POSTGRES_URL is the bench's own (``createdb bench``): its schema
 ``public`` is dropped and recreated at the start. Without the variable the part says it skipped.
-The Redis queue part (BENCH_REDIS_URL) is not written yet: it reports itself as skipped.
+With BENCH_REDIS_URL (the bench's own Redis database, e.g. ``redis://127.0.0.1:6379/7``: it is
+flushed), keys ``redis_*``: jobs/s through a Redis queue with 1 and 2 consumer processes of 8
+threads each, the fake Fal answering after 0.5 s, every job delivered and committed once, audit
+clean; ``redis_2_to_1_ratio`` is the scale-out (2 consumers should do ≥ 1.7 × one).
 
 ``python -m bench.bench_scaleout [--quick]`` prints the figures as JSON.
 """
@@ -190,10 +193,126 @@ def run(quick: bool = False) -> dict:
             raw = out["pg_raw_cycles_per_s_%dproc" % processes]
             out["pg_ratio_%dproc" % processes] = round(out["pg_cycles_per_s_%dproc" % processes] / raw, 3) if raw else None
         out["pg_audit_ok"] = _audit(url)
-    out["redis_skipped"] = ("BENCH_REDIS_URL is not set" if not os.environ.get("BENCH_REDIS_URL")
-                            else "the Redis queue part is not written yet")
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    if not redis_url:
+        out["redis_skipped"] = "BENCH_REDIS_URL is not set"
+    else:
+        out.update(_redis(redis_url, quick))
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Redis queue: 1 and 2 consumers of 8 threads, Fal answering after FAL_LATENCY seconds
+# --------------------------------------------------------------------------------------------
+
+FAL_LATENCY = 0.5
+CONSUMER_THREADS = 8
+
+
+def _redis(redis_url: str, quick: bool) -> dict:
+    """jobs/s through a Redis queue with 1 and 2 consumer processes (SQLite database, fake
+    Telegram, fake Fal with a FAL_LATENCY latency); every job delivered once, audit clean."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    import redis
+    import requests
+
+    from bench import bench_pipeline as bp
+
+    jobs = 48 if quick else 96
+    out: dict = {"redis_jobs": jobs, "redis_fal_latency_s": FAL_LATENCY, "redis_consumer_threads": CONSUMER_THREADS}
+    tmp = tempfile.mkdtemp(prefix="bench-redis-")
+    db_path = os.path.join(tmp, "medialab.db")
+    import models
+
+    database = models.open_database("sqlite:///" + db_path)
+    models.migrate(database)
+    database.close()
+    redis.Redis.from_url(redis_url).flushdb()         # the bench's own Redis database
+    telegram = bp._Child(bp.FAKE_TELEGRAM % (ROOT, bp.TOKEN, 1.0))
+    fal = bp._Child(bp.FAKE_FAL % ROOT)
+    ok = False
+    try:
+        requests.post(fal.url + "/_test/latency", json={"seconds": FAL_LATENCY}, timeout=10).raise_for_status()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("YOOKASSA_", "FAL_", "TELEGRAM_"))}
+        env.update(TELEGRAM_BOT_TOKEN=bp.TOKEN, TELEGRAM_API_URL=telegram.url, DATABASE_URL="sqlite:///" + db_path,
+                   QUEUE_URL=redis_url, FAL_KEY="bench-fal-id:bench-fal-key", FAL_QUEUE_URL=fal.url,
+                   FAL_POLL_INTERVAL="0.05", LOG_LEVEL="WARNING", PYTHONPATH=ROOT)
+        rates = {}
+        for consumers in (1, 2):
+            log = open(os.path.join(tmp, "consumers-%d.log" % consumers), "ab")
+            procs = [subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "huey_consumer"), "worker.huey",
+                                       "-w", str(CONSUMER_THREADS), "-k", "thread", "-d", "0.01", "-m", "1", "-f",
+                                       "-g", "INT", "-t", "60"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                     for _ in range(consumers)]
+            try:
+                done = subprocess.run([sys.executable, "-m", "bench.bench_scaleout", "--redis-driver", str(jobs),
+                                       str(consumers)], cwd=ROOT, env=env, capture_output=True, text=True,
+                                      timeout=240)
+                result = json.loads(done.stdout.strip().splitlines()[-1])
+            finally:
+                for proc in procs:
+                    proc.send_signal(signal.SIGINT)
+                for proc in procs:
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait(5)
+            rates[consumers] = result["jobs_per_s"]
+            for key, value in result.items():
+                out["redis_%s_%dconsumer" % (key, consumers)] = value
+        out["redis_2_to_1_ratio"] = round(rates[2] / rates[1], 2) if rates[1] else None
+        ok = True
+    finally:
+        telegram.close()
+        fal.close()
+        if ok:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            out["redis_notes"] = "logs kept in %s" % tmp
+    return out
+
+
+def _redis_driver(jobs: int, tag: int) -> None:
+    """Accept `jobs` generations (two per user) like the bot does, wait for them, print JSON."""
+    import billing
+    import config
+    import worker
+    from models import Generation, Reservation
+
+    cfg = config.get()
+    import models
+
+    models.init_db(cfg.database_url)
+    users = [billing.get_or_create_user(800_000_000 + tag * 10_000 + n, first_name="Redis", free_operations=0)[0]
+             for n in range(jobs // 2)]
+    for user in users:
+        billing.credit(user.id, 1000, kind="grant", reference="bench", idempotency_key="grant:redis:%s" % user.id)
+    ids = [str(worker.accept_generation(user, user.telegram_id, "generate", prompt="redis %d" % n).id)
+           for user in users for n in range(2)]
+    deadline = time.monotonic() + 180
+    pending = set(ids)
+    while pending and time.monotonic() < deadline:
+        pending -= {str(g.id) for g in Generation.select(Generation.id).where(
+            Generation.id.in_(list(pending)) & Generation.status.in_(["delivered", "failed"]))}
+        time.sleep(0.02)
+    rows = list(Generation.select().where(Generation.id.in_(ids)))
+    delivered = [g for g in rows if g.status == "delivered"]
+    span = ((max(g.finished_at for g in delivered) - min(g.created_at for g in rows)).total_seconds()
+            if delivered else 0)
+    committed = Reservation.select().where(Reservation.id.in_([g.reservation_id for g in rows])
+                                           & (Reservation.state == "committed")).count()
+    print(json.dumps({"jobs_per_s": round(len(delivered) / span, 1) if span else 0.0,
+                      "delivered": len(delivered), "committed_once": committed == len(delivered) == jobs,
+                      "audit_ok": billing.audit().ok}), flush=True)
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
+    if len(sys.argv) > 3 and sys.argv[1] == "--redis-driver":
+        _redis_driver(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
