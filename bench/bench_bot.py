@@ -18,8 +18,8 @@ REPLY_TIMEOUT (errors) and error replies (the generic error text). ``bot_sustain
 highest offered rate whose p99 stayed under 250 ms with no error and ≥ 95 % of it achieved.
 
 Baseline in the same run: a minimal pyTelegramBotAPI bot with the same number of handler threads
-answering every update with one message (sendMessage, answerCallbackQuery for a button), driven by
-the same driver. ``bot_sustained_ratio`` = product / baseline.
+answering every update with one message (sendMessage showing the three buttons the driver presses,
+answerCallbackQuery for a button), driven by the same driver. ``bot_sustained_ratio`` = product / baseline.
 
 The fake and the driver share one child process (the driver reads the fake's call log directly);
 the bot, the consumer, the fake Fal and the fake YooKassa are separate processes, as in
@@ -59,9 +59,13 @@ from telebot import apihelper
 apihelper.API_URL = sys.argv[1] + "/bot{0}/{1}"
 bot = telebot.TeleBot(sys.argv[2], threaded=True, num_threads=int(sys.argv[3]))
 
+MARKUP = telebot.types.InlineKeyboardMarkup()
+for data in ("mode:generate", "ratio:1:1", "amount:100"):   # the buttons the driver presses
+    MARKUP.add(telebot.types.InlineKeyboardButton(data, callback_data=data))
+
 @bot.message_handler(func=lambda m: True, content_types=["text"])
 def on_message(message):
-    bot.send_message(message.chat.id, "ok")
+    bot.send_message(message.chat.id, "ok", reply_markup=MARKUP)
 
 @bot.callback_query_handler(func=lambda c: True)
 def on_callback(call):
@@ -87,9 +91,13 @@ def baseline_webhook_app():
     apihelper.API_URL = os.environ["TELEGRAM_API_URL"] + "/bot{0}/{1}"
     bot = telebot.TeleBot(TOKEN, threaded=False)
 
+    markup = types.InlineKeyboardMarkup()
+    for data in ("mode:generate", "ratio:1:1", "amount:100"):   # the buttons the driver presses
+        markup.add(types.InlineKeyboardButton(data, callback_data=data))
+
     @bot.message_handler(func=lambda m: True, content_types=["text"])
     def on_message(message):
-        bot.send_message(message.chat.id, "ok")
+        bot.send_message(message.chat.id, "ok", reply_markup=markup)
 
     @bot.callback_query_handler(func=lambda c: True)
     def on_callback(call):
@@ -207,7 +215,7 @@ class _Driver:
 
     def _button_message(self, user, data):
         for message in reversed(self.fake.messages(user)):
-            if self.baseline or data in self.fake.button_data(message):
+            if data in self.fake.button_data(message):
                 return message
         return None
 
@@ -223,8 +231,7 @@ class _Driver:
         with self.lock:
             self.pending[user] = entry
         if kind == "press":
-            update = self.fake.press(user, message["message_id"], payload, force=self.baseline,
-                                     first_name="Load")
+            update = self.fake.press(user, message["message_id"], payload, first_name="Load")
             qid = update["callback_query"]["id"]
             with self.lock:
                 entry["qid"] = qid

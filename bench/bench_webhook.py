@@ -267,12 +267,6 @@ def run(quick: bool = False) -> dict:
             warm = json.dumps({"type": "notification", "event": "payment.succeeded",
                                "object": {"id": "00000000-000f-5000-8000-000000000000", "status": "succeeded",
                                           "paid": True, "amount": {"value": "1.00", "currency": "RUB"}}}).encode()
-            # /yookassa/health (the start-up check below) answers 503 without fresh heartbeats of
-            # the bot and the worker, which this bench does not run: stand in for them.
-            import ops
-
-            for name in ("process:bot", "process:worker"):
-                ops.beat(name)
             proc_env = dict(os.environ, **env)
             web, web_url = _start_gunicorn("web:app", ROOT, proc_env, os.path.join(tmp, "web.log"))
             try:
