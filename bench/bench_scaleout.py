@@ -207,6 +207,16 @@ def run(quick: bool = False) -> dict:
 
 FAL_LATENCY = 0.5
 CONSUMER_THREADS = 8
+FAKE_FAL_SLOW = """
+import sys
+sys.path.insert(0, %r)
+from tests.fakes import fal as fake_module
+fake = fake_module.FakeFal(key="bench-fal-id:bench-fal-key").start()
+fake.latency = %r                  # every request runs this long (half queued, half in progress)
+print(fake.url, flush=True)
+sys.stdin.read()
+fake.stop()
+"""
 
 
 def _redis(redis_url: str, quick: bool) -> dict:
@@ -218,7 +228,6 @@ def _redis(redis_url: str, quick: bool) -> dict:
     import tempfile
 
     import redis
-    import requests
 
     from bench import bench_pipeline as bp
 
@@ -233,10 +242,9 @@ def _redis(redis_url: str, quick: bool) -> dict:
     database.close()
     redis.Redis.from_url(redis_url).flushdb()         # the bench's own Redis database
     telegram = bp._Child(bp.FAKE_TELEGRAM % (ROOT, bp.TOKEN, 1.0))
-    fal = bp._Child(bp.FAKE_FAL % ROOT)
+    fal = bp._Child(FAKE_FAL_SLOW % (ROOT, FAL_LATENCY))
     ok = False
     try:
-        requests.post(fal.url + "/_test/latency", json={"seconds": FAL_LATENCY}, timeout=10).raise_for_status()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("YOOKASSA_", "FAL_", "TELEGRAM_"))}
         env.update(TELEGRAM_BOT_TOKEN=bp.TOKEN, TELEGRAM_API_URL=telegram.url, DATABASE_URL="sqlite:///" + db_path,
                    QUEUE_URL=redis_url, FAL_KEY="bench-fal-id:bench-fal-key", FAL_QUEUE_URL=fal.url,
