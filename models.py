@@ -239,11 +239,11 @@ class Payment(BaseModel):
     provider = CharField(default="yookassa", null=True)   # yookassa | stars (NULL never written)
     telegram_charge_id = CharField(null=True, unique=True)  # Stars: telegram_payment_charge_id
 
-
-PAYMENT_PROVIDERS = ("yookassa", "stars")
-
     class Meta:
         indexes = ((("status", "notified_at"), False),)   # unnotified_payments (migration 0006)
+
+
+PAYMENT_PROVIDERS = ("yookassa", "stars")
 
 
 class PromoRedemption(BaseModel):
