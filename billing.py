@@ -963,7 +963,8 @@ def _audit_triggers(bad) -> None:
 
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
           sweep_interval: int | None = None) -> AuditReport:
-    """Check the ledger invariants I1–I11 on a read snapshot; never writes.
+    """Check the ledger invariants I1–I15 on a read snapshot; never writes (I12 promo limits,
+    I13 refunds by the cumulative rule, I14 Stars refunds, I15 credits ≤ what was paid for).
 
     Safe while the bot runs (SQLite readers never block the WAL writer). Settings default
     to the process configuration.
