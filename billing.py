@@ -961,6 +961,37 @@ def _audit_triggers(bad) -> None:
         bad("I8 trigger %s is missing: the ledger could be rewritten" % name)
 
 
+def _audit_balances(balances: dict, sums: dict, bad) -> None:
+    """I1: cached balances equal the ledger sums (and no ledger rows without a balance row);
+    I3: nothing negative."""
+    for key, balance in balances.items():
+        expected = sums.get(key, (0, 0))
+        if (balance.available, balance.reserved) != expected:
+            bad("I1 user %s %s: cached %s/%s, ledger sums to %s/%s"
+                % (key[0], key[1], balance.available, balance.reserved, expected[0], expected[1]))
+        if balance.available < 0 or balance.reserved < 0:
+            bad("I3 user %s %s: negative balance %s/%s" % (key[0], key[1], balance.available, balance.reserved))
+    for key in set(sums) - set(balances):
+        bad("I1 user %s %s: ledger rows without a balance row" % key)
+
+
+def _audit_reserved(balances: dict, open_sums: dict, bad) -> None:
+    """I4: each cached reserved amount equals what the user's open reservations hold."""
+    for key, balance in balances.items():
+        if balance.reserved != open_sums.get(key, 0):
+            bad("I4 user %s %s: reserved %s, open reservations hold %s"
+                % (key[0], key[1], balance.reserved, open_sums.get(key, 0)))
+
+
+def _audit_free_ops(free_operations: int, bad) -> None:
+    """I9: no account was granted more than `free_operations` free operations."""
+    for row in (LedgerEntry.select(LedgerEntry.user, fn.SUM(LedgerEntry.amount).alias("total"))
+                .where((LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
+                .group_by(LedgerEntry.user)):
+        if row.total > free_operations:
+            bad("I9 user %s was granted %s free operations (limit %s)" % (row.user_id, row.total, free_operations))
+
+
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
           sweep_interval: int | None = None) -> AuditReport:
     """Check the ledger invariants I1–I15 on a read snapshot; never writes (I12 promo limits,
@@ -980,15 +1011,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
         # I1, I2, I11: cached = sum of journal; continuous balance-after chain; positive amounts.
         sums: dict = {}
         _audit_chain(LedgerEntry.select().order_by(LedgerEntry.user, LedgerEntry.asset, LedgerEntry.id), sums, bad)
-        for key, balance in balances.items():
-            expected = sums.get(key, (0, 0))
-            if (balance.available, balance.reserved) != expected:
-                bad("I1 user %s %s: cached %s/%s, ledger sums to %s/%s"
-                    % (key[0], key[1], balance.available, balance.reserved, expected[0], expected[1]))
-            if balance.available < 0 or balance.reserved < 0:
-                bad("I3 user %s %s: negative balance %s/%s" % (key[0], key[1], balance.available, balance.reserved))
-        for key in set(sums) - set(balances):
-            bad("I1 user %s %s: ledger rows without a balance row" % key)
+        _audit_balances(balances, sums, bad)
         # I4, I5, I10: reserved = open reservations; each resolved once; none too old.
         open_sums: dict = {}
         resolving = dict(LedgerEntry.select(LedgerEntry.idempotency_key, LedgerEntry.kind)
@@ -996,19 +1019,11 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
         late = datetime.timedelta(seconds=sweep)
         counts = {"reserved": 0, "committed": 0, "released": 0, "expired": 0}
         _audit_reservations(Reservation.select(), resolving, open_sums, counts, now - late, bad)
-        for key, balance in balances.items():
-            if balance.reserved != open_sums.get(key, 0):
-                bad("I4 user %s %s: reserved %s, open reservations hold %s"
-                    % (key[0], key[1], balance.reserved, open_sums.get(key, 0)))
+        _audit_reserved(balances, open_sums, bad)
         # I7: every top-up credit references exactly one succeeded payment confirmed by exactly one
         # provider: YooKassa (its payment id) or Telegram Stars (its charge id, currency XTR).
         topups = _audit_topups(LedgerEntry.select().where(LedgerEntry.kind == "topup"), bad)
-        # I9: free operations granted per account.
-        for row in (LedgerEntry.select(LedgerEntry.user, fn.SUM(LedgerEntry.amount).alias("total"))
-                    .where((LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
-                    .group_by(LedgerEntry.user)):
-            if row.total > free_operations:
-                bad("I9 user %s was granted %s free operations (limit %s)" % (row.user_id, row.total, free_operations))
+        _audit_free_ops(free_operations, bad)
         _audit_promo_limits(bad)
         _audit_refunds(bad)
         _audit_stars(bad)
