@@ -866,7 +866,7 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
     from the balance-after of that key's last earlier row; I1 and I3 on its cached balance; I4 on
     its reserved sum. I5 for the reservations those rows reserve or resolve; I6 and I7 for the new
     top-ups (I6 among them: a duplicate of an old top-up's reference is for the full audit); I9 for
-    the users with new free-operation grants; I10 on every open reservation; I12, I13 and I8 as the
+    the users with new free-operation grants; I10 on every open reservation; I12–I15 and I8 as the
     full audit. `summary["last_ledger_id"]` is where the next incremental audit starts.
     """
     cfg = config.get()
@@ -885,35 +885,8 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
                     .order_by(LedgerEntry.id.desc()).limit(1).tuples().first())
             sums[(user_id, asset)] = tuple(last) if last else (0, 0)
         _audit_chain(new.order_by(LedgerEntry.user, LedgerEntry.asset, LedgerEntry.id), sums, bad)
-        for user_id, asset in keys:
-            balance = Balance.get_or_none((Balance.user == user_id) & (Balance.asset == asset))
-            if balance is None:
-                bad("I1 user %s %s: ledger rows without a balance row" % (user_id, asset))
-                continue
-            if (balance.available, balance.reserved) != sums[(user_id, asset)]:
-                bad("I1 user %s %s: cached %s/%s, ledger sums to %s/%s" % (
-                    user_id, asset, balance.available, balance.reserved, *sums[(user_id, asset)]))
-            if balance.available < 0 or balance.reserved < 0:
-                bad("I3 user %s %s: negative balance %s/%s" % (user_id, asset, balance.available, balance.reserved))
-            held = (Reservation.select(fn.COALESCE(fn.SUM(Reservation.amount), 0))
-                    .where((Reservation.user == user_id) & (Reservation.asset == asset)
-                           & (Reservation.state == "reserved")).scalar())
-            if balance.reserved != held:
-                bad("I4 user %s %s: reserved %s, open reservations hold %s" % (user_id, asset, balance.reserved, held))
-        moves = list(new.select(LedgerEntry.idempotency_key)
-                     .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).tuples())
-        reservation_keys = sorted({key.split(":", 1)[1] for (key,) in moves})
-        counts: dict = {}
-        for start in range(0, len(reservation_keys), 500):
-            chunk = reservation_keys[start:start + 500]
-            wanted = ["%s:%s" % (kind, key) for key in chunk for kind in ("reserve", "commit", "release", "expire")]
-            resolving = dict(LedgerEntry.select(LedgerEntry.idempotency_key, LedgerEntry.kind)
-                             .where(LedgerEntry.idempotency_key.in_(wanted)).tuples())
-            found = Reservation.select().where(Reservation.idempotency_key.in_(chunk))
-            for key in sorted(set(chunk) - {k for (k,) in found.select(Reservation.idempotency_key).tuples()}):
-                bad("I5 ledger rows …:%s have no reservation" % key)
-            # I10 is checked below for every open reservation, so not here (stale_before=min).
-            _audit_reservations(found, resolving, {}, counts, datetime.datetime.min, bad)
+        _since_balances(keys, sums, bad)
+        reservation_keys, counts = _since_reservations(new, bad)
         late = datetime.timedelta(seconds=sweep)
         for rid, created_at, expires_at in (Reservation.select(Reservation.id, Reservation.created_at,
                                                                Reservation.expires_at)
@@ -922,16 +895,10 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
             bad("I10 reservation %s (from %s) is open past its expiry %s + the sweep interval"
                 % (rid, created_at, expires_at))
         topups = _audit_topups(new.where(LedgerEntry.kind == "topup"), bad)
-        granted = sorted({u for (u,) in new.select(LedgerEntry.user).where(
-            (LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant")).tuples()})
-        for user_id in granted:
-            total = (LedgerEntry.select(fn.SUM(LedgerEntry.amount)).where(
-                (LedgerEntry.user == user_id) & (LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
-                .scalar())
-            if total > free_operations:
-                bad("I9 user %s was granted %s free operations (limit %s)" % (user_id, total, free_operations))
+        _since_free_ops(new, free_operations, bad)
         _audit_promo_limits(bad)
         _audit_refunds(bad)
+        _audit_stars(bad)
         _audit_triggers(bad)
         report.summary = {
             "since_ledger_id": since_id,
@@ -944,6 +911,57 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
             "topup_credits": sum(topups),
         }
     return report
+
+
+def _since_balances(keys: list, sums: dict, bad) -> None:
+    """`audit_since`: I1, I3 and I4 for each (user, asset) in `keys`, against the chained `sums`."""
+    for user_id, asset in keys:
+        balance = Balance.get_or_none((Balance.user == user_id) & (Balance.asset == asset))
+        if balance is None:
+            bad("I1 user %s %s: ledger rows without a balance row" % (user_id, asset))
+            continue
+        if (balance.available, balance.reserved) != sums[(user_id, asset)]:
+            bad("I1 user %s %s: cached %s/%s, ledger sums to %s/%s" % (
+                user_id, asset, balance.available, balance.reserved, *sums[(user_id, asset)]))
+        if balance.available < 0 or balance.reserved < 0:
+            bad("I3 user %s %s: negative balance %s/%s" % (user_id, asset, balance.available, balance.reserved))
+        held = (Reservation.select(fn.COALESCE(fn.SUM(Reservation.amount), 0))
+                .where((Reservation.user == user_id) & (Reservation.asset == asset)
+                       & (Reservation.state == "reserved")).scalar())
+        if balance.reserved != held:
+            bad("I4 user %s %s: reserved %s, open reservations hold %s" % (user_id, asset, balance.reserved, held))
+
+
+def _since_reservations(new, bad) -> tuple[list, dict]:
+    """`audit_since`: I5 for the reservations the new ledger rows `new` reserve or resolve;
+    returns (their idempotency keys, counts by state)."""
+    moves = list(new.select(LedgerEntry.idempotency_key)
+                 .where(LedgerEntry.kind.in_(["reserve", "commit", "release", "expire"])).tuples())
+    reservation_keys = sorted({key.split(":", 1)[1] for (key,) in moves})
+    counts: dict = {}
+    for start in range(0, len(reservation_keys), 500):
+        chunk = reservation_keys[start:start + 500]
+        wanted = ["%s:%s" % (kind, key) for key in chunk for kind in ("reserve", "commit", "release", "expire")]
+        resolving = dict(LedgerEntry.select(LedgerEntry.idempotency_key, LedgerEntry.kind)
+                         .where(LedgerEntry.idempotency_key.in_(wanted)).tuples())
+        found = Reservation.select().where(Reservation.idempotency_key.in_(chunk))
+        for key in sorted(set(chunk) - {k for (k,) in found.select(Reservation.idempotency_key).tuples()}):
+            bad("I5 ledger rows …:%s have no reservation" % key)
+        # I10 is checked below for every open reservation, so not here (stale_before=min).
+        _audit_reservations(found, resolving, {}, counts, datetime.datetime.min, bad)
+    return reservation_keys, counts
+
+
+def _since_free_ops(new, free_operations: int, bad) -> None:
+    """`audit_since`: I9 for the users with new free-operation grants among `new`."""
+    granted = sorted({u for (u,) in new.select(LedgerEntry.user).where(
+        (LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant")).tuples()})
+    for user_id in granted:
+        total = (LedgerEntry.select(fn.SUM(LedgerEntry.amount)).where(
+            (LedgerEntry.user == user_id) & (LedgerEntry.asset == "free_ops") & (LedgerEntry.kind == "grant"))
+            .scalar())
+        if total > free_operations:
+            bad("I9 user %s was granted %s free operations (limit %s)" % (user_id, total, free_operations))
 
 
 def _audit_triggers(bad) -> None:
