@@ -439,23 +439,7 @@ def build_request(
         prepared = prepare_image(data)
         uris.append(fal_client.encode(prepared, sniff_content_type(prepared)))
 
-    if mode == "generate":
-        ratio = options.get("aspect_ratio") or "1:1"
-        if ratio not in ASPECT_RATIOS:
-            raise ValueError("aspect_ratio must be one of %s, got %r" % (", ".join(ASPECT_RATIOS), ratio))
-        arguments = {"prompt": prompt, "num_images": 1, "output_format": "png", "aspect_ratio": ratio}
-    elif mode in ("edit", "merge"):
-        arguments = {"prompt": prompt, "image_urls": uris, "num_images": 1, "output_format": "png"}
-    elif mode == "face_swap":
-        face, target = uris
-        arguments = {"base_image_url": target, "swap_image_url": face}
-    elif mode == "retouch":
-        arguments = {"image_url": uris[0]}
-    elif mode == "upscale":
-        arguments = {"image_url": uris[0], "scale": 2}
-    else:  # pragma: no cover - MODE_SPECS and this table are kept together
-        raise ValueError("no request mapping for mode %r" % mode)
-
+    arguments = _default_arguments(mode, prompt, uris, options)
     for key, value in (extra_args or {}).items():
         if value is None:
             arguments.pop(key, None)
@@ -467,6 +451,25 @@ def build_request(
         raise ValueError("refusing to send the bot token to Fal (check FAL_ARGS_%s)" % mode.upper())
     endpoint = cfg.fal_endpoints.get(mode) or config.DEFAULT_ENDPOINTS[mode]
     return FalRequest(endpoint=endpoint, arguments=arguments, mode=mode)
+
+
+def _default_arguments(mode: str, prompt: str | None, uris: list[str], options: dict) -> dict:
+    """The Fal arguments of `mode` before the operator's FAL_ARGS_* (see `build_request`)."""
+    if mode == "generate":
+        ratio = options.get("aspect_ratio") or ASPECT_RATIOS[0]
+        if ratio not in ASPECT_RATIOS:
+            raise ValueError("aspect_ratio must be one of %s, got %r" % (", ".join(ASPECT_RATIOS), ratio))
+        return {"prompt": prompt, "num_images": 1, "output_format": "png", "aspect_ratio": ratio}
+    if mode in ("edit", "merge"):
+        return {"prompt": prompt, "image_urls": uris, "num_images": 1, "output_format": "png"}
+    if mode == "face_swap":
+        face, target = uris
+        return {"base_image_url": target, "swap_image_url": face}
+    if mode == "retouch":
+        return {"image_url": uris[0]}
+    if mode == "upscale":
+        return {"image_url": uris[0], "scale": 2}
+    raise ValueError("no request mapping for mode %r" % mode)  # pragma: no cover - kept with MODE_SPECS
 
 
 def parse_result(result: dict) -> list[str]:
