@@ -729,57 +729,16 @@ class FalGateway:
         """
         deadline = time.monotonic() + timeout
         endpoint = request.endpoint
-        interval = self.cfg.fal_poll_interval
         rid = request_id
         try:
             if rid:
                 logger.info("fal: resuming %s request %s", endpoint, rid)
                 handle = self.client.get_handle(endpoint, rid)
             else:
-                start_timeout = timeout if timeout > 1 else None  # fal-client requires > 1 s
-
-                def submit():
-                    return self.client.submit(endpoint, request.arguments, start_timeout=start_timeout)
-
-                def orphan(late_handle):
-                    logger.warning("fal: submit of %s finished after the deadline; cancelling %s",
-                                   endpoint, late_handle.request_id)
-                    self._cancel_handle(late_handle)
-
-                handle = self._call(submit, deadline, None, on_late=orphan)
+                handle = self._submit(request, deadline, timeout, on_enqueue)
                 rid = handle.request_id
-                logger.info("fal: submitted %s as request %s", endpoint, rid)
-                try:
-                    on_enqueue(rid)
-                except BaseException:
-                    logger.warning("fal: on_enqueue failed for request %s; cancelling it", rid)
-                    self._cancel_handle(handle)
-                    raise
-
-            last_event = None
-            while True:
-                status = self._call(lambda: handle.status(with_logs=False), deadline, rid)
-                event = _status_event(status)
-                if on_queue_update is not None and event != last_event:
-                    on_queue_update(event)
-                last_event = event
-                if isinstance(status, fal_client.Completed):
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ProviderTimeout("timed out after %.3g s" % timeout, request_id=rid)
-                time.sleep(min(interval, remaining))
-
-            fetch_deadline = max(deadline, time.monotonic() + RESULT_GRACE)
-            try:
-                result = self._call(lambda: handle.get(interval=interval), fetch_deadline, rid)
-            except ProviderError as exc:
-                exc.request_failed = bool(status.error)     # Fal said this request failed
-                raise
-            if status.error and not (isinstance(result, dict) and (result.get("images") or result.get("image"))):
-                failure = _classify(None, status.error_type, status.error, rid)
-                failure.request_failed = True
-                raise failure
+            status = self._wait(handle, deadline, timeout, on_queue_update)
+            result = self._fetch(handle, status, deadline)
             logger.info("fal: request %s completed", rid)
             return result
         except ProviderTimeout as exc:
@@ -792,6 +751,64 @@ class FalGateway:
             logger.warning("fal: request %s on %s failed: %s (%s, status %s)", rid, endpoint,
                            exc.detail, type(exc).__name__, exc.status_code)
             raise
+
+    def _submit(self, request: FalRequest, deadline: float, timeout: float, on_enqueue: Callable[[str], None]):
+        """Step 1 of `run`: submit, hand the request id to `on_enqueue`; return the handle. A submit
+        that completes after the deadline is cancelled; so is one whose id could not be stored."""
+        endpoint = request.endpoint
+        start_timeout = timeout if timeout > 1 else None  # fal-client requires > 1 s
+
+        def submit():
+            return self.client.submit(endpoint, request.arguments, start_timeout=start_timeout)
+
+        def orphan(late_handle):
+            logger.warning("fal: submit of %s finished after the deadline; cancelling %s",
+                           endpoint, late_handle.request_id)
+            self._cancel_handle(late_handle)
+
+        handle = self._call(submit, deadline, None, on_late=orphan)
+        rid = handle.request_id
+        logger.info("fal: submitted %s as request %s", endpoint, rid)
+        try:
+            on_enqueue(rid)
+        except BaseException:
+            logger.warning("fal: on_enqueue failed for request %s; cancelling it", rid)
+            self._cancel_handle(handle)
+            raise
+        return handle
+
+    def _wait(self, handle, deadline: float, timeout: float, on_queue_update) -> Any:
+        """Step 2 of `run`: poll the status every FAL_POLL_INTERVAL s until COMPLETED (returned);
+        ProviderTimeout at the deadline."""
+        rid, interval, last_event = handle.request_id, self.cfg.fal_poll_interval, None
+        while True:
+            status = self._call(lambda: handle.status(with_logs=False), deadline, rid)
+            event = _status_event(status)
+            if on_queue_update is not None and event != last_event:
+                on_queue_update(event)
+            last_event = event
+            if isinstance(status, fal_client.Completed):
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProviderTimeout("timed out after %.3g s" % timeout, request_id=rid)
+            time.sleep(min(interval, remaining))
+
+    def _fetch(self, handle, status, deadline: float) -> dict:
+        """Step 3 of `run`: the result of a COMPLETED request (a little grace past the deadline);
+        a request Fal reports failed raises with ``request_failed`` set."""
+        rid = handle.request_id
+        fetch_deadline = max(deadline, time.monotonic() + RESULT_GRACE)
+        try:
+            result = self._call(lambda: handle.get(interval=self.cfg.fal_poll_interval), fetch_deadline, rid)
+        except ProviderError as exc:
+            exc.request_failed = bool(status.error)     # Fal said this request failed
+            raise
+        if status.error and not (isinstance(result, dict) and (result.get("images") or result.get("image"))):
+            failure = _classify(None, status.error_type, status.error, rid)
+            failure.request_failed = True
+            raise failure
+        return result
 
     def _cancel_handle(self, handle: Any) -> bool:
         try:
