@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from PIL import Image
@@ -109,6 +110,21 @@ class Harness:
         if updates:
             self.offset = updates[-1].update_id
         return updates
+
+    def process_concurrently(self, updates: list) -> None:
+        """Process `updates` at the same moment, one thread each (how a threaded bot meets an album
+        or a double tap); returns when all are done."""
+        barrier = threading.Barrier(len(updates))
+
+        def run(update):
+            barrier.wait(5)
+            self.bot.process_new_updates([update])
+
+        threads = [threading.Thread(target=run, args=(u,)) for u in updates]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
 
     def pump(self) -> int:
         """Fetch and process every pending update (inline: a non-threaded bot); return the count."""

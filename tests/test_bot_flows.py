@@ -2,7 +2,6 @@
 
 The harness comes from tests/helpers.py, the `app` fixture from tests/conftest.py.
 """
-import threading
 
 import pytest
 
@@ -57,17 +56,7 @@ def test_merge_album_of_three_becomes_one_job_with_three_inputs(app, fake_fal):
                                        png(220, 200, (0, 0, 255))])
     updates = app.fetch()
     assert len(updates) == 3 and len({u.message.media_group_id for u in updates}) == 1
-    barrier = threading.Barrier(3)
-
-    def run(update):
-        barrier.wait(5)
-        app.bot.process_new_updates([update])
-
-    threads = [threading.Thread(target=run, args=(u,)) for u in updates]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    app.process_concurrently(updates)
     expected = [u["message"]["photo"][-1]["file_id"] for u in album]
     replies = [m for m in app.fake.messages(USER) if "Фото получено" in (m.get("text") or "")]
     assert len(replies) == 1 and "(3 из 4)" in replies[0]["text"]          # one reply per album, edited

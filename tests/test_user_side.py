@@ -5,7 +5,6 @@ Through the real bot, the fake Telegram, fake Fal and fake YooKassa (Harness fro
 """
 import datetime
 import io
-import threading
 
 import pytest
 from PIL import Image
@@ -51,17 +50,7 @@ def concurrent_taps(app, message, data, n=2):
         app.fake.press(USER, message["message_id"], Harness.full(message, data), force=True)
     updates = app.fetch()
     assert len(updates) == n
-    barrier = threading.Barrier(n)
-
-    def run(update):
-        barrier.wait(5)
-        app.bot.process_new_updates([update])
-
-    threads = [threading.Thread(target=run, args=(u,)) for u in updates]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    app.process_concurrently(updates)
 
 
 # --- 1. a tap acts once, and only on its own flow ----------------------------------------------
@@ -341,18 +330,7 @@ def test_the_status_shows_the_time_waited_on_long_jobs(app):
 def album_in_threads(app, images, caption=None):
     """The user sends an album; its updates are processed at once in one thread each."""
     app.fake.send_album(USER, images, caption=caption)
-    updates = app.fetch()
-    barrier = threading.Barrier(len(updates))
-
-    def run(update):
-        barrier.wait(5)
-        app.bot.process_new_updates([update])
-
-    threads = [threading.Thread(target=run, args=(u,)) for u in updates]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    app.process_concurrently(app.fetch())
 
 
 def test_an_edit_photo_with_a_caption_starts_at_once(app):
