@@ -869,10 +869,7 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
     the users with new free-operation grants; I10 on every open reservation; I12–I15 and I8 as the
     full audit. `summary["last_ledger_id"]` is where the next incremental audit starts.
     """
-    cfg = config.get()
-    free_operations = cfg.free_operations_count if free_operations is None else free_operations
-    sweep = cfg.sweep_interval if sweep_interval is None else sweep_interval
-    now = now or utcnow()
+    free_operations, sweep, now = _audit_settings(free_operations, sweep_interval, now)
     report = AuditReport()
     bad = report.violations.append
     with _read_snapshot():
@@ -979,6 +976,13 @@ def _audit_triggers(bad) -> None:
         bad("I8 trigger %s is missing: the ledger could be rewritten" % name)
 
 
+def _audit_settings(free_operations, sweep_interval, now) -> tuple[int, int, datetime.datetime]:
+    """The audit's settings: the arguments, or the process configuration where they are None."""
+    cfg = config.get()
+    return (cfg.free_operations_count if free_operations is None else free_operations,
+            cfg.sweep_interval if sweep_interval is None else sweep_interval, now or utcnow())
+
+
 def _audit_balances(balances: dict, sums: dict, bad) -> None:
     """I1: cached balances equal the ledger sums (and no ledger rows without a balance row);
     I3: nothing negative."""
@@ -1018,10 +1022,7 @@ def audit(now: datetime.datetime | None = None, *, free_operations: int | None =
     Safe while the bot runs (SQLite readers never block the WAL writer). Settings default
     to the process configuration.
     """
-    cfg = config.get()
-    free_operations = cfg.free_operations_count if free_operations is None else free_operations
-    sweep = cfg.sweep_interval if sweep_interval is None else sweep_interval
-    now = now or utcnow()
+    free_operations, sweep, now = _audit_settings(free_operations, sweep_interval, now)
     report = AuditReport()
     bad = report.violations.append
     with _read_snapshot():

@@ -34,12 +34,10 @@ PRICE = 10
 
 
 def _bind(url):
-    import config
-    import models
+    """The same binding as the SQLite billing bench (any database URL)."""
+    from bench.bench_billing import _bind as bind
 
-    config.configure(config.load({"DATABASE_URL": url, "QUEUE_URL": "memory://",
-                                  "TELEGRAM_BOT_TOKEN": "123456:BENCH"}, require_token=False))
-    return models.init_db(url)
+    return bind(url)
 
 
 def _reset(url) -> list[int]:

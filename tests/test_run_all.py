@@ -1,6 +1,7 @@
 """scripts/run_all.py (`make run`): the first child to exit stops the others cleanly; Ctrl-C on the
 supervisor stops them all; no traceback, no "Segmentation fault"."""
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,10 +14,20 @@ PY = sys.executable
 
 
 def child(marker, signame="SIGTERM"):
-    """A long-running child that writes `marker` once started and exits 0 on `signame`."""
-    code = ("import signal, sys, time; signal.signal(signal.%s, lambda *a: sys.exit(0)); "
-            "open(%r, 'w').close(); time.sleep(120)" % (signame, str(marker)))
+    """A long-running child that writes `marker` once started and exits 0 on `signame` (it waits
+    for signals, not for time)."""
+    code = ("import signal, sys; signal.signal(signal.%s, lambda *a: sys.exit(0)); "
+            "open(%r, 'w').close(); signal.pause()" % (signame, str(marker)))
     return '%s -c "%s"' % (PY, code)
+
+
+def failing_child(markers, code=3):
+    """A child that exits with `code` once the other children wrote their `markers` (polled with
+    a deadline)."""
+    script = ("import os, sys, time; d = time.monotonic() + 20\n"
+              "while not all(os.path.exists(p) for p in %r) and time.monotonic() < d: time.sleep(0.02)\n"
+              "sys.exit(%d)" % ([str(m) for m in markers], code))
+    return "%s -c %s" % (PY, shlex.quote(script))
 
 
 def wait_for(paths, deadline=20.0):
@@ -28,11 +39,12 @@ def wait_for(paths, deadline=20.0):
 
 def test_the_first_exit_stops_the_others(tmp_path):
     started = time.monotonic()
-    out = subprocess.run([PY, SCRIPT, "worker=" + child(tmp_path / "w", "SIGINT"), "web=" + child(tmp_path / "h"),
-                          "bot=%s -c \"import sys, time; time.sleep(1); sys.exit(3)\"" % PY],
+    markers = [tmp_path / "w", tmp_path / "h"]
+    out = subprocess.run([PY, SCRIPT, "worker=" + child(markers[0], "SIGINT"), "web=" + child(markers[1]),
+                          "bot=" + failing_child(markers)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 3, out.stderr
-    assert time.monotonic() - started < 20                 # nobody waited for the 120 s sleeps
+    assert time.monotonic() - started < 20                 # nobody waited for the children's own end
     assert "bot exited with 3, stopping the others" in out.stderr
     assert "Traceback" not in out.stderr and "Segmentation" not in out.stderr and "killing" not in out.stderr
 
