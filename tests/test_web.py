@@ -238,6 +238,12 @@ def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path, te
     try:
         statuses = yk.fake.notify("payment.succeeded", order.yookassa_payment_id, base + "/yookassa/webhook",
                                   times=50, concurrency=50, source_ip=YK_IP)
+        # A delivery that got no answer at all (status 0: the connection dropped or timed out on a
+        # loaded box, seen once in 5 CI runs) is delivered again, as YooKassa does with anything
+        # but a 200; the money assertions below are unchanged.
+        for index in [i for i, status in enumerate(statuses) if status == 0]:
+            statuses[index] = yk.fake.notify("payment.succeeded", order.yookassa_payment_id,
+                                             base + "/yookassa/webhook", source_ip=YK_IP)[0]
         forged = yk.fake.notify("payment.succeeded", order.yookassa_payment_id, base + "/yookassa/webhook",
                                 source_ip=YK_IP + ", 8.8.8.8")
     finally:
