@@ -967,20 +967,38 @@ def _album_reply(ctx: Ctx, spec: media.ModeSpec, role: str, album: dict) -> None
                 current["msg"] = sent.message_id
             return len(record["data"].get("files", [])), current.get("extra", 0)
 
-        count, extra = ctx.update(store)                   # photos added while it was being sent
-        if (count, extra) != (len(ctx.data.get("files", [])), album["extra"]):
-            _edit_album(ctx, spec, sent.message_id, count, extra)
+        shown = (len(ctx.data.get("files", [])), album["extra"])
+        if ctx.update(store) != shown:                     # photos added while it was being sent
+            _show_album(ctx, spec, sent.message_id, album["group"], None)
     elif album.get("msg"):
-        _edit_album(ctx, spec, album["msg"], len(ctx.data.get("files", [])), album["extra"])
+        _show_album(ctx, spec, album["msg"], album["group"], None)
 
 
-def _edit_album(ctx: Ctx, spec: media.ModeSpec, message_id: int, count: int, extra: int) -> None:
-    markup = _done_markup(ctx) if count >= spec.min_images else _cancel_markup(ctx)
-    try:
-        worker.tg(ctx.bot.edit_message_text, _merge_album_text(ctx, spec, count, extra), chat_id=ctx.chat_id,
-                  message_id=message_id, reply_markup=markup)
-    except apihelper.ApiTelegramException as exc:          # "message is not modified": already right
-        logger.info("album reply %s not edited: %s", message_id, exc.description)
+def _album_now(ctx: Ctx, group) -> tuple | None:
+    """(photos taken, photos over the limit) of album `group` as stored now (a read: no write)."""
+    def read(record):
+        current = record["data"].get("album") or {}
+        if current.get("group") != group:
+            return None
+        return len(record["data"].get("files", [])), current.get("extra", 0)
+    return ctx.update(read)
+
+
+def _show_album(ctx: Ctx, spec: media.ModeSpec, message_id: int, group, shown: tuple | None) -> None:
+    """Edit the album's reply to the stored count, and again while the stored count moved during the
+    edit: the album's photos are handled concurrently and their edits can reach Telegram in any
+    order, so every handler ends with the final text (at most 5 edits each)."""
+    for _ in range(5):
+        now = _album_now(ctx, group)
+        if now is None or now == shown:
+            return
+        count, extra = shown = now
+        markup = _done_markup(ctx) if count >= spec.min_images else _cancel_markup(ctx)
+        try:
+            worker.tg(ctx.bot.edit_message_text, _merge_album_text(ctx, spec, count, extra), chat_id=ctx.chat_id,
+                      message_id=message_id, reply_markup=markup)
+        except apihelper.ApiTelegramException as exc:      # "message is not modified": already right
+            logger.info("album reply %s not edited: %s", message_id, exc.description)
 
 
 # The step after the last image of a mode; other modes start the job at once (merge waits for "Готово").
