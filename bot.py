@@ -91,30 +91,19 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = ["message", "callback_query", "pre_checkout_query"]
 USER_UPDATES = ("message", "callback_query")      # what UserMiddleware loads a user and a chat state for
-ASPECT_RATIOS = media.ASPECT_RATIOS          # one list, in media.MODE_SPECS
 IMAGE_MIME_TYPES = ("image/jpeg", "image/png", "image/webp")
 # Data keys that outlive a flow (cancel, menu, a finished job): consent and a chosen discount code.
-STICKY_KEYS = ("face_swap_consent", "promo_code", "taps")
+STICKY_KEYS = tuple(s.consent_key for s in media.MODE_SPECS.values() if s.consent_key) + ("promo_code", "taps")
 TOKEN_SEP = "~"              # callback data "<action>~<flow token>": the flow that sent the button
 TAPS_KEPT = 30               # claimed "<flow>:<kind>" keys remembered per chat (a second tap: "already done")
-MODE_BUTTONS = (             # (mode, text key), in menu order (seeds: integration-examples.ru.md)
-    ("generate", "btn_generate"), ("edit", "btn_edit"), ("merge", "btn_merge"),
-    ("add_text", "btn_add_text"), ("face_swap", "btn_face_swap"), ("retouch", "btn_retouch"),
-    ("upscale", "btn_upscale"),
-)
-POSITIONS = ("top", "center", "bottom")
-COLORS = ("white", "black", "yellow", "red")
 
 
 class Step(StatesGroup):
     """Where a chat is in a flow; `data["mode"]` says which flow."""
 
     images = State()      # waiting for photos (data["files"])
-    prompt = State()      # waiting for the prompt / instruction
-    ratio = State()       # generate: waiting for an aspect-ratio button
-    text = State()        # add_text: waiting for the text to draw
-    position = State()    # add_text: waiting for a position button
-    color = State()       # add_text: waiting for a colour button
+    prompt = State()      # waiting for the typed input: the prompt, the instruction or the text to draw
+    option = State()      # waiting for the button of option data["option"] (aspect ratio, position, colour)
     amount = State()      # top-up: waiting for a custom amount
     promo = State()       # top-up: waiting for a promo code
     email = State()       # top-up: waiting for an e-mail for the receipt
@@ -566,14 +555,8 @@ def _markup(rows) -> types.InlineKeyboardMarkup:
 
 
 def _main_menu_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
-    b = {mode: ctx.t(key) for mode, key in MODE_BUTTONS}
-    return _markup([
-        [(b["generate"], "mode:generate"), (b["edit"], "mode:edit")],
-        [(b["merge"], "mode:merge"), (b["add_text"], "mode:add_text")],
-        [(b["face_swap"], "mode:face_swap"), (b["retouch"], "mode:retouch")],
-        [(b["upscale"], "mode:upscale")],
-        [(ctx.t("btn_pay"), "pay")],
-    ])
+    modes = [(ctx.t("btn_" + mode), "mode:" + mode) for mode in config.MODES]     # two in a row
+    return _markup([modes[i:i + 2] for i in range(0, len(modes), 2)] + [[(ctx.t("btn_pay"), "pay")]])
 
 
 def _cancel_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
@@ -714,9 +697,9 @@ def on_unexpected(message: types.Message, ctx: Ctx) -> None:
     """Anything a step does not expect: say what the step wants."""
     hint = STEP_HINTS.get(ctx.state)
     count = len(ctx.data.get("files", []))
-    if ctx.state == Step.images.name and ctx.data.get("mode") == "merge" and count >= 2:
-        _send(ctx, ctx.t("merge_photo_added", count=count, max=media.mode_spec("merge").max_images),
-              _done_markup(ctx))
+    spec = media.MODE_SPECS.get(ctx.data.get("mode"))
+    if ctx.state == Step.images.name and spec is not None and _collects(spec) and count >= spec.min_images:
+        _send(ctx, _collected_text(ctx, spec, count, 0), _done_markup(ctx))
     elif hint is None:                                     # stray input: a short hint, one button
         _send(ctx, ctx.t("hint_stray"), _menu_button_markup(ctx))
     else:
@@ -726,10 +709,7 @@ def on_unexpected(message: types.Message, ctx: Ctx) -> None:
 STEP_HINTS = {
     Step.images.name: "hint_send_photo",
     Step.prompt.name: "hint_send_text",
-    Step.ratio.name: "hint_press_button",
-    Step.text.name: "hint_send_text",
-    Step.position.name: "hint_press_button",
-    Step.color.name: "hint_press_button",
+    Step.option.name: "hint_press_button",
     Step.amount.name: "hint_send_amount",
     Step.promo.name: "hint_send_code",
     Step.email.name: "hint_send_email",
@@ -746,11 +726,13 @@ def _already_done(ctx: Ctx) -> None:
     _answer(ctx, ctx.t("button_done"))
 
 
-def _claim(ctx: Ctx, kind: str, *, states=None, mode: str | None = None, change=None, drop: bool = True) -> bool:
+def _claim(ctx: Ctx, kind: str, *, states=None, mode: str | None = None, check=None, change=None,
+           drop: bool = True) -> bool:
     """Claim the press of a flow button once, atomically, on the chat's state row.
 
     The button must carry the current flow's token (`Ctx.button`), the flow must be in one of
-    `states` (None: any) and `mode`; the key ``<flow>:<kind>`` must not be claimed yet. The claim,
+    `states` (None: any) and `mode`, and `check(data)` must hold (when given); the key ``<flow>:<kind>``
+    must not be claimed yet. The claim,
     and `change(record)` (the step's transition), are written in the same locked transaction
     (`PeeweeStateStorage.update`), so two taps — sequential or concurrent — act once. On success the
     message's keyboard is removed (unless `drop` is False) and True returned; otherwise the query is answered ("already
@@ -767,6 +749,8 @@ def _claim(ctx: Ctx, kind: str, *, states=None, mode: str | None = None, change=
         if not token or token != data.get("flow"):
             return "stale"
         if (states is not None and record["state"] not in states) or (mode and data.get("mode") != mode):
+            return "stale"
+        if check is not None and not check(data):
             return "stale"
         data["taps"] = (taps + [key])[-TAPS_KEPT:]
         if change is not None:
@@ -799,51 +783,59 @@ def _drop_keyboard(ctx: Ctx, markup=None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Modes
+# Modes. Every step comes from the mode's `media.ModeSpec`: its images (one question each), its
+# typed input (prompt or text), its options (buttons), then the job (paid) or the picture (local).
 # --------------------------------------------------------------------------------------------
-
-ASK_IMAGE_KEYS = {
-    "edit": "ask_edit_photo",
-    "merge": "ask_merge_photos",
-    "add_text": "ask_add_text_photo",
-    "face_swap": "ask_face_photo",
-    "retouch": "ask_retouch_photo",
-    "upscale": "ask_upscale_photo",
-}
 
 
 def on_mode(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """A main-menu mode button: start that mode's flow."""
+    """A main-menu mode button: start that mode's flow (after its one-time consent, if it has one)."""
     mode = call.data.split(":", 1)[1]
     if mode not in config.MODES:
         return on_stale_button(call, ctx)
     _answer(ctx)
     worker.discard_draft(ctx.user.id)                    # a new flow replaces the kept one
-    if mode == "generate":
-        ctx.start_flow(Step.prompt, mode=mode)
-        _send(ctx, ctx.t("ask_generate_prompt", price=_price_text(ctx, mode), max=ctx.cfg.max_prompt_length),
-              _cancel_markup(ctx))
+    spec = media.mode_spec(mode)
+    if spec.consent_key and not ctx.data.get(spec.consent_key):
+        ctx.start_flow(None, mode=mode)
+        _send(ctx, ctx.t(spec.consent_key), _markup([[(ctx.t("btn_consent"), ctx.button("consent"))],
+                                                     [(ctx.t("btn_cancel"), ctx.button("cancel"))]]))
         return
-    if mode == "face_swap" and not ctx.data.get("face_swap_consent"):
-        ctx.start_flow(None)
-        _send(ctx, ctx.t("face_swap_consent"), _markup([[(ctx.t("btn_consent"), ctx.button("consent"))],
-                                                         [(ctx.t("btn_cancel"), ctx.button("cancel"))]]))
-        return
-    _ask_first_image(ctx, mode)
-
-
-def _ask_first_image(ctx: Ctx, mode: str) -> None:
-    ctx.start_flow(Step.images, mode=mode, files=[])
-    _send(ctx, ctx.t(ASK_IMAGE_KEYS[mode], price=_price_text(ctx, mode), max_mb=ctx.cfg.max_image_bytes // 2**20),
-          _cancel_markup(ctx))
+    _start_mode(ctx, spec)
 
 
 def on_consent(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """Face swap: the user agreed to the one-time note; remember it and ask for the face."""
-    if not _claim(ctx, "consent", states=(None,)):
+    """The user accepted the mode's one-time note (face swap): remember it and start the mode."""
+    spec = media.MODE_SPECS.get(ctx.data.get("mode"))
+    if spec is None or not spec.consent_key:
+        return on_stale_button(call, ctx)
+    if not _claim(ctx, "consent", states=(None,), mode=spec.name):
         return
-    ctx.go(None, face_swap_consent=True)
-    _ask_first_image(ctx, "face_swap")
+    ctx.go(None, **{spec.consent_key: True})
+    _start_mode(ctx, spec)
+
+
+def _start_mode(ctx: Ctx, spec: media.ModeSpec) -> None:
+    """A fresh flow of mode `spec` and its first question (with the price): the first image, or
+    the typed input of a mode without images."""
+    values = dict(price=_price_text(ctx, spec.name), max_mb=ctx.cfg.max_image_bytes // 2**20,
+                  max=ctx.cfg.max_prompt_length)
+    if spec.max_images:
+        ctx.start_flow(Step.images, mode=spec.name, files=[])
+        _send(ctx, ctx.t(spec.image_keys[0], **values), _cancel_markup(ctx))
+    else:
+        ctx.start_flow(Step.prompt, mode=spec.name)
+        _send(ctx, ctx.t(spec.input_key, **values), _cancel_markup(ctx))
+
+
+def _collects(spec: media.ModeSpec) -> bool:
+    """True for a mode that takes a varying number of images (merge): the user taps "✅ Готово"."""
+    return spec.min_images < spec.max_images
+
+
+def _typed(spec: media.ModeSpec) -> bool:
+    """True for a mode that asks for a typed input (a prompt or a text to draw)."""
+    return spec.needs_prompt or spec.needs_text
 
 
 def _price_text(ctx: Ctx, mode: str) -> str:
@@ -884,13 +876,12 @@ def _incoming_image(message: types.Message):
 def on_image(message: types.Message, ctx: Ctx) -> None:
     """A photo or image document while a mode waits for images: check it, then keep its file id.
 
-    A caption is the instruction (edit, merge): no second question. The photos of an album (one
+    A caption is the prompt (edit, merge): no second question. The photos of an album (one
     update each, handled concurrently) are one input: an album gets one reply, edited as its
     photos come in (merge: the count, the photos over the limit), edit takes the first photo and
     says so, face swap takes face + target.
     """
-    mode = ctx.data.get("mode")
-    spec = media.mode_spec(mode)
+    spec = media.mode_spec(ctx.data.get("mode"))
     group = message.media_group_id
     if len(ctx.data.get("files", [])) >= spec.max_images and not group:
         return _too_many_images(ctx, spec)
@@ -898,55 +889,59 @@ def on_image(message: types.Message, ctx: Ctx) -> None:
     media.check_declared_size(declared, ctx.cfg)           # > 20 MB: refused before downloading
     media.inspect_image(worker.download_file(file_id, ctx.cfg), ctx.cfg)
     caption = (message.caption or "").strip()
-
-    def add(record):                                       # under the chat's lock: album photos race here
-        data = record["data"]
-        files = data.setdefault("files", [])
-        album = data.get("album") if group and (data.get("album") or {}).get("group") == group else None
-        if record["state"] != Step.images.name or data.get("mode") != mode:
-            if (album is not None and caption and mode == "edit" and data.get("mode") == "edit"
-                    and record["state"] == Step.prompt.name and not data.get("caption")):
-                data["caption"] = caption                  # the album's caption came with a later photo
-                ctx.state, ctx.data = record["state"], copy.deepcopy(data)
-                return "late_caption"
-            return None                                    # the flow changed meanwhile (or the album is in)
-        if caption and mode in ("edit", "merge"):
-            data["caption"] = caption
-        role = None
-        if group:
-            role = "edit" if album is not None else "send"
-            if album is None:
-                album = data["album"] = {"group": group, "msg": None, "extra": 0}
-        if len(files) >= spec.max_images:
-            if album is None:
-                return -1
-            album["extra"] += 1
-        else:
-            files.append([message.message_id, file_id])
-            files.sort()                                   # album order, whatever order they arrive in
-            if len(files) >= spec.max_images and mode in NEXT_STEP:
-                record["state"] = NEXT_STEP[mode].name
-        ctx.state, ctx.data = record["state"], copy.deepcopy(data)
-        return len(files), role, copy.deepcopy(album)
-
-    outcome = ctx.update(add)
+    outcome = ctx.update(functools.partial(_add_image, ctx, spec, [message.message_id, file_id], caption, group))
     if outcome == "late_caption":
-        return _accept(ctx, mode, prompt=media.validate_prompt(caption, ctx.cfg), file_ids=_file_ids(ctx))
+        return _take_input(ctx, spec, caption)
     if outcome == -1:
         return _too_many_images(ctx, spec)
     if outcome is None:
         return
     count, role, album = outcome
-    if album is not None and mode == "merge":
+    if album is not None and _collects(spec):
         return _album_reply(ctx, spec, role, album)
-    if album is not None and mode == "face_swap" and count < spec.max_images:
-        return                                             # the album's second photo is the target
-    if album is not None and album["extra"]:
-        return
+    if album is not None and (count < spec.max_images or album["extra"]):
+        return                                             # the album's next photo is the next image
     _after_image(ctx, spec, count, album_note=album is not None and spec.max_images == 1)
 
 
-def _merge_album_text(ctx: Ctx, spec: media.ModeSpec, count: int, extra: int) -> str:
+def _add_image(ctx: Ctx, spec: media.ModeSpec, entry: list, caption: str, group, record: dict):
+    """Add image `entry` ([message id, file id]) to the chat's state `record`, under the chat's lock
+    (album photos race here). Returns (images now, album role "send"/"edit"/None, album copy),
+    "late_caption" (an album's caption came with a photo after the flow moved on), -1 (over the
+    limit, not in an album) or None (the flow changed meanwhile)."""
+    data = record["data"]
+    files = data.setdefault("files", [])
+    album = data.get("album") if group and (data.get("album") or {}).get("group") == group else None
+    if record["state"] != Step.images.name or data.get("mode") != spec.name:
+        if (album is not None and caption and spec.needs_prompt and data.get("mode") == spec.name
+                and record["state"] == Step.prompt.name and not data.get("caption")):
+            data["caption"] = caption
+            ctx.state, ctx.data = record["state"], copy.deepcopy(data)
+            return "late_caption"
+        return None
+    if caption and spec.needs_prompt:
+        data["caption"] = caption
+    role = None
+    if group:
+        role = "edit" if album is not None else "send"
+        if album is None:
+            album = data["album"] = {"group": group, "msg": None, "extra": 0}
+    if len(files) >= spec.max_images:
+        if album is None:
+            return -1
+        album["extra"] += 1
+    else:
+        files.append(entry)
+        files.sort()                                       # album order, whatever order they arrive in
+        if len(files) >= spec.max_images and _typed(spec) and not _collects(spec):
+            record["state"] = Step.prompt.name
+    ctx.state, ctx.data = record["state"], copy.deepcopy(data)
+    return len(files), role, copy.deepcopy(album)
+
+
+def _collected_text(ctx: Ctx, spec: media.ModeSpec, count: int, extra: int) -> str:
+    """What a collecting mode (merge) says after `count` images: the count, or that more are needed;
+    `extra`: the album's photos over the limit, dropped."""
     text = ctx.t("merge_photo_added", count=count, max=spec.max_images)
     if count < spec.min_images:
         text = ctx.t("merge_need_more", count=count)
@@ -959,7 +954,7 @@ def _album_reply(ctx: Ctx, spec: media.ModeSpec, role: str, album: dict) -> None
     """One reply per merge album: the first photo's handler sends it, the others edit it."""
     markup = _done_markup(ctx) if len(ctx.data.get("files", [])) >= spec.min_images else _cancel_markup(ctx)
     if role == "send":
-        sent = _send(ctx, _merge_album_text(ctx, spec, len(ctx.data.get("files", [])), album["extra"]), markup)
+        sent = _send(ctx, _collected_text(ctx, spec, len(ctx.data.get("files", [])), album["extra"]), markup)
 
         def store(record):
             current = record["data"].get("album") or {}
@@ -995,14 +990,10 @@ def _show_album(ctx: Ctx, spec: media.ModeSpec, message_id: int, group, shown: t
         count, extra = shown = now
         markup = _done_markup(ctx) if count >= spec.min_images else _cancel_markup(ctx)
         try:
-            worker.tg(ctx.bot.edit_message_text, _merge_album_text(ctx, spec, count, extra), chat_id=ctx.chat_id,
+            worker.tg(ctx.bot.edit_message_text, _collected_text(ctx, spec, count, extra), chat_id=ctx.chat_id,
                       message_id=message_id, reply_markup=markup)
         except apihelper.ApiTelegramException as exc:      # "message is not modified": already right
             logger.info("album reply %s not edited: %s", message_id, exc.description)
-
-
-# The step after the last image of a mode; other modes start the job at once (merge waits for "Готово").
-NEXT_STEP = {"edit": Step.prompt, "add_text": Step.text}
 
 
 def _done_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
@@ -1010,7 +1001,7 @@ def _done_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
 
 
 def _too_many_images(ctx: Ctx, spec: media.ModeSpec) -> None:
-    markup = _done_markup(ctx) if spec.name == "merge" else _cancel_markup(ctx)
+    markup = _done_markup(ctx) if _collects(spec) else _cancel_markup(ctx)
     _send(ctx, ctx.t("too_many_photos", limit=spec.max_images), markup)
 
 
@@ -1019,66 +1010,119 @@ def _file_ids(ctx: Ctx) -> list[str]:
 
 
 def _after_image(ctx: Ctx, spec: media.ModeSpec, count: int, *, album_note: bool = False) -> None:
-    """Say what comes next after image number `count` of a mode, or start the job (edit with a
-    caption: at once). `album_note`: say that only the album's first photo is used."""
-    mode = spec.name
+    """Say what comes next after image number `count`: the count (collecting modes), the next
+    image's question, or — all images in — the next step. `album_note`: say that only the
+    album's first photo is used."""
     if album_note:
         _send(ctx, ctx.t("album_first_photo_used"))
-    if mode == "edit" and ctx.data.get("caption"):
-        return _accept(ctx, mode, prompt=media.validate_prompt(ctx.data["caption"], ctx.cfg), file_ids=_file_ids(ctx))
-    if mode == "merge":
-        if count >= spec.min_images:
-            _send(ctx, ctx.t("merge_photo_added", count=count, max=spec.max_images), _done_markup(ctx))
-        else:
-            _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
-    elif mode == "edit":
-        _send(ctx, ctx.t("ask_edit_instruction"), _cancel_markup(ctx))
-    elif mode == "add_text":
-        _send(ctx, ctx.t("ask_add_text_text"), _cancel_markup(ctx))
-    elif count < spec.max_images:                          # face_swap: the face is in, now the target
-        _send(ctx, ctx.t("ask_target_photo"), _cancel_markup(ctx))
-    else:                                                  # face_swap, retouch, upscale: all inputs are in
-        _accept(ctx, mode, file_ids=_file_ids(ctx))
+    if _collects(spec):
+        markup = _done_markup(ctx) if count >= spec.min_images else _cancel_markup(ctx)
+        _send(ctx, _collected_text(ctx, spec, count, 0), markup)
+    elif count < spec.max_images:
+        _send(ctx, ctx.t(spec.image_keys[min(count, len(spec.image_keys) - 1)]), _cancel_markup(ctx))
+    else:
+        _after_images(ctx, spec)
+
+
+def _after_images(ctx: Ctx, spec: media.ModeSpec, *, with_price: bool = False) -> None:
+    """Every image is in (the flow is already at Step.prompt for a typed mode): a caption is the
+    prompt; else ask for the typed input (`with_price`: and say the price), or go on."""
+    if not _typed(spec):
+        return _finish(ctx, spec)
+    if spec.needs_prompt and ctx.data.get("caption"):
+        return _take_input(ctx, spec, ctx.data["caption"])
+    question = ctx.t(spec.input_key)
+    if with_price:
+        question = "%s %s" % (question, _price_text(ctx, spec.name))
+    _send(ctx, question, _cancel_markup(ctx))
 
 
 def on_done(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """Merge: "✅ Готово" after 2–4 photos → ask for the instruction."""
-    count = len(ctx.data.get("files", []))
-    if ctx.token == ctx.data.get("flow") and count < media.mode_spec("merge").min_images:
-        _answer(ctx)                                       # not enough photos: "Готово" is not spent
-        _send(ctx, ctx.t("merge_need_more", count=count), _cancel_markup(ctx))
-        return
-    if not _claim(ctx, "done", states=(Step.images.name,), mode="merge",
-                  change=lambda record: record.__setitem__("state", Step.prompt.name)):
-        return
-    if ctx.data.get("caption"):                            # the album's caption is the instruction
-        _accept(ctx, "merge", prompt=media.validate_prompt(ctx.data["caption"], ctx.cfg), file_ids=_file_ids(ctx))
-        return
-    _send(ctx, ctx.t("ask_merge_instruction"), _cancel_markup(ctx))
-
-
-def on_prompt(message: types.Message, ctx: Ctx) -> None:
-    """The prompt (generate) or the instruction (edit, merge)."""
-    mode = ctx.data.get("mode")
-    prompt = media.validate_prompt(message.text, ctx.cfg)
-    if mode == "generate":
-        ctx.go(Step.ratio, prompt=prompt)
-        rows = [[(r, ctx.button("ratio:" + r)) for r in ASPECT_RATIOS[:3]],
-                [(r, ctx.button("ratio:" + r)) for r in ASPECT_RATIOS[3:]],
-                [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
-        _send(ctx, ctx.t("ask_ratio"), _markup(rows))
-        return
-    _accept(ctx, mode, prompt=prompt, file_ids=_file_ids(ctx))
-
-
-def on_ratio(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """Generate: the aspect-ratio button → accept the job."""
-    ratio = call.data.split(":", 1)[1]
-    if ratio not in ASPECT_RATIOS:
+    """"✅ Готово" in a collecting mode (merge, 2–4 photos): go on with the photos sent."""
+    spec = media.MODE_SPECS.get(ctx.data.get("mode"))
+    if spec is None or not _collects(spec):
         return on_stale_button(call, ctx)
-    if not _claim(ctx, "ratio", states=(Step.ratio.name,)):
+    count = len(ctx.data.get("files", []))
+    if ctx.token == ctx.data.get("flow") and count < spec.min_images:
+        _answer(ctx)                                       # not enough photos: "Готово" is not spent
+        _send(ctx, _collected_text(ctx, spec, count, 0), _cancel_markup(ctx))
         return
-    _accept(ctx, "generate", prompt=ctx.data.get("prompt"), options={"aspect_ratio": ratio})
+    after = Step.prompt.name if _typed(spec) else None
+    if _claim(ctx, "done", states=(Step.images.name,), mode=spec.name,
+              change=lambda record: record.__setitem__("state", after)):
+        _after_images(ctx, spec)
+
+
+def on_input(message: types.Message, ctx: Ctx) -> None:
+    """The typed input of the flow's mode: its prompt, instruction or text to draw."""
+    spec = media.MODE_SPECS.get(ctx.data.get("mode"))
+    if spec is None or not _typed(spec):
+        return on_unexpected(message, ctx)
+    _take_input(ctx, spec, message.text)
+
+
+def _take_input(ctx: Ctx, spec: media.ModeSpec, text: str | None) -> None:
+    """Check the typed input (`media.validate_input`), then ask the mode's first option or finish."""
+    value = media.validate_input(spec, text, ctx.cfg)
+    if not spec.options:
+        return _finish(ctx, spec, value=value)
+    ctx.go(Step.option, input=value, option=spec.options[0].name, chosen={})
+    _ask_option(ctx, spec.options[0])
+
+
+def _ask_option(ctx: Ctx, option: media.Option) -> None:
+    """The question of `option` with a button per choice, `option.per_row` in a row, and "✖ Отмена"."""
+    buttons = [(ctx.t(option.label_key % choice) if option.label_key else choice,
+                ctx.button("%s:%s" % (option.button, choice))) for choice in option.choices]
+    rows = [buttons[i:i + option.per_row] for i in range(0, len(buttons), option.per_row)]
+    _send(ctx, ctx.t(option.ask_key), _markup(rows + [[(ctx.t("btn_cancel"), ctx.button("cancel"))]]))
+
+
+def on_option(call: types.CallbackQuery, ctx: Ctx) -> None:
+    """An option button ("<option.button>:<choice>"): keep the choice (once per flow), then ask
+    the next option or finish."""
+    button, choice = call.data.split(":", 1)
+    option = OPTION_BUTTONS.get(button)
+    if option is None or choice not in option.choices:
+        return on_stale_button(call, ctx)
+
+    def choose(record):
+        data = record["data"]
+        data.setdefault("chosen", {})[option.name] = choice
+        later = _options_after(media.mode_spec(data["mode"]), option)
+        if later:
+            data["option"] = later[0].name
+
+    if not _claim(ctx, button, states=(Step.option.name,), check=lambda data: data.get("option") == option.name,
+                  change=choose):
+        return
+    spec = media.mode_spec(ctx.data["mode"])
+    later = _options_after(spec, option)
+    if later:
+        return _ask_option(ctx, later[0])
+    _finish(ctx, spec, value=ctx.data.get("input"), options=ctx.data.get("chosen"))
+
+
+def _options_after(spec: media.ModeSpec, option: media.Option) -> tuple:
+    return spec.options[spec.options.index(option) + 1:]
+
+
+# Every option by the callback-data prefix of its buttons.
+OPTION_BUTTONS = {option.button: option for spec in media.MODE_SPECS.values() for option in spec.options}
+
+
+def _finish(ctx: Ctx, spec: media.ModeSpec, *, value: str | None = None, options: dict | None = None) -> None:
+    """Every input is in: a paid mode becomes a job (`_accept`), the local one (add_text) is drawn
+    here and sent at once, free."""
+    if not spec.local:
+        _accept(ctx, spec.name, prompt=value, options=options, file_ids=_file_ids(ctx))
+        return
+    image = worker.download_file(_file_ids(ctx)[0], ctx.cfg)
+    png = worker.render_add_text(image, value, cfg=ctx.cfg, **(options or {}))
+    ctx.finish()
+    worker.tg(ctx.bot.send_photo, ctx.chat_id, ("text.png", png), caption=ctx.t("add_text_done"),
+              reply_markup=_markup([[(ctx.t("btn_add_text_again"), "mode:" + spec.name),
+                                     (ctx.t("btn_menu"), "menu")]]))
 
 
 def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> Generation | None:
@@ -1132,7 +1176,7 @@ def on_draft_edit(call: types.CallbackQuery, ctx: Ctx) -> None:
         return
     files = [[n, file_id] for n, file_id in enumerate(draft.input_file_ids or [])]
     ctx.start_flow(Step.prompt, mode=draft.mode, files=files)
-    key = "ask_new_generate_prompt" if draft.mode == "generate" else "ask_new_prompt"
+    key = "ask_new_prompt" if media.mode_spec(draft.mode).max_images else "ask_new_generate_prompt"
     _send(ctx, ctx.t(key), _cancel_markup(ctx))
 
 
@@ -1214,16 +1258,9 @@ def on_use_result(call: types.CallbackQuery, ctx: Ctx) -> None:
         return on_stale_button(call, ctx)
     _answer(ctx)
     worker.discard_draft(ctx.user.id)
-    files = [[0, gen.result_file_id]]
-    if mode == "upscale":
-        ctx.start_flow(None)
-        _accept(ctx, "upscale", file_ids=[gen.result_file_id])
-    elif mode == "edit":
-        ctx.start_flow(Step.prompt, mode="edit", files=files)
-        _send(ctx, "%s %s" % (ctx.t("ask_edit_instruction"), _price_text(ctx, "edit")), _cancel_markup(ctx))
-    else:
-        ctx.start_flow(Step.text, mode="add_text", files=files)
-        _send(ctx, ctx.t("ask_add_text_text"), _cancel_markup(ctx))
+    spec = media.mode_spec(mode)
+    ctx.start_flow(Step.prompt if _typed(spec) else None, mode=mode, files=[[0, gen.result_file_id]])
+    _after_images(ctx, spec, with_price=True)
 
 
 def cmd_history(message: types.Message, ctx: Ctx) -> None:
@@ -1271,58 +1308,6 @@ def on_history_rerun(call: types.CallbackQuery, ctx: Ctx) -> None:
     if not _claim(ctx, "rerun:%s" % raw[:8], drop=False):
         return
     _accept(ctx, gen.mode, prompt=gen.prompt, options=dict(gen.options or {}), file_ids=list(gen.input_file_ids or []))
-
-
-# --- add text (free, local) ------------------------------------------------------------------
-
-POSITION_KEYS = {"top": "btn_pos_top", "center": "btn_pos_center", "bottom": "btn_pos_bottom"}
-COLOR_KEYS = {"white": "btn_color_white", "black": "btn_color_black", "yellow": "btn_color_yellow",
-              "red": "btn_color_red"}
-
-
-def on_caption_text(message: types.Message, ctx: Ctx) -> None:
-    """Add text: the text to draw → ask for the position."""
-    text = (message.text or "").strip()
-    if not text:
-        raise media.InvalidInput("text_empty")
-    if len(text) > media.MAX_TEXT_LENGTH:
-        raise media.InvalidInput("text_too_long", limit=media.MAX_TEXT_LENGTH)
-    ctx.go(Step.position, text=text)
-    rows = [[(ctx.t(POSITION_KEYS[p]), ctx.button("pos:" + p)) for p in POSITIONS],
-            [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
-    _send(ctx, ctx.t("ask_position"), _markup(rows))
-
-
-def on_position(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """Add text: the position button → ask for the colour."""
-    position = call.data.split(":", 1)[1]
-    if position not in POSITIONS:
-        return on_stale_button(call, ctx)
-
-    def to_color(record):
-        record["state"], record["data"]["position"] = Step.color.name, position
-
-    if not _claim(ctx, "pos", states=(Step.position.name,), change=to_color):
-        return
-    rows = [[(ctx.t(COLOR_KEYS[c]), ctx.button("color:" + c)) for c in COLORS[:2]],
-            [(ctx.t(COLOR_KEYS[c]), ctx.button("color:" + c)) for c in COLORS[2:]],
-            [(ctx.t("btn_cancel"), ctx.button("cancel"))]]
-    _send(ctx, ctx.t("ask_color"), _markup(rows))
-
-
-def on_color(call: types.CallbackQuery, ctx: Ctx) -> None:
-    """Add text: the colour button → render locally and send the picture (free)."""
-    color = call.data.split(":", 1)[1]
-    if color not in COLORS:
-        return on_stale_button(call, ctx)
-    if not _claim(ctx, "color", states=(Step.color.name,)):
-        return
-    data = ctx.data
-    image = worker.download_file(data["files"][0][1], ctx.cfg)
-    png = worker.render_add_text(image, data["text"], position=data["position"], color=color, cfg=ctx.cfg)
-    ctx.finish()
-    worker.tg(ctx.bot.send_photo, ctx.chat_id, ("text.png", png), caption=ctx.t("add_text_done"),
-              reply_markup=_markup([[(ctx.t("btn_add_text_again"), "mode:add_text"), (ctx.t("btn_menu"), "menu")]]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -2059,69 +2044,54 @@ def _prefix(prefix: str):
     return lambda call: (call.data or "").startswith(prefix)
 
 
+def _button(data: str):
+    """The filter of a button: "name:" matches callback data starting with it, "name" exactly."""
+    return _prefix(data) if data.endswith(":") else (lambda call: call.data == data)
+
+
+USER_COMMANDS = (("start", cmd_start), ("help", cmd_help), ("cancel", cmd_cancel), ("balance", cmd_balance),
+                 ("history", cmd_history), ("paysupport", cmd_paysupport), ("terms", cmd_terms))
+ADMIN_COMMANDS = (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant), ("free_access", cmd_free_access),
+                  ("block", cmd_block), ("unblock", cmd_unblock), ("promo_add", cmd_promo_add),
+                  ("promo_list", cmd_promo_list), ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
+                  ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs), ("refund", cmd_refund))
+# (callback data or "prefix:", handler), in the order they are tried; option buttons come from media.
+BUTTONS = (("menu", on_menu), ("cancel", on_cancel), ("mode:", on_mode), ("consent", on_consent),
+           *((button + ":", on_option) for button in OPTION_BUTTONS),
+           ("done", on_done), ("again:", on_again), ("jobcancel:", on_job_cancel),
+           ("dretry:", on_draft_retry), ("use:", on_use_result), ("hsend:", on_history_send),
+           ("rerun:", on_history_rerun), ("dedit:", on_draft_edit), ("payfor:", on_pay_for_draft),
+           ("pay", on_pay), ("bcast", on_broadcast_confirm), ("amount:", on_amount),
+           ("amount_custom", on_amount_custom), ("promo", on_promo), ("check:", on_check),
+           ("stars", on_stars), ("stars:", on_stars_amount))
+
+
 def register_handlers(bot: telebot.TeleBot, cfg: config.Config) -> None:
-    """Register every handler, in the order they are tried."""
+    """Register every handler, in the order they are tried: commands (any step), the steps' inputs,
+    anything else, then the buttons (`BUTTONS`) and the Stars pre-checkout query."""
+    msg, g = bot.register_message_handler, _guarded
+    for name, handler in USER_COMMANDS:
+        msg(g(handler), commands=[name])
     admin = functools.partial(_is_admin, cfg=cfg)
-    msg = bot.register_message_handler
-    g = _guarded
-    # Commands work in any step.
-    msg(g(cmd_start), commands=["start"])
-    msg(g(cmd_help), commands=["help"])
-    msg(g(cmd_cancel), commands=["cancel"])
-    msg(g(cmd_balance), commands=["balance"])
-    msg(g(cmd_history), commands=["history"])
-    msg(g(cmd_paysupport), commands=["paysupport"])
-    msg(g(cmd_terms), commands=["terms"])
-    for name, handler in (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant),
-                          ("free_access", cmd_free_access), ("block", cmd_block), ("unblock", cmd_unblock),
-                          ("promo_add", cmd_promo_add), ("promo_list", cmd_promo_list),
-                          ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
-                          ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs),
-                          ("refund", cmd_refund)):
+    for name, handler in ADMIN_COMMANDS:
         msg(g(handler), commands=[name], func=admin)
     msg(g(on_unknown_command), func=lambda m: (m.text or "").startswith("/"))
-    # Steps.
     msg(g(on_image), content_types=["photo", "document"], state=Step.images)
     # A photo of an album whose first photo already moved the flow on (edit: to the instruction)
     # still reaches on_image: its caption may be the instruction. Handlers are chosen by the state
     # when the update is dispatched, and an album's updates are handled concurrently.
     msg(g(on_image), content_types=["photo", "document"], state=Step.prompt,
         func=lambda m: m.media_group_id is not None)
-    msg(g(on_prompt), content_types=["text"], state=Step.prompt)
-    msg(g(on_caption_text), content_types=["text"], state=Step.text)
+    msg(g(on_input), content_types=["text"], state=Step.prompt)
     msg(g(on_amount_text), content_types=["text"], state=Step.amount)
     msg(g(on_promo_text), content_types=["text"], state=Step.promo)
     msg(g(on_email), content_types=["text"], state=Step.email)
     msg(g(on_unexpected), content_types=["text", "photo", "document", "sticker", "video", "voice", "audio",
                                          "animation", "video_note", "location", "contact"])
-    # Buttons.
-    cb = bot.register_callback_query_handler
-    cb(g(on_menu), func=lambda c: c.data == "menu")
-    cb(g(on_cancel), func=lambda c: c.data == "cancel")
-    cb(g(on_mode), func=_prefix("mode:"))
-    cb(g(on_consent), func=lambda c: c.data == "consent")
-    cb(g(on_ratio), func=_prefix("ratio:"))
-    cb(g(on_done), func=lambda c: c.data == "done")
-    cb(g(on_position), func=_prefix("pos:"))
-    cb(g(on_color), func=_prefix("color:"))
-    cb(g(on_again), func=_prefix("again:"))
-    cb(g(on_job_cancel), func=_prefix("jobcancel:"))
-    cb(g(on_draft_retry), func=_prefix("dretry:"))
-    cb(g(on_use_result), func=_prefix("use:"))
-    cb(g(on_history_send), func=_prefix("hsend:"))
-    cb(g(on_history_rerun), func=_prefix("rerun:"))
-    cb(g(on_draft_edit), func=_prefix("dedit:"))
-    cb(g(on_pay_for_draft), func=_prefix("payfor:"))
-    cb(g(on_pay), func=lambda c: c.data == "pay")
-    cb(g(on_broadcast_confirm), func=lambda c: c.data == "bcast")
-    cb(g(on_amount), func=_prefix("amount:"))
-    cb(g(on_amount_custom), func=lambda c: c.data == "amount_custom")
-    cb(g(on_promo), func=lambda c: c.data == "promo")
-    cb(g(on_check), func=_prefix("check:"))
-    cb(g(on_stars), func=lambda c: c.data == "stars")
-    cb(g(on_stars_amount), func=_prefix("stars:"))
+    for data, handler in BUTTONS:
+        bot.register_callback_query_handler(g(handler), func=_button(data))
     bot.register_pre_checkout_query_handler(lambda query: on_pre_checkout(bot, cfg, query), func=lambda q: True)
-    cb(g(on_stale_button), func=lambda c: True)
+    bot.register_callback_query_handler(g(on_stale_button), func=lambda c: True)
 
 
 def create_bot(cfg: config.Config | None = None, *, threaded: bool = True, num_threads: int = 4) -> telebot.TeleBot:

@@ -160,35 +160,70 @@ class ResultError(MediaError):
 
 
 @dataclass(frozen=True)
+class Option:
+    """A choice a mode asks for with buttons after its prompt or text (one question per option)."""
+
+    name: str                  # the key in Generation.options / the argument of add_text
+    choices: tuple             # the values offered (bot), accepted (worker) and sent (Fal), in button order
+    button: str                # callback-data prefix of its buttons: "<button>:<choice>"
+    ask_key: str               # text key of the question
+    per_row: int               # buttons per keyboard row
+    label_key: str | None = None   # text key of a choice's label, "%s" = the choice; None: the choice itself
+
+
+@dataclass(frozen=True)
 class ModeSpec:
-    """What a mode needs from the user. Image order matters where `image_roles` says so."""
+    """What a mode needs from the user, and in which order the bot asks for it: the images (one
+    question each, the last repeated), then the prompt or the text, then each option. A mode whose
+    image count may vary (min < max) waits for the user's "✅ Готово"; a caption sent with the images
+    is the prompt. Image order matters where `image_roles` says so."""
 
     name: str
     min_images: int
     max_images: int
     needs_prompt: bool = False   # an instruction for the model (validate_prompt)
-    needs_text: bool = False     # a caption to draw (add_text)
+    needs_text: bool = False     # a caption to draw (validate_text)
     paid: bool = True
     local: bool = False          # done here with Pillow, never sent to Fal
     image_roles: tuple = ()      # names of the images in the order the user sends them
-    aspect_ratios: tuple = ()    # the choices offered (bot), accepted (worker) and sent (Fal); first = default
+    options: tuple = ()          # Option, asked in order after the prompt/text
+    image_keys: tuple = ()       # text keys asking for image 1, 2, … (the last one repeats)
+    input_key: str | None = None     # text key asking for the prompt or the text
+    consent_key: str | None = None   # text key of a note the user accepts once before the first use
 
+    def option(self, name: str) -> Option | None:
+        """This mode's option `name`, or None."""
+        return next((o for o in self.options if o.name == name), None)
+
+
+ASPECT_RATIO = Option(
+    # fal-ai/nano-banana accepts 21:9 … 9:16 (docs/REFERENCES.md §6); we offer these five.
+    "aspect_ratio", ("1:1", "16:9", "9:16", "4:3", "3:4"), button="ratio", ask_key="ask_ratio", per_row=3)
+TEXT_POSITION = Option("position", ("top", "center", "bottom"), button="pos", ask_key="ask_position",
+                       per_row=3, label_key="btn_pos_%s")
+TEXT_COLOR = Option("color", ("white", "black", "yellow", "red"), button="color", ask_key="ask_color",
+                    per_row=2, label_key="btn_color_%s")
 
 MODE_SPECS: dict[str, ModeSpec] = {
-    # fal-ai/nano-banana accepts 21:9 … 9:16 (docs/REFERENCES.md §6); we offer these five.
-    "generate": ModeSpec("generate", 0, 0, needs_prompt=True, aspect_ratios=("1:1", "16:9", "9:16", "4:3", "3:4")),
-    "edit": ModeSpec("edit", 1, 1, needs_prompt=True, image_roles=("photo",)),
-    "merge": ModeSpec("merge", 2, 4, needs_prompt=True),
-    "add_text": ModeSpec("add_text", 1, 1, needs_text=True, paid=False, local=True, image_roles=("photo",)),
-    "face_swap": ModeSpec("face_swap", 2, 2, image_roles=("face", "target")),
-    "retouch": ModeSpec("retouch", 1, 1, image_roles=("photo",)),
-    "upscale": ModeSpec("upscale", 1, 1, image_roles=("photo",)),
+    "generate": ModeSpec("generate", 0, 0, needs_prompt=True, options=(ASPECT_RATIO,),
+                         input_key="ask_generate_prompt"),
+    "edit": ModeSpec("edit", 1, 1, needs_prompt=True, image_roles=("photo",), image_keys=("ask_edit_photo",),
+                     input_key="ask_edit_instruction"),
+    "merge": ModeSpec("merge", 2, 4, needs_prompt=True, image_keys=("ask_merge_photos",),
+                      input_key="ask_merge_instruction"),
+    "add_text": ModeSpec("add_text", 1, 1, needs_text=True, paid=False, local=True, image_roles=("photo",),
+                         options=(TEXT_POSITION, TEXT_COLOR), image_keys=("ask_add_text_photo",),
+                         input_key="ask_add_text_text"),
+    "face_swap": ModeSpec("face_swap", 2, 2, image_roles=("face", "target"),
+                          image_keys=("ask_face_photo", "ask_target_photo"), consent_key="face_swap_consent"),
+    "retouch": ModeSpec("retouch", 1, 1, image_roles=("photo",), image_keys=("ask_retouch_photo",)),
+    "upscale": ModeSpec("upscale", 1, 1, image_roles=("photo",), image_keys=("ask_upscale_photo",)),
 }
 assert tuple(MODE_SPECS) == config.MODES
 assert tuple(m for m, s in MODE_SPECS.items() if s.paid) == config.PAID_MODES
 
-# The one list of aspect ratios (bot buttons, worker validation, Fal arguments).
-ASPECT_RATIOS = MODE_SPECS["generate"].aspect_ratios
+# The one list of aspect ratios (bot buttons, worker validation, Fal arguments); the first is the default.
+ASPECT_RATIOS = ASPECT_RATIO.choices
 
 # --------------------------------------------------------------------------------------------
 # Validation
@@ -224,6 +259,29 @@ def validate_prompt(text: str | None, cfg: config.Config) -> str:
     if len(text) > cfg.max_prompt_length:
         raise InvalidInput("prompt_too_long", limit=cfg.max_prompt_length)
     return text
+
+
+def validate_text(text: str | None) -> str:
+    """Return the text to draw (add_text) stripped of surrounding whitespace; line breaks are kept.
+
+    :raises InvalidInput: ``text_empty`` or ``text_too_long`` (`.limit` = MAX_TEXT_LENGTH characters).
+    """
+    text = (text or "").strip()
+    if not text:
+        raise InvalidInput("text_empty")
+    if len(text) > MAX_TEXT_LENGTH:
+        raise InvalidInput("text_too_long", limit=MAX_TEXT_LENGTH)
+    return text
+
+
+def validate_input(spec: ModeSpec, text: str | None, cfg: config.Config) -> str:
+    """The user's typed input for mode `spec`, checked: its prompt (`validate_prompt`) or its text to
+    draw (`validate_text`). Raises InvalidInput as those do; ValueError for a mode that takes neither."""
+    if spec.needs_prompt:
+        return validate_prompt(text, cfg)
+    if spec.needs_text:
+        return validate_text(text)
+    raise ValueError("mode %r takes no typed input" % spec.name)
 
 
 def check_declared_size(file_size: int | None, cfg: config.Config) -> None:
@@ -1120,13 +1178,14 @@ def download_result(url: str, cfg: config.Config, timeout: float = 60) -> bytes:
 # Add text (free, local)
 # --------------------------------------------------------------------------------------------
 
-TEXT_POSITIONS = ("top", "center", "bottom")
-TEXT_COLORS = {  # name -> (fill, outline)
+TEXT_POSITIONS = TEXT_POSITION.choices
+TEXT_COLORS = {  # name -> (fill, outline), for each of TEXT_COLOR.choices
     "white": ((255, 255, 255), (0, 0, 0)),
     "black": ((0, 0, 0), (255, 255, 255)),
     "yellow": ((255, 221, 0), (0, 0, 0)),
     "red": ((230, 30, 30), (255, 255, 255)),
 }
+assert tuple(TEXT_COLORS) == TEXT_COLOR.choices
 _MIN_FONT = 10  # pixels
 
 
@@ -1232,11 +1291,7 @@ def add_text(image: bytes, text: str, *, position: str = "bottom", color: str = 
         raise ValueError("position must be one of %s, got %r" % (", ".join(TEXT_POSITIONS), position))
     if color not in TEXT_COLORS:
         raise ValueError("color must be one of %s, got %r" % (", ".join(TEXT_COLORS), color))
-    text = (text or "").strip()
-    if not text:
-        raise InvalidInput("text_empty")
-    if len(text) > MAX_TEXT_LENGTH:
-        raise InvalidInput("text_too_long", limit=MAX_TEXT_LENGTH)
+    text = validate_text(text)
     img = _open_for_work(image)
     img = img.convert("RGBA") if _has_alpha(img) else img.convert("RGB")
     _draw_text(img, text, position, color, cfg)

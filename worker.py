@@ -439,15 +439,17 @@ def _describe(exc: BaseException, cfg: config.Config | None = None) -> str:
 
 
 def _check_options(mode: str, options: dict | None) -> dict:
-    options = dict(options or {})
-    allowed = {"aspect_ratio"} if mode == "generate" else set()
-    unknown = set(options) - allowed
+    """The options of a `mode` job without None values; each a known option of the mode
+    (``MODE_SPECS[mode].options``) with one of its choices. Raises InvalidOptions otherwise."""
+    spec = media.mode_spec(mode)
+    options = {k: v for k, v in dict(options or {}).items() if v is not None}
+    unknown = [name for name in options if spec.option(name) is None]
     if unknown:
         raise InvalidOptions("unknown option(s) for %s: %s" % (mode, ", ".join(sorted(unknown))))
-    ratio = options.get("aspect_ratio")
-    if ratio is not None and ratio not in media.ASPECT_RATIOS:
-        raise InvalidOptions("aspect_ratio must be one of %s" % ", ".join(media.ASPECT_RATIOS))
-    return {k: v for k, v in options.items() if v is not None}
+    for name, value in options.items():
+        if value not in spec.option(name).choices:
+            raise InvalidOptions("%s must be one of %s" % (name, ", ".join(spec.option(name).choices)))
+    return options
 
 
 def accept_generation(user: User, chat_id: int, mode: str, *, prompt: str | None = None,
