@@ -4,6 +4,7 @@ nullability, CHECK constraints and indexes against tables created from the model
 again is a no-op, an unmigrated database is refused with the pending names, and down() then
 up() round-trips. SQLite always; PostgreSQL with TEST_POSTGRES_URL.
 """
+import json
 import re
 
 import pytest
@@ -16,7 +17,8 @@ import config
 import models
 from tests.helpers import postgres_url
 
-HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat", "0004_user_side", "0005_stars", "0006_growth_indexes"]
+HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat", "0004_user_side", "0005_stars", "0006_growth_indexes",
+        "0007_mode_flow_states"]
 SQLITE_TRIGGERS = {"ledger_no_update", "ledger_no_delete", "reservation_final", "reservation_no_delete"}
 PG_TRIGGERS = {"ledger_append_only", "reservation_final"}
 
@@ -105,6 +107,32 @@ def test_down_then_up_round_trips_on_sqlite(tmp_path, cfg):
     user, _ = billing.get_or_create_user(1)
     billing.commit(billing.reserve(user.id, 10, reference="g", idempotency_key="g", ttl=900).id)
     assert billing.audit().ok
+
+
+def test_chats_in_an_old_per_mode_step_are_carried_into_the_one_flow(tmp_path):
+    """0007: the states ratio/text/position/color of the earlier per-mode flows become prompt and
+    option, with the typed input and the choices made so far where the new flow keeps them."""
+    database = blank_sqlite(tmp_path)
+    runner = Runner(database, directory=models.MIGRATIONS_DIR)
+    runner.up(target="0006_growth_indexes")
+    old = {"a": ("Step:ratio", {"mode": "generate", "prompt": "маяк", "flow": "t1"}),
+           "b": ("Step:text", {"mode": "add_text", "files": [[1, "f"]], "flow": "t2"}),
+           "c": ("Step:position", {"mode": "add_text", "text": "Привет", "flow": "t3"}),
+           "d": ("Step:color", {"mode": "add_text", "text": "Привет", "position": "top", "flow": "t4"}),
+           "e": ("Step:images", {"mode": "merge", "files": [], "flow": "t5"})}
+    for key, (state, data) in old.items():
+        database.execute_sql("INSERT INTO conversation_state (key, state, data, updated_at) VALUES (?, ?, ?, ?)",
+                             (key, state, json.dumps(data), "2026-01-01 00:00:00"))
+    assert runner.up() == ["0007_mode_flow_states"]
+    rows = {key: (state, json.loads(data)) for key, state, data
+            in database.execute_sql("SELECT key, state, data FROM conversation_state")}
+    assert rows == {
+        "a": ("Step:option", {"mode": "generate", "input": "маяк", "option": "aspect_ratio", "chosen": {}, "flow": "t1"}),
+        "b": ("Step:prompt", {"mode": "add_text", "files": [[1, "f"]], "flow": "t2"}),
+        "c": ("Step:option", {"mode": "add_text", "input": "Привет", "option": "position", "chosen": {}, "flow": "t3"}),
+        "d": ("Step:option", {"mode": "add_text", "input": "Привет", "option": "color", "chosen": {"position": "top"},
+                         "flow": "t4"}),
+        "e": old["e"]}
 
 
 def test_the_check_constraints_exist(database):

@@ -64,3 +64,26 @@ def test_an_option_the_mode_does_not_have_is_refused_by_the_worker():
         worker._check_options("generate", {"aspect_ratio": "5:1"})
     with pytest.raises(worker.InvalidOptions):
         worker._check_options("upscale", {"aspect_ratio": "1:1"})
+
+
+def test_a_button_shown_by_the_old_per_mode_flow_still_works_after_the_upgrade(app, database):
+    """A chat at the old "ratio" step when the new release starts: migration 0007 carries its
+    state over, and the aspect-ratio button already on the screen queues the job."""
+    import importlib.util
+
+    from models import ConversationState
+    app.send("/start")
+    app.press("mode:generate")
+    [ask] = app.send("маяк")
+    row = ConversationState.get()
+    old = {k: v for k, v in row.data.items() if k not in ("input", "option", "chosen")}
+    ConversationState.update(state="Step:ratio", data=dict(old, prompt="маяк")).execute()
+    spec = importlib.util.spec_from_file_location("m0007", "migrations/0007_mode_flow_states.py")
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    migration.up(None, database)
+    assert ConversationState.get().state == "Step:option"
+    [queued] = app.press("ratio:4:3", message=ask)
+    assert queued["text"].startswith(opening("job_queued"))
+    gen = Generation.get()
+    assert (gen.prompt, gen.options) == ("маяк", {"aspect_ratio": "4:3"})
