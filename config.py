@@ -373,6 +373,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RESERVATION_TTL", integer(3, 7 * 86400), 900,
             "Seconds a reservation may stay open before the sweeper expires it", PRICES),
     Setting("SWEEP_INTERVAL", integer(1, 86400), 60, "Seconds between sweeps (rounded up to whole minutes)", PRICES),
+    Setting("STATE_RETENTION_DAYS", integer(0, 3650), 90,
+            "Days an idle chat's conversation state and the once-only keys (claimed taps, notices, admin "
+            "command ids) are kept; the sweeper deletes older ones (0: keep forever)", PRICES),
     # --- YooKassa
     Setting("YOOKASSA_SHOP_ID", text, "", "Empty: the top-up menu says payments are not configured", PAY),
     Setting("YOOKASSA_SECRET_KEY", text, "", "", PAY, secret=True),

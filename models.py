@@ -275,20 +275,22 @@ class Refund(BaseModel):
 
 
 class AdminAction(BaseModel):
-    """An admin command already carried out, keyed on its Telegram update (a redelivered update
-    does not run it twice)."""
+    """An action done once, keyed: an admin command (on its Telegram update: a redelivered update
+    does not run it twice), a claimed tap, a notice or an alert window. Pruned after
+    STATE_RETENTION_DAYS (migrations/0008)."""
 
-    key = CharField(primary_key=True)                 # <command>:<update id>
-    created_at = DateTimeField(default=utcnow)
+    key = CharField(primary_key=True)                 # <command>:<update id>, tap:…, notice:…
+    created_at = DateTimeField(default=utcnow, index=True)
 
 
 class ConversationState(BaseModel):
-    """The bot's per-chat conversation state (survives a bot restart)."""
+    """The bot's per-chat conversation state (survives a bot restart); a chat idle for
+    STATE_RETENTION_DAYS loses it (migrations/0008)."""
 
     key = CharField(primary_key=True)                 # built by the bot's state storage
     state = CharField(null=True)
     data = JSONField(default=dict)
-    updated_at = DateTimeField(default=utcnow)
+    updated_at = DateTimeField(default=utcnow, index=True)
 
 
 class Draft(BaseModel):

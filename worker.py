@@ -1438,7 +1438,7 @@ def _queued_task_ids(limit: int = 10000) -> set:
 
 def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None = None) -> dict:
     """One pass of the sweeper; return {"expired": [reservation ids], "extended": count,
-    "failed", "resumed", "requeued": [generation ids]}.
+    "failed", "resumed", "requeued": [generation ids], "pruned": count}.
 
     A hold lasts as long as its job is alive (issue 9 §3): a job waiting in a long queue, or
     running with a fresh heartbeat, is never failed or delivered free because of its hold's age.
@@ -1453,6 +1453,7 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
     4. `billing.expire_stale(now)`: what is left past its expiry has no live job; it goes back.
     5. Jobs whose reservation is closed and that are not alive fail (the user is told nothing
        was charged); one whose image was already sent is marked delivered (a counted anomaly).
+    6. `prune_idle_state`: conversation states and once-only keys past STATE_RETENTION_DAYS.
     """
     cfg = cfg or config.get()
     now = now or utcnow()
@@ -1471,7 +1472,28 @@ def sweep_once(now: datetime.datetime | None = None, cfg: config.Config | None =
     report["expired"] = billing.expire_stale(now)
     Draft.delete().where(Draft.expires_at <= now).execute()     # DRAFT_TTL is over
     _end_jobs_without_a_hold(now, cfg, report)
+    report["pruned"] = prune_idle_state(now, cfg)
     return report
+
+
+def prune_idle_state(now: datetime.datetime, cfg: config.Config) -> int:
+    """Delete the conversation states of chats idle for STATE_RETENTION_DAYS and the once-only
+    keys (`models.AdminAction`) older than that; return the rows deleted (0 when the setting is 0).
+
+    Safe to forget: a button of a forgotten flow answers "no longer active" (its flow token is
+    gone), a face-swap consent is asked again, and Telegram redelivers an update for 24 hours
+    only, far inside any retention. Money idempotency lives in the ledger, never here.
+    """
+    if not cfg.state_retention_days:
+        return 0
+    cutoff = now - datetime.timedelta(days=cfg.state_retention_days)
+    with billing.writer_turn():
+        deleted = (models.ConversationState.delete().where(models.ConversationState.updated_at < cutoff).execute()
+                   + models.AdminAction.delete().where(models.AdminAction.created_at < cutoff).execute())
+    if deleted:
+        logger.info("sweep: %d idle conversation states and once-only keys older than %d days deleted",
+                    deleted, cfg.state_retention_days)
+    return deleted
 
 
 def _resume_dead_jobs(now: datetime.datetime, cfg: config.Config, report: dict) -> None:

@@ -16,7 +16,10 @@ Each figure is measured on that database and, in the same run, on an empty one (
 * ``reconcile_scan_ms``: the database part of a reconciliation pass
   (`payments.due_for_reconciliation`, `unnotified_payments`, `unnotified_refunds`);
 * ``audit_full_s``: ``manage.py audit`` as a subprocess (what `make audit` runs);
-* ``audit_since_s``: ``manage.py audit --since-id N`` after a few hundred new rows.
+* ``audit_since_s``: ``manage.py audit --since-id N`` after a few hundred new rows;
+* ``prune_*``, ``state_rows_left``: USERS idle chats' conversation states and once-only keys past
+  STATE_RETENTION_DAYS, plus 1,000 fresh ones: the sweep pass that deletes the old ones, the rows
+  left (the 2,000 fresh), and the next pass.
 
 ``python -m bench.bench_growth [--quick]`` prints the figures;
 ``python -m bench.bench_growth --generate PATH [--users N] [--rows M]`` only builds a database.
@@ -174,6 +177,34 @@ def _reads(path: str, user_ids: list) -> dict:
             "reconcile_scan_ms": round(_timed(scan, 20), 2)}
 
 
+def _prune(path: str, users: int) -> dict:
+    """`users` idle chats' conversation states and as many once-only keys, older than
+    STATE_RETENTION_DAYS, plus 1,000 fresh ones: the first sweep pass after them (it prunes the old
+    ones), the rows left, and the next pass (nothing to prune)."""
+    import config
+    import worker
+
+    conn = sqlite3.connect(path)
+    old, fresh = (_ts(datetime.datetime.utcnow() - datetime.timedelta(days=days)) for days in (400, 0))
+    conn.executemany("INSERT INTO conversation_state (key, state, data, updated_at) VALUES (?, NULL, '{}', ?)",
+                     (("medialab:1:%d:%d" % (n, n), old if n > 1000 else fresh) for n in range(1, users + 1001)))
+    conn.executemany("INSERT INTO admin_action (key, created_at) VALUES (?, ?)",
+                     (("tap:again:%d" % n, old if n > 1000 else fresh) for n in range(1, users + 1001)))
+    conn.commit()
+    conn.close()
+    _bind(path)
+    cfg = config.get()
+    began = time.perf_counter()
+    pruned = worker.sweep_once(cfg=cfg)["pruned"]
+    first = (time.perf_counter() - began) * 1000
+    conn = sqlite3.connect(path)
+    left = conn.execute("SELECT (SELECT count(*) FROM conversation_state) + (SELECT count(*) FROM admin_action)")
+    left = left.fetchone()[0]
+    conn.close()
+    return {"prune_rows": pruned, "prune_first_sweep_ms": round(first, 1), "state_rows_left": left,
+            "prune_next_sweep_ms": round(_timed(lambda: worker.sweep_once(cfg=cfg), 5), 2)}
+
+
 def _audit_cli(path: str, *args) -> tuple[float, bool, str]:
     env = dict(os.environ, DATABASE_URL="sqlite:///" + path, QUEUE_URL="memory://", PYTHONPATH=ROOT,
                TELEGRAM_BOT_TOKEN="123456:BENCH")
@@ -213,6 +244,8 @@ def run(quick: bool = False) -> dict:
         for name, path, ids in (("", grown, grown_ids), ("baseline_", empty, empty_ids)):
             for key, value in _reads(path, ids).items():
                 out["growth_%s%s" % (name, key)] = value
+        for key, value in _prune(grown, users).items():          # issue 13 §3: states do not grow
+            out["growth_" + key] = value
         import models
 
         models.db.close()

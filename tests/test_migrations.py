@@ -18,7 +18,7 @@ import models
 from tests.helpers import postgres_url
 
 HEAD = ["0001_initial", "0002_money_leaks", "0003_heartbeat", "0004_user_side", "0005_stars", "0006_growth_indexes",
-        "0007_mode_flow_states"]
+        "0007_mode_flow_states", "0008_retention"]
 SQLITE_TRIGGERS = {"ledger_no_update", "ledger_no_delete", "reservation_final", "reservation_no_delete"}
 PG_TRIGGERS = {"ledger_append_only", "reservation_final"}
 
@@ -123,7 +123,7 @@ def test_chats_in_an_old_per_mode_step_are_carried_into_the_one_flow(tmp_path):
     for key, (state, data) in old.items():
         database.execute_sql("INSERT INTO conversation_state (key, state, data, updated_at) VALUES (?, ?, ?, ?)",
                              (key, state, json.dumps(data), "2026-01-01 00:00:00"))
-    assert runner.up() == ["0007_mode_flow_states"]
+    assert runner.up() == ["0007_mode_flow_states", "0008_retention"]
     rows = {key: (state, json.loads(data)) for key, state, data
             in database.execute_sql("SELECT key, state, data FROM conversation_state")}
     assert rows == {
