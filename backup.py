@@ -292,6 +292,29 @@ def restore(file: str, db_path: str, backup_dir: str, *, force: bool = False) ->
     current database aside as a verified backup in `backup_dir` (its raw files when it cannot be
     read); removes the stale `-wal`/`-shm`; then renames the copy into place (mode 0600).
     """
+    file, db_path = _check_restorable(file, db_path, force)
+    folder = os.path.dirname(db_path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    staged = os.path.join(folder, ".restore-%d.db" % os.getpid())
+    fd = os.open(staged, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+    os.close(fd)
+    try:
+        counts = _copy_verified(file, staged)
+        previous = _set_aside(db_path, backup_dir)
+        with open(staged, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(staged, db_path)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    logger.info("restored %s into %s (previous database: %s)", file, db_path, previous)
+    return RestoreResult(db_path, previous, counts)
+
+
+def _check_restorable(file: str, db_path: str, force: bool) -> tuple[str, str]:
+    """Return (`file`, `db_path`) made absolute; BackupError when `file` is missing, empty or the
+    database itself, or while the database is in use (`holders`) unless `force`."""
     file = os.path.abspath(file)
     db_path = os.path.abspath(db_path)
     if not os.path.isfile(file) or os.path.getsize(file) == 0:
@@ -303,48 +326,46 @@ def restore(file: str, db_path: str, backup_dir: str, *, force: bool = False) ->
         raise BackupError("the database %s is in use (%s): stop the services first "
                           "(sudo systemctl stop medialab-bot medialab-web medialab-worker) or pass --force"
                           % (db_path, "; ".join(busy)))
-    folder = os.path.dirname(db_path)
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    staged = os.path.join(folder, ".restore-%d.db" % os.getpid())
-    fd = os.open(staged, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
-    os.close(fd)
-    previous = None
+    return file, db_path
+
+
+def _copy_verified(file: str, staged: str) -> dict:
+    """Copy the SQLite database `file` into the empty file `staged` (rollback journal, not WAL) and
+    verify the copy; return its table counts (`verify`). BackupError when it is no Media Lab database."""
     try:
+        src = sqlite3.connect("file:%s?mode=ro" % file, uri=True)
         try:
-            src = sqlite3.connect("file:%s?mode=ro" % file, uri=True)
+            dest = sqlite3.connect(staged, isolation_level=None)
             try:
-                dest = sqlite3.connect(staged, isolation_level=None)
-                try:
-                    src.backup(dest)
-                    dest.execute("PRAGMA journal_mode=DELETE")
-                finally:
-                    dest.close()
+                src.backup(dest)
+                dest.execute("PRAGMA journal_mode=DELETE")
             finally:
-                src.close()
-        except sqlite3.DatabaseError as exc:
-            raise BackupError("%s is not a readable SQLite database (%s)" % (file, exc)) from None
-        counts = verify(staged)
-        missing = [t for t in REQUIRED_TABLES if t not in counts]
-        if missing:
-            raise BackupError("%s is not a Media Lab database (no table %s)" % (file, ", ".join(missing)))
-        if os.path.exists(db_path) and os.path.getsize(db_path) > 0:
-            try:
-                previous = create_backup(db_path, backup_dir, label="pre-restore").path
-            except BackupError as exc:
-                logger.warning("current database cannot be backed up (%s): moving its files aside", exc)
-                previous = _move_aside(db_path, backup_dir)
-        for suffix in ("-wal", "-shm", "-journal"):
-            if os.path.exists(db_path + suffix):
-                os.unlink(db_path + suffix)   # a stale WAL would be replayed into the restored file
-        with open(staged, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(staged, db_path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
-    logger.info("restored %s into %s (previous database: %s)", file, db_path, previous)
-    return RestoreResult(db_path, previous, counts)
+                dest.close()
+        finally:
+            src.close()
+    except sqlite3.DatabaseError as exc:
+        raise BackupError("%s is not a readable SQLite database (%s)" % (file, exc)) from None
+    counts = verify(staged)
+    missing = [t for t in REQUIRED_TABLES if t not in counts]
+    if missing:
+        raise BackupError("%s is not a Media Lab database (no table %s)" % (file, ", ".join(missing)))
+    return counts
+
+
+def _set_aside(db_path: str, backup_dir: str) -> str | None:
+    """Keep the current database at `db_path` in `backup_dir` (a verified backup, else its raw files)
+    and remove its stale -wal/-shm/-journal; return where it was kept (None: there was none)."""
+    previous = None
+    if os.path.exists(db_path) and os.path.getsize(db_path) > 0:
+        try:
+            previous = create_backup(db_path, backup_dir, label="pre-restore").path
+        except BackupError as exc:
+            logger.warning("current database cannot be backed up (%s): moving its files aside", exc)
+            previous = _move_aside(db_path, backup_dir)
+    for suffix in ("-wal", "-shm", "-journal"):
+        if os.path.exists(db_path + suffix):
+            os.unlink(db_path + suffix)   # a stale WAL would be replayed into the restored file
+    return previous
 
 
 def _move_aside(db_path: str, backup_dir: str) -> str:

@@ -58,12 +58,18 @@ MAX_TX_ATTEMPTS = 8
 class BillingError(Exception):
     """Billing operation failed."""
 
+    #: The user's text for this error (a key of texts.TEXTS) and its values; None: no user text.
+    text_key: str | None = None
+    values: dict = {}
+
     def __str__(self):
         return self.args[0] if self.args else (self.__doc__ or "").strip()
 
 
 class StorageFull(BillingError):
     """The disk holding the database is full: nothing was changed. Free space and try again."""
+
+    text_key = "storage_full"
 
 
 class InvalidAmount(BillingError):
@@ -77,9 +83,18 @@ class UnknownUser(BillingError):
 class UserBlocked(BillingError):
     """The user is blocked by an administrator."""
 
+    text_key = "blocked"
+
 
 class InsufficientCredits(BillingError):
     """Not enough credits for this operation."""
+
+    text_key = "insufficient_credits"
+
+    def __init__(self, price: int, balance: int):
+        super().__init__()
+        #: The credits the operation needs and the credits available when it was refused.
+        self.values = {"price": price, "balance": balance}
 
 
 class IdempotencyConflict(BillingError):
@@ -581,7 +596,7 @@ def reserve(user_id: int, amount: int, *, reference: str, idempotency_key: str, 
             idempotency_key="reserve:" + idempotency_key, replay=False):
         asset, units = "credits", amount
     else:
-        raise InsufficientCredits()
+        raise InsufficientCredits(price=amount, balance=available.get("credits", 0))
     reservation_id = _sql("reservation_insert", user.id, asset, units, amount, "reserved", reference,
                           idempotency_key, _when(now), _when(expires)).fetchone()[0]
     reservation = Reservation(id=reservation_id, user=user.id, asset=asset, amount=units, price=amount,

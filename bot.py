@@ -480,46 +480,23 @@ def _report(ctx: Ctx, exc: Exception) -> None:
 
 
 def _error_reply(ctx: Ctx, exc: Exception):
-    """Return (text, markup) for a known domain error, or (None, None).
+    """Return (text, markup) for a domain error that names its user text (`exc.text_key`, formatted
+    with `exc.values`), or (None, None).
 
-    Promo and payment errors name their own text (`exc.text_key`, with `exc.values` for
-    InvalidTopupAmount); a step that can be retried keeps its "✖ Отмена" button.
+    Too few credits offers a top-up, a full disk or the job limit the menu, a blocked user nothing;
+    any other step that can be retried keeps its "✖ Отмена" button.
     """
-    if isinstance(exc, billing.InsufficientCredits):
-        return ctx.t("insufficient_credits", price=ctx.cfg.price_per_operation,
-                     balance=billing.get_balance(ctx.user.id).credits), _topup_button_markup(ctx)
-    if isinstance(exc, billing.UserBlocked):
-        return ctx.t("blocked"), None
-    if isinstance(exc, billing.StorageFull):
-        return ctx.t("storage_full"), _menu_button_markup(ctx)
-    if isinstance(exc, worker.TooManyJobs):
-        return ctx.t("too_many_jobs", limit=exc.limit), _menu_button_markup(ctx)
-    if isinstance(exc, media.InvalidInput):
-        return _invalid_input_text(ctx, exc), _retry_markup(ctx)
-    if isinstance(exc, (promo.PromoError, payments.PaymentError)):
-        key = getattr(exc, "text_key", None)
-        if key not in texts.TEXTS:
-            return None, None
-        return ctx.t(key, **getattr(exc, "values", {})), _retry_markup(ctx)
-    return None, None
+    key = getattr(exc, "text_key", None)
+    if key not in texts.TEXTS:
+        return None, None
+    markup = {"insufficient_credits": _topup_button_markup, "storage_full": _menu_button_markup,
+              "too_many_jobs": _menu_button_markup, "blocked": None}.get(key, _retry_markup)
+    return ctx.t(key, **exc.values), markup and markup(ctx)
 
 
 def _retry_markup(ctx: Ctx) -> types.InlineKeyboardMarkup:
     """"✖ Отмена" while a step waits for another try, else "🏠 Меню"."""
     return _cancel_markup(ctx) if ctx.state is not None else _menu_button_markup(ctx)
-
-
-def _invalid_input_text(ctx: Ctx, exc: media.InvalidInput) -> str:
-    """The error text with the limit that was really crossed: megabytes or megapixels, pixels in
-    the right plural form."""
-    limit = exc.limit
-    if exc.code == "image_too_big" and getattr(exc, "unit", None) == "pixels" and limit:
-        return ctx.t("invalid_image_too_many_pixels", limit=max(1, round(limit / 10**6)))
-    if exc.code == "image_too_big" and limit and limit > 10**6:
-        limit = limit // (1024 * 1024)   # bytes → MB for the text
-    if exc.code == "image_too_small" and limit:
-        limit = texts.plural(limit, "pixel", ctx.lang)
-    return ctx.t("invalid_" + exc.code, limit=limit if limit is not None else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -1137,7 +1114,7 @@ def _accept(ctx: Ctx, mode: str, *, prompt=None, options=None, file_ids=()) -> G
         draft = worker.save_draft(ctx.user.id, ctx.chat_id, mode, reason="credits" if short else "jobs",
                                   cfg=ctx.cfg, **inputs)
         logger.info("user %s: %s refused (%s), draft kept", ctx.user.id, mode, type(exc).__name__)
-        _send(ctx, worker.refusal_text(exc, ctx.user.id, mode, ctx.lang, ctx.cfg),
+        _send(ctx, worker.refusal_text(exc, ctx.lang),
               worker.draft_buttons(draft, ctx.lang, topup=short and ctx.cfg.yookassa_configured))
         return None
     finally:

@@ -66,6 +66,9 @@ class MediaError(Exception):
 
     #: True when trying the same job again later may succeed (the worker's retry decision).
     retryable = False
+    #: The user's text for this error (a key of texts.TEXTS) and its values; None: no user text.
+    text_key: str | None = None
+    values: dict = {}
 
     def __init__(self, message: str | None = None):
         super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
@@ -97,6 +100,13 @@ class InvalidInput(MediaError):
         #: What `limit` counts when it is ambiguous: "pixels" for image_too_big from a pixel count
         #: (else bytes).
         self.unit = unit
+        # The text shows the limit in the user's units: megabytes, megapixels, "64 пикселя".
+        self.text_key, shown = "invalid_" + code, limit
+        if code == "image_too_big" and unit == "pixels" and limit:
+            self.text_key, shown = "invalid_image_too_many_pixels", max(1, round(limit / 10**6))
+        elif code == "image_too_big" and limit and limit > 10**6:
+            shown = limit // (1024 * 1024)
+        self.values = {"limit": shown if shown is not None else ""}
         super().__init__(message or INVALID_INPUT_MESSAGES[code])
 
 

@@ -68,6 +68,7 @@ class PaymentError(Exception):
     """The payment could not be processed."""
 
     text_key = "payment_error"
+    values: dict = {}  # for texts.t(text_key, lang, **values)
 
     def __str__(self):
         return self.args[0] if self.args else (self.__doc__ or "").strip()

@@ -55,6 +55,7 @@ class PromoError(Exception):
     """This promo code cannot be used."""
 
     text_key = "promo_error"
+    values: dict = {}  # for texts.t(text_key, lang, **values)
 
     def __str__(self):
         return self.args[0] if self.args else (self.__doc__ or "").strip()

@@ -4,6 +4,7 @@
 (messages are sent without parse_mode, so nothing a user types is parsed as markup).
 Button texts follow the original plan (docs/SPEC.md §3).
 """
+import string
 
 TEXTS = {
     # --- common -------------------------------------------------------------------------
@@ -215,8 +216,8 @@ TEXTS = {
                                     "Отправьте фото поменьше.",
                               "en": "⚠️ The file is too big: Telegram lets bots download files up to {limit} MB. "
                                     "Please send a smaller one."},
-    "invalid_image_too_small": {"ru": "⚠️ Изображение слишком маленькое: нужно хотя бы {limit} по короткой стороне.",
-                                "en": "⚠️ The picture is too small: at least {limit} on the short side."},
+    "invalid_image_too_small": {"ru": "⚠️ Изображение слишком маленькое: нужно хотя бы {limit:pixel} по короткой стороне.",
+                                "en": "⚠️ The picture is too small: at least {limit:pixel} on the short side."},
     "invalid_image_too_many_pixels": {"ru": "⚠️ Изображение слишком большое: не больше {limit} мегапикселей. "
                                             "Уменьшите его и отправьте снова.",
                                       "en": "⚠️ The picture is too large: {limit} megapixels at most. "
@@ -712,10 +713,24 @@ def plural(count: int, unit: str, lang: str = "ru") -> str:
 
 
 def t(key: str, lang: str = "ru", **values) -> str:
-    """Return text `key` in `lang` ("ru" or "en"), formatted with `values`.
+    """Return text `key` in `lang` ("ru" or "en"), formatted with `values`; a field
+    ``{name:unit}`` (`unit` a key of PLURALS) writes the count with its noun in `lang`'s plural.
 
     Raises KeyError for an unknown key (a test checks every key has both languages).
     """
     entry = TEXTS[key]
     text = entry.get(lang) or entry["ru"]
-    return text.format(**values) if values else text
+    return _Formatter(lang).format(text, **values) if values else text
+
+
+class _Formatter(string.Formatter):
+    """`str.format`, plus a unit of PLURALS as the format spec: ``"{limit:pixel}"`` with limit=64
+    gives ``"64 пикселя"`` / ``"64 pixels"`` (a value that is not an int is written as it is)."""
+
+    def __init__(self, lang: str):
+        self.lang = lang
+
+    def format_field(self, value, format_spec):
+        if format_spec in PLURALS:
+            return plural(value, format_spec, self.lang) if isinstance(value, int) else str(value)
+        return super().format_field(value, format_spec)

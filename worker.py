@@ -98,6 +98,10 @@ CAPTION_LIMIT = 1024             # Bot API: photo/document caption, 0-1024 chara
 class WorkerError(Exception):
     """The job could not be accepted."""
 
+    #: The user's text for this error (a key of texts.TEXTS) and its values; None: no user text.
+    text_key: str | None = None
+    values: dict = {}
+
     def __str__(self):
         return self.args[0] if self.args else (self.__doc__ or "").strip()
 
@@ -113,8 +117,11 @@ class InvalidOptions(WorkerError):
 class TooManyJobs(WorkerError):
     """Too many jobs in progress; wait for one to finish."""
 
+    text_key = "too_many_jobs"
+
     def __init__(self, limit: int):
         self.limit = limit
+        self.values = {"limit": limit}
         super().__init__("the user already has %d jobs in progress" % limit)
 
 
@@ -586,13 +593,14 @@ def draft_buttons(draft: Draft, lang: str, *, topup: bool = False) -> types.Inli
     return markup
 
 
-def refusal_text(exc: BaseException, user_id: int, mode: str, lang: str, cfg: config.Config) -> str:
-    """The text for a job refused at accept time: the price and the balance for too few credits."""
-    if isinstance(exc, billing.InsufficientCredits):
-        return texts.t("insufficient_credits", lang, price=cfg.price(mode), balance=billing.get_balance(user_id).credits)
-    if isinstance(exc, TooManyJobs):
-        return texts.t("too_many_jobs", lang, limit=exc.limit) + "\n" + texts.t("draft_kept", lang)
-    return texts.t("job_failed_generic", lang)
+def refusal_text(exc: BaseException, lang: str) -> str:
+    """The text in `lang` for a job refused at accept time (`exc.text_key` with `exc.values`: for
+    too few credits the mode's price and the balance); a refusal for the job limit adds that the
+    inputs are kept."""
+    if not isinstance(exc, (billing.InsufficientCredits, TooManyJobs)):
+        return texts.t("job_failed_generic", lang)
+    text = texts.t(exc.text_key, lang, **exc.values)
+    return text + "\n" + texts.t("draft_kept", lang) if isinstance(exc, TooManyJobs) else text
 
 
 def show_status(gen: Generation, lang: str, cfg: config.Config | None = None):
@@ -625,9 +633,7 @@ def resume_draft(user_id: int, cfg: config.Config | None = None) -> Generation |
         short = isinstance(exc, billing.InsufficientCredits)
         kept = save_draft(user_id, draft.chat_id, draft.mode, reason="credits" if short else "jobs",
                           resume_on_payment=short, cfg=cfg, **inputs)
-        text = texts.t("draft_still_short", lang, price=cfg.price(draft.mode),
-                       balance=billing.get_balance(user_id).credits) if short else refusal_text(exc, user_id, draft.mode,
-                                                                                               lang, cfg)
+        text = texts.t("draft_still_short", lang, **exc.values) if short else refusal_text(exc, lang)
         _best_effort(telegram(cfg).send_message, draft.chat_id, text, reply_markup=draft_buttons(kept, lang, topup=short))
         logger.info("draft of user=%s not resumed (%s), kept", user_id, type(exc).__name__)
         return None

@@ -6,8 +6,10 @@ The harness comes from tests/helpers.py, the `app` fixture from tests/conftest.p
 import pytest
 
 import billing
+import bot
 import config
 import promo
+import worker
 from models import Generation, LedgerEntry, Payment, Reservation
 from tests.helpers import USER, audit_ok, buttons, png, user_row
 
@@ -196,6 +198,31 @@ def test_insufficient_credits_offers_a_top_up(app):
     assert Generation.select().count() == 0
     [balance] = app.press(buttons(reply)[0], message=reply)
     assert "Кредиты: 0" in balance["text"]
+    audit_ok()
+
+
+def test_insufficient_credits_name_the_price_of_the_mode(app):
+    """PRICE_GENERATE differs from PRICE_PER_OPERATION: the refused job and the bot's generic error
+    reply (what `_guarded` sends for an InsufficientCredits a handler lets through) both name it."""
+    app.cfg = config.configure(app.cfg.replace(mode_prices={"generate": 25}))
+    app.restart()
+    app.send("/start")
+    user = user_row()
+    for n in range(4):                                      # spend the free operations
+        billing.commit(billing.reserve(user.id, 10, reference="t:%d" % n, idempotency_key="t:%d" % n, ttl=60).id)
+    billing.credit(user.id, 7, kind="grant", reference="t:grant", idempotency_key="t:grant")
+    app.press("mode:generate")
+    app.send("горы")
+    [refused] = app.press("ratio:1:1")
+    assert "стоит 25, на балансе 7" in refused["text"]
+    with pytest.raises(billing.InsufficientCredits) as caught:
+        worker.accept_generation(user, USER, "generate", prompt="горы", options={"aspect_ratio": "1:1"}, cfg=app.cfg)
+    ctx = bot.Ctx(bot=app.bot, cfg=app.cfg, user=user, lang="ru", chat_id=USER, telegram_id=USER, update_id=None)
+    bot._report(ctx, caught.value)
+    reply = app.fake.last_message(USER)
+    assert "стоит 25, на балансе 7" in reply["text"] and buttons(reply) == ["pay", "menu"]
+    assert caught.value.values == {"price": 25, "balance": 7}
+    assert Generation.select().count() == 0
     audit_ok()
 
 

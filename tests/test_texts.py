@@ -28,3 +28,9 @@ def test_language_from_telegram_code(code, lang):
 def test_an_unknown_key_fails_loudly():
     with pytest.raises(KeyError):
         texts.t("no_such_text")
+
+
+def test_a_plural_field_takes_the_form_of_the_language():
+    assert "хотя бы 64 пикселя по" in texts.t("invalid_image_too_small", "ru", limit=64)
+    assert "at least 1 pixel on" in texts.t("invalid_image_too_small", "en", limit=1)
+    assert "at least  on" in texts.t("invalid_image_too_small", "en", limit="")   # no limit known
