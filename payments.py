@@ -390,20 +390,18 @@ def _payment_params(order: Payment, user: User, cfg: config.Config) -> dict:
         "metadata": {"order_id": str(order.id), "user_id": str(user.telegram_id), "credits": str(order.credits)},
     }
     if cfg.yookassa_receipts:
-        # 54-FZ receipt (notes §3.1): the customer's e-mail and one item; vat_code / payment_mode /
-        # payment_subject are the shop's accounting choice (YOOKASSA_VAT_CODE, ...).
-        params["receipt"] = {
-            "customer": {"email": user.email},
-            "items": [{
-                "description": description,
-                "quantity": "1.00",
-                "amount": {"value": value, "currency": order.currency},
-                "vat_code": cfg.yookassa_vat_code,
-                "payment_mode": cfg.yookassa_payment_mode,
-                "payment_subject": cfg.yookassa_payment_subject,
-            }],
-        }
+        params["receipt"] = _receipt(user.email, description, value, order.currency, cfg)
     return params
+
+
+def _receipt(email: str | None, description: str, value: str, currency: str, cfg: config.Config) -> dict:
+    """A 54-FZ receipt (docs/REFERENCES.md §3): the customer's e-mail and one item of
+    `value` ("90.00"); vat_code / payment_mode / payment_subject are the shop's accounting choice
+    (YOOKASSA_VAT_CODE, YOOKASSA_PAYMENT_MODE, YOOKASSA_PAYMENT_SUBJECT)."""
+    return {"customer": {"email": email},
+            "items": [{"description": description, "quantity": "1.00", "amount": {"value": value, "currency": currency},
+                       "vat_code": cfg.yookassa_vat_code, "payment_mode": cfg.yookassa_payment_mode,
+                       "payment_subject": cfg.yookassa_payment_subject}]}
 
 
 def create_topup(user_id: int, credits: int, *, promo_code: str | None = None,
@@ -950,8 +948,9 @@ def refund_topup(reference: str, kopecks: int | None = None, *, idempotency_key:
     `reference` is the YooKassa payment id or our order uuid. The credits come back through the
     usual path: when the API answers ``succeeded`` at once the refund is applied here with the same
     `_apply_refund` the ``refund.succeeded`` notification uses (once per refund id, whichever comes
-    first); a pending refund is applied by that notification. Receipts (YOOKASSA_RECEIPTS) are not
-    sent with refunds.
+    first); a pending refund is applied by that notification. With YOOKASSA_RECEIPTS a partial
+    refund carries its 54-FZ refund receipt (the refunded amount as one item, to the user's e-mail);
+    a full one carries none: YooKassa takes the payment's ("Чеки при возвратах", yookassa.ru/developers/54fz/refunds).
 
     :raises UnknownPayment: no such order (or it never reached YooKassa).
     :raises RefundNotPossible: the order is not succeeded, nothing is left, or `kopecks` is out of range.
@@ -970,6 +969,10 @@ def refund_topup(reference: str, kopecks: int | None = None, *, idempotency_key:
             order.id, order.status, kopecks_to_value(max(left, 0)), kopecks_to_value(max(kopecks, 0))))
     params = {"payment_id": order.yookassa_payment_id, "description": "Возврат по заказу %s" % order.id,
               "amount": {"value": kopecks_to_value(kopecks), "currency": order.currency}}
+    if cfg.yookassa_receipts and kopecks != order.amount_kopecks:
+        email = User.get_by_id(order.user_id).email
+        params["receipt"] = _receipt(email, DESCRIPTION.format(credits=order.credits)[:DESCRIPTION_MAX],
+                                     kopecks_to_value(kopecks), order.currency, cfg)
     try:
         response = yookassa.Refund.create(params, idempotency_key=idempotency_key)
     except Exception as exc:

@@ -209,6 +209,33 @@ def test_create_topup_with_receipt(yk):
     assert item["description"] == "Пополнение баланса Media Lab: 100 кредитов"
 
 
+def test_a_partial_refund_carries_its_receipt_and_a_full_one_none(yk):
+    """54-FZ with YooKassa's receipts: a partial refund must send the returned amount as a receipt
+    (YooKassa refuses it otherwise); a full refund sends none (YooKassa reuses the payment's)."""
+    cfg = config.configure(yk.cfg.replace(yookassa_receipts=True))
+    yk.fake.receipts_required = True
+    payments.set_email(yk.user.id, "buyer@example.com")
+    orders = []
+    for credits in (100, 200):
+        order = payments.create_topup(yk.user.id, credits, cfg=cfg)
+        yk.fake.succeed(order.yookassa_payment_id)
+        notify(yk, "payment.succeeded", order.yookassa_payment_id)
+        orders.append(Payment.get_by_id(order.id))
+    partial = payments.refund_topup(orders[0].yookassa_payment_id, 2500, idempotency_key="r1", cfg=cfg)
+    receipt = yk.fake.receipts[partial.refund_id]
+    assert receipt["customer"] == {"email": "buyer@example.com"}
+    [item] = receipt["items"]
+    assert (item["amount"], float(item["quantity"])) == ({"value": "25.00", "currency": "RUB"}, 1.0)
+    assert item["description"] == "Пополнение баланса Media Lab: 100 кредитов"
+    rest = payments.refund_topup(orders[0].yookassa_payment_id, None, idempotency_key="r2", cfg=cfg)
+    assert rest.kopecks == 7500 and rest.refund_id in yk.fake.receipts      # the rest is partial too
+    full = payments.refund_topup(orders[1].yookassa_payment_id, None, idempotency_key="r3", cfg=cfg)
+    assert full.kopecks == 20000 and full.refund_id not in yk.fake.receipts
+    assert [r.status for r in (partial, rest, full)] == ["succeeded"] * 3
+    assert credits_of(yk.user.id) == 0
+    audit_ok()
+
+
 @pytest.mark.parametrize("kind", FAULTS)
 def test_create_faults_retry_with_one_key_then_a_retap_recovers(yk, kind):
     cfg = yk.cfg.replace(yookassa_timeout=0.5)

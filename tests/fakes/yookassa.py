@@ -25,7 +25,8 @@ Faithful:
   ``receipt``); a sent receipt needs a customer email/phone and valid items (assumption: their total
   equals the amount). ``GET /v3/payments/{id}``; ``POST /v3/payments/{id}/capture`` of a
   ``waiting_for_capture`` payment; ``POST /v3/refunds`` (succeeds at once, of a succeeded payment, up
-  to what is left of it, description ≤ 250); ``GET /v3/refunds/{id}``; ``GET /v3/me`` (the shop's
+  to what is left of it, description ≤ 250; ``receipts_required=True``: a partial refund needs a
+  ``receipt`` for its amount, a full one none); ``GET /v3/refunds/{id}``; ``GET /v3/me`` (the shop's
   settings); lists ``GET /v3/payments`` and ``/v3/refunds`` newest first with
   ``status``/``payment_id``, ``created_at.*``/``captured_at.*`` (gte, gt, lte, lt) filters,
   ``limit`` 1..100 and ``cursor``/``next_cursor``.
@@ -35,7 +36,7 @@ Faithful:
   (API or ``refund()``, one made in the merchant cabinet) update ``refunded_amount``/``refundable``. ``capture`` is not echoed (the real object has no such field).
 * ``notify()`` POSTs the real envelope ``{"type": "notification", "event", "object"}`` (no signature).
 
-Not modelled: other confirmation types, API cancel, refund receipts, the receipts and webhooks
+Not modelled: other confirmation types, API cancel, the receipts and webhooks
 APIs, 3-D Secure, expiry by time, https (so the SDK's 202 retry adapter never runs).
 
 Faults (``fault(kind, times, path_prefix, after)``, checked before auth, never on ``/_test``): an
@@ -109,8 +110,8 @@ class FakeYooKassaError(ValueError):
 
 
 class FakeYooKassa(FakeServer):
-    """Fake YooKassa API v3. Read ``payments``/``refunds`` (id → object), ``receipts`` (payment id →
-    receipt as sent) and ``requests_log`` in assertions; they change under ``_lock``."""
+    """Fake YooKassa API v3. Read ``payments``/``refunds`` (id → object), ``receipts`` (payment or
+    refund id → receipt as sent) and ``requests_log`` in assertions; they change under ``_lock``."""
 
     name = "FakeYooKassa"
 
@@ -174,7 +175,8 @@ class FakeYooKassa(FakeServer):
             self._control_payment(payment_id)
             body = {"payment_id": payment_id, "amount": {"value": amount_value, "currency": "RUB"}}
             try:
-                return self._create_refund(dict(body, **({"description": description} if description else {})))
+                return self._create_refund(dict(body, **({"description": description} if description else {})),
+                                           cabinet=True)
             except _ApiError as error:
                 raise FakeYooKassaError("%s (%s)" % (error.description, error.parameter)) from None
 
@@ -417,8 +419,10 @@ class FakeYooKassa(FakeServer):
         self._order[pid] = len(self._order)
         return copy.deepcopy(payment)
 
-    def _create_refund(self, body) -> dict:
-        """Refunds succeed at once (never pending), of a succeeded payment, up to what is left of it."""
+    def _create_refund(self, body, cabinet: bool = False) -> dict:
+        """Refunds succeed at once (never pending), of a succeeded payment, up to what is left of it.
+        With ``receipts_required`` a partial API refund needs a receipt for its amount (the cabinet
+        asks for the items on screen)."""
         if not isinstance(body, dict):
             raise _bad("Request body must be a JSON object")
         payment = self.payments.get(body.get("payment_id"))
@@ -427,6 +431,10 @@ class FakeYooKassa(FakeServer):
         if payment["status"] != "succeeded":
             raise _bad("Payment has status %s. You can only refund a succeeded payment" % payment["status"], "payment_id")
         amount = _parse_amount(body.get("amount"), "amount")
+        receipt = body.get("receipt")
+        partial = amount != Decimal(payment["amount"]["value"])
+        if receipt is not None or (self.receipts_required and partial and not cabinet):
+            _check_receipt(receipt, amount)       # a partial refund needs its receipt; a full one takes the payment's
         refunded = Decimal(payment["refunded_amount"]["value"]) + amount
         if refunded > Decimal(payment["amount"]["value"]):
             raise _bad("Refund amount exceeds the amount available for refund", "amount.value")
@@ -437,6 +445,8 @@ class FakeYooKassa(FakeServer):
         refund = {"id": rid, "payment_id": payment["id"], "status": "succeeded", "amount": _money(amount),
                   "created_at": _ts(datetime.now(UTC)), **({"description": description} if description else {})}
         self.refunds[rid] = refund
+        if receipt is not None:
+            self.receipts[rid] = copy.deepcopy(receipt)
         self._order[rid] = len(self._order)
         payment.update(refunded_amount=_money(refunded), refundable=refunded < Decimal(payment["amount"]["value"]))
         return copy.deepcopy(refund)
