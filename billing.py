@@ -771,7 +771,8 @@ def _audit_stars(bad) -> None:
 
 def _audit_refunds(bad) -> None:
     """I13: per payment, refunded kopecks = Σ its refunds ≤ what was paid, and the credits asked
-    back = the cumulative share credits × refunded // paid (partial refunds converge)."""
+    back = the cumulative share credits × refunded // paid (partial refunds converge); I16: a
+    referral bonus (``referral:<user id>``) is never taken back for more than it gave."""
     sums = {pid: (kopecks, credits) for pid, kopecks, credits in
             Refund.select(Refund.payment, fn.SUM(Refund.amount_kopecks), fn.SUM(Refund.credits_requested))
             .group_by(Refund.payment).tuples()}
@@ -784,6 +785,13 @@ def _audit_refunds(bad) -> None:
         if credits != expected:
             bad("I13 payment %s: refunds asked back %s credits, the cumulative share is %s"
                 % (payment.id, credits, expected))
+    bonuses = dict(LedgerEntry.select(LedgerEntry.reference, LedgerEntry.amount)
+                   .where((LedgerEntry.kind == "grant") & LedgerEntry.reference.startswith("referral:")).tuples())
+    for reference, taken in (LedgerEntry.select(LedgerEntry.reference, fn.SUM(LedgerEntry.amount))
+                             .where((LedgerEntry.kind == "payment_refund") & LedgerEntry.reference.startswith("referral:"))
+                             .group_by(LedgerEntry.reference).tuples()):
+        if taken > bonuses.get(reference, 0):
+            bad("I16 %s: %s credits taken back, the bonus was %s" % (reference, taken, bonuses.get(reference, 0)))
 
 
 # The audit's scans read plain tuples of the columns they check, not model instances: building a
@@ -1031,8 +1039,9 @@ def _audit_free_ops(free_operations: int, bad) -> None:
 
 def audit(now: datetime.datetime | None = None, *, free_operations: int | None = None,
           sweep_interval: int | None = None) -> AuditReport:
-    """Check the ledger invariants I1–I15 on a read snapshot; never writes (I12 promo limits,
-    I13 refunds by the cumulative rule, I14 Stars refunds, I15 credits ≤ what was paid for).
+    """Check the ledger invariants I1–I16 on a read snapshot; never writes (I12 promo limits,
+    I13 refunds by the cumulative rule, I14 Stars refunds, I15 credits ≤ what was paid for, I16 referral
+    take-backs ≤ the bonus).
 
     Safe while the bot runs (SQLite readers never block the WAL writer). Settings default
     to the process configuration.

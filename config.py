@@ -363,7 +363,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DRAFT_TTL", integer(60, 30 * 86400), 86400,
             "Seconds a refused or failed job's inputs are kept so the user can retry or top up and continue", PRICES),
     Setting("REFERRAL_BONUS", integer(0, 10**6), 0,
-            "Credits to the referrer when a user who came by their /start ref_ link has a top-up credited (0: off)",
+            "Credits to the referrer when a user who came by their /start ref_ link has a top-up credited, once per "
+            "user; refunds of that user's top-ups take it back by the same share (0: off)",
             PRICES),
     Setting("MAX_PROMPT_LENGTH", integer(1, 100000), 1000, "Characters", PRICES),
     Setting("MAX_IMAGE_BYTES", integer(1024, 20 * 1024 * 1024), 20 * 1024 * 1024,

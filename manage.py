@@ -77,7 +77,7 @@ def cmd_audit(cfg, args) -> int:
         for key, value in report.summary.items():
             print("  %-20s %s" % (key, value))
         if report.ok:
-            print("audit: OK — all invariants hold (I1–I15)")
+            print("audit: OK — all invariants hold (I1–I16)")
         else:
             print("audit: %d VIOLATION(S)" % len(report.violations))
             for line in report.violations:

@@ -34,6 +34,7 @@ from decimal import Decimal, InvalidOperation
 
 import requests
 import yookassa
+from peewee import fn
 from yookassa.client import ApiClient
 from yookassa.domain.exceptions import ApiError
 from yookassa.domain.notification import WebhookNotificationFactory
@@ -705,7 +706,33 @@ def _apply_refund(order_id: uuid.UUID, refund_id: str, kopecks: int) -> Refund |
         Payment.id == order_id).execute()
     logger.info("refund applied: refund=%s order=%s user=%s amount=%s credits=%s debited=%s shortfall=%s",
                 refund_id, order_id, order.user_id, kopecks_to_value(kopecks), credits, debited, shortfall)
+    _take_back_referral_bonus(order.user_id, refund_id)
     return Refund.get_by_id(refund_id)
+
+
+def _take_back_referral_bonus(user_id: int, refund_id: str) -> int:
+    """When a referred user's top-ups are refunded, take back the referrer's bonus by the same
+    cumulative share: ``bonus × credits refunded // credits bought`` over the user's succeeded
+    orders, minus what earlier refunds already took back (billing.take_back: capped by the
+    referrer's balance, the shortfall recorded). Runs inside `_apply_refund`'s transaction; returns
+    the credits asked back (0 for a user who brought no bonus)."""
+    key = "referral:%s" % user_id                       # the bonus's ledger key (worker.referral_bonus)
+    bonus = models.LedgerEntry.get_or_none(models.LedgerEntry.idempotency_key == key)
+    if bonus is None:
+        return 0
+    orders = Payment.select(Payment.id).where((Payment.user == user_id) & (Payment.status == "succeeded"))
+    bought = Payment.select(fn.SUM(Payment.credits)).where(Payment.id.in_(orders)).scalar() or 0
+    refunded = Refund.select(fn.SUM(Refund.credits_requested)).where(Refund.payment.in_(orders)).scalar() or 0
+    taken = (models.LedgerEntry.select(fn.SUM(models.LedgerEntry.amount))
+             .where((models.LedgerEntry.user == bonus.user_id) & (models.LedgerEntry.kind == "payment_refund")
+                    & (models.LedgerEntry.reference == key)).scalar() or 0)
+    due = (bonus.amount * min(refunded, bought) // bought if bought else 0) - taken
+    if due <= 0:
+        return 0
+    entry = billing.take_back(bonus.user_id, due, reference=key, idempotency_key="%s:refund:%s" % (key, refund_id))
+    logger.info("referral bonus taken back: referrer=%s user=%s refund=%s credits=%s shortfall=%s",
+                bonus.user_id, user_id, refund_id, due, entry.shortfall)
+    return due
 
 
 def record_refund(order_id: uuid.UUID, refund_id: str, amount: int) -> Refund | None:

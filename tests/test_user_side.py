@@ -620,6 +620,36 @@ def test_a_referral_pays_the_referrer_once_on_the_first_real_top_up(shop, fake_y
     audit_ok()
 
 
+def test_refunds_of_the_friend_take_the_referral_bonus_back_by_the_same_share(shop, fake_yookassa):
+    """A bonus is earned by money that stays paid: refunding half of the friend's top-up takes back
+    half the bonus, the rest the rest (capped by the referrer's balance, the shortfall recorded)."""
+    app = with_settings(shop, referral_bonus=20)
+    app.send("/start")
+    referrer = user_row()
+    app.send("/start ref_" + worker.referral_code(referrer.id), user=602)
+    app.press("amount:100", user=602, message=app.send("/balance", user=602)[0])
+    order = Payment.get()
+    paid_by_webhook(app, fake_yookassa, order)
+    assert billing.get_balance(referrer.id).credits == 20
+    order = Payment.get_by_id(order.id)
+    payments.refund_topup(order.yookassa_payment_id, order.amount_kopecks // 2, idempotency_key="half")
+    assert billing.get_balance(referrer.id).credits == 10
+    while billing.get_balance(referrer.id).credits == 10:   # free operations go first, then 8 credits
+        key = "generation:r%d" % billing.get_balance(referrer.id).free_ops
+        billing.commit(billing.reserve(referrer.id, 8, reference=key, idempotency_key=key, ttl=900).id)
+    assert billing.get_balance(referrer.id).credits == 2
+    payments.refund_topup(order.yookassa_payment_id, None, idempotency_key="rest")
+    back = list(models.LedgerEntry.select().where(models.LedgerEntry.reference == "referral:%s" % User.get(
+        User.telegram_id == 602).id).order_by(models.LedgerEntry.id))
+    assert [(e.kind, e.amount, e.shortfall) for e in back] == [("grant", 20, 0), ("payment_refund", 10, 0),
+                                                               ("payment_refund", 10, 8)]
+    assert billing.get_balance(referrer.id).credits == 0
+    audit_ok()
+    billing.take_back(referrer.id, 1, reference=back[0].reference, idempotency_key="one-too-many")
+    assert [v for v in billing.audit().violations if v.startswith("I16")] == [
+        "I16 %s: 21 credits taken back, the bonus was 20" % back[0].reference]
+
+
 def test_no_referral_link_or_bonus_when_the_bonus_is_off(shop, fake_yookassa):
     app = shop                                              # REFERRAL_BONUS=0 (the default)
     app.send("/start")
