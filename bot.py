@@ -1503,7 +1503,8 @@ def on_pre_checkout(bot: telebot.TeleBot, cfg: config.Config, query: types.PreCh
 def on_payment_message(bot: telebot.TeleBot, cfg: config.Config, message: types.Message) -> None:
     """A successful_payment or refunded_payment service message in Stars: credit the order once
     (keyed on the charge id) and tell the user once, or take the refund's credits back once and
-    tell the user; a payment that matches no order is never dropped — the admins are told."""
+    tell the user; a payment that matches no order is never dropped — the admins are told, and the
+    payer that it will be checked by hand."""
     paid, refunded, sender = message.successful_payment, message.refunded_payment, message.from_user
     if paid is not None:              # any currency: one we never invoiced is a mismatch for the admins
         outcome = stars.apply_successful_payment(sender.id, paid.currency, paid.total_amount, paid.invoice_payload,
@@ -1511,6 +1512,10 @@ def on_payment_message(bot: telebot.TeleBot, cfg: config.Config, message: types.
         if outcome.detail in ("needs_attention", "unmatched"):
             worker.alert_admins("stars:%s" % paid.telegram_payment_charge_id,
                                 texts.t("admin_alert_stars", "ru", problem=outcome.problem), cfg)
+            payer = User.get_or_none(User.telegram_id == sender.id)
+            if payer is not None:                           # the payer hears it is not lost, once
+                worker.tell_user_once("notice:stars:%s" % paid.telegram_payment_charge_id, payer.id,
+                                      "notify_stars_mismatch", cfg)
         elif outcome.order_id is not None:
             worker.tell_payment(outcome.order_id, cfg)       # once per order, whichever copy gets here first
     elif refunded is not None:

@@ -671,6 +671,11 @@ TEXTS = {
         "en": "↩️ A refund of {stars} ⭐ was made. {credits} credits were taken back. Balance: {balance} credits.",
     },
     "admin_alert_stars": {"ru": "⚠️ Telegram Stars: {problem}", "en": "⚠️ Telegram Stars: {problem}"},
+    "notify_stars_mismatch": {
+        "ru": "⚠️ Оплата звёздами получена, но не совпала с заказом. Мы проверим её вручную: кредиты будут "
+              "зачислены или звёзды вернутся. Вопросы — /paysupport.",
+        "en": "⚠️ Your Stars payment arrived but does not match the order. We will check it by hand: the credits "
+              "will be added or the Stars returned. Questions: /paysupport."},
     "admin_refund_stars_done": {
         "ru": "↩️ Возврат звёзд {charge} ({stars} ⭐) проведён: списано {credits} кредитов, не хватило {shortfall}.",
         "en": "↩️ Stars refund {charge} ({stars} ⭐) done: {credits} credits taken back, {shortfall} short.",

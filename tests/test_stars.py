@@ -229,8 +229,11 @@ def test_a_mismatched_payment_needs_attention_and_the_admins_are_told(app):
     assert order.telegram_charge_id == attempt.charge_id
     alert = app.fake.wait_for_message(ADMIN, "Telegram Stars")
     assert attempt.charge_id in alert["text"]
+    told = app.fake.wait_for_message(USER, "не совпала с заказом")
+    assert "/paysupport" in told["text"]
     app.pump()                                                              # the real one: same charge, nothing more
     assert topups() == [] and len(app.fake.messages(ADMIN)) == 1
+    assert sum("не совпала" in (m.get("text") or "") for m in app.fake.messages(USER)) == 1
     unknown = json.loads(json.dumps(attempt.update))
     unknown["message"]["successful_payment"].update(invoice_payload=str(uuid.uuid4()),
                                                     telegram_payment_charge_id="stxUNKNOWN")
