@@ -102,7 +102,11 @@ class SecretFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Redact `record` in place (idempotent: a record passing several handlers, or another
-        filter with other secrets, is redacted again at the cost of one string scan); always True."""
+        filter with other secrets, is redacted again at the cost of one string scan); always True.
+        The arguments are merged into the message; their types stay readable as ``record.arg_types``
+        (for filters that judge a record by what it is about, e.g. huey's periodic tasks)."""
+        if isinstance(record.args, tuple) and not hasattr(record, "arg_types"):
+            record.arg_types = tuple(type(arg) for arg in record.args)
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a broken format string still gets logged, redacted

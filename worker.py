@@ -265,7 +265,10 @@ class _PeriodicAtDebug(logging.Filter):
     become DEBUG records (shown only when the logger is at DEBUG); jobs keep their INFO lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.INFO and record.args and isinstance(record.args[0], PeriodicTask):
+        # The secrets filter (startup) merges the arguments into the message when the record is
+        # created; it leaves their types in `arg_types`.
+        types = getattr(record, "arg_types", None) or tuple(type(a) for a in (record.args or ()))
+        if record.levelno == logging.INFO and types and issubclass(types[0], PeriodicTask):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True

@@ -6,7 +6,9 @@ import logging
 import pytest
 
 import billing
+import config
 import ops
+import startup
 import worker
 from models import Generation, Payment, utcnow
 from tests.helpers import configure, drain, make_user
@@ -110,7 +112,9 @@ def test_needs_attention_payments_alert_once_each(setup, fake_telegram):
 
 def test_idle_periodic_tasks_do_not_log_at_info(setup, caplog):
     """huey's "Executing …"/"… executed" lines for periodic tasks become DEBUG records; a job's stay
-    INFO; an idle sweep (run by the consumer's Ticker, not the queue) logs at DEBUG."""
+    INFO; an idle sweep (run by the consumer's Ticker, not the queue) logs at DEBUG. As in the
+    consumer, the secrets filter is installed (it merges a record's arguments into its message)."""
+    startup.install_redaction(config.get())
     worker.quiet_periodic_logs()
     huey_logger = logging.getLogger("huey")
     previous = huey_logger.level
