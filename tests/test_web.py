@@ -31,6 +31,16 @@ FIXTURE_NAMES = ["payment.succeeded", "payment.canceled", "payment.waiting_for_c
 
 @pytest.fixture
 def yk(database, fake_yookassa):
+    yield from _shop(fake_yookassa)
+
+
+@pytest.fixture
+def yk_any(any_database, fake_yookassa):
+    """`yk` on SQLite and on PostgreSQL (TEST_POSTGRES_URL)."""
+    yield from _shop(fake_yookassa)
+
+
+def _shop(fake_yookassa):
     cfg = config.configure(config.get().replace(yookassa_api_url=fake_yookassa.api_url, yookassa_timeout=1.0))
     promo.seed_defaults()
     user, _ = billing.get_or_create_user(888000, first_name="Payer", free_operations=0)
@@ -227,11 +237,14 @@ def stop_gunicorn(process) -> None:
             process.wait(5)
 
 
-def test_duplicates_across_gunicorn_workers_credit_once(yk, db_url, tmp_path, test_env):
+def test_duplicates_across_gunicorn_workers_credit_once(yk_any, tmp_path, test_env):
+    """50 concurrent copies through 2 gunicorn worker processes: one credit, one message; on
+    SQLite and on PostgreSQL (issue 13 §5)."""
+    yk = yk_any
     order = payments.create_topup(yk.user.id, 500, promo_code="SAVE20")
     yk.fake.succeed(order.yookassa_payment_id)
     queue_url = "sqlite:///%s" % (tmp_path / "queue.db")
-    env = dict(test_env, DATABASE_URL=db_url, QUEUE_URL=queue_url, YOOKASSA_API_URL=yk.fake.api_url,
+    env = dict(test_env, DATABASE_URL=config.get().database_url, QUEUE_URL=queue_url, YOOKASSA_API_URL=yk.fake.api_url,
                YOOKASSA_TIMEOUT="5", TRUSTED_PROXY_COUNT="1", LOG_LEVEL="WARNING")
     processes_alive()
     process, base = start_gunicorn(env, str(tmp_path / "gunicorn.log"))
