@@ -53,8 +53,19 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+# PostgreSQL connections come from peewee's pool (playhouse.pool): every request, task and update
+# opens and closes its connection, and a new PostgreSQL connection is a new server process (a
+# webhook soak on PostgreSQL went from 231 to … notifications/s, bench/bench_scaleout.py). Closed
+# connections go back to the pool, rolled back if a transaction was left open; a thread waits up
+# to PG_POOL_WAIT seconds for one when PG_POOL_SIZE are in use in this process.
+PG_POOL_SIZE = 32              # per process: above the busiest one's threads (gunicorn 8, worker 8, bot 4)
+PG_POOL_STALE = 300            # seconds: an older connection is closed and replaced on its next use
+PG_POOL_WAIT = 10              # seconds
+
+
 def open_database(url: str):
-    """Return an unconnected peewee database for `url` (sqlite:///path or postgresql://...).
+    """Return an unconnected peewee database for `url` (sqlite:///path or postgresql://...; a
+    PostgreSQL URL gets a connection pool, see PG_POOL_SIZE).
 
     A relative SQLite path is relative to the working directory; its folder is created.
     """
@@ -63,6 +74,10 @@ def open_database(url: str):
         if path and path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return connect(url, pragmas=SQLITE_PRAGMAS, lock_type="IMMEDIATE", returning_clause=True, timeout=30)
+    scheme, rest = url.split("://", 1)
+    if scheme in ("postgres", "postgresql"):
+        return connect("%s+pool://%s" % (scheme, rest), max_connections=PG_POOL_SIZE, stale_timeout=PG_POOL_STALE,
+                       timeout=PG_POOL_WAIT)
     return connect(url)
 
 

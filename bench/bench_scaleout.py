@@ -5,6 +5,9 @@ PostgreSQL reserve+commit cycles/s with 4 and 16 processes through `billing` (sp
 same transactions (reserve: conditional UPDATE of the balance RETURNING + ledger INSERT +
 reservation INSERT; commit: conditional UPDATE of the reservation + UPDATE of the balance +
 ledger INSERT) on the same migrated schema, interleaved. ``pg_ratio_<n>proc`` = billing / raw.
+``pg_webhook_*``: YooKassa notifications offered at 1,000/s for 60 s (10 copies of each
+payment) through the real web app under gunicorn on PostgreSQL, with the trivial app's figures
+at the same rate as the baseline (bench_webhook.measure).
 
 The database named in BENCH_POSTGRES_URL is the bench's own (``createdb bench``): its schema
 ``public`` is dropped and recreated at the start. Without the variable the part says it skipped.
@@ -40,9 +43,8 @@ def _bind(url):
     return bind(url)
 
 
-def _reset(url) -> list[int]:
-    """Drop and recreate schema public of the bench database, migrate, create USERS users."""
-    import billing
+def _drop_schema(url) -> None:
+    """Drop and recreate schema public of the bench database, migrated."""
     import models
 
     database = models.open_database(url)
@@ -51,6 +53,14 @@ def _reset(url) -> list[int]:
     database.execute_sql("CREATE SCHEMA public")
     models.migrate(database)
     database.close()
+
+
+def _reset(url) -> list[int]:
+    """`_drop_schema`, then create USERS users with plenty of credits."""
+    import billing
+    import models
+
+    _drop_schema(url)
     _bind(url)
     ids = []
     for n in range(USERS):
@@ -191,12 +201,36 @@ def run(quick: bool = False) -> dict:
             raw = out["pg_raw_cycles_per_s_%dproc" % processes]
             out["pg_ratio_%dproc" % processes] = round(out["pg_cycles_per_s_%dproc" % processes] / raw, 3) if raw else None
         out["pg_audit_ok"] = _audit(url)
+        out.update(_webhook_soak(url, quick))
     redis_url = os.environ.get("BENCH_REDIS_URL")
     if not redis_url:
         out["redis_skipped"] = "BENCH_REDIS_URL is not set"
     else:
         out.update(_redis(redis_url, quick))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Webhook soak on PostgreSQL: SOAK_RATE notifications/s for SOAK_SECONDS
+# --------------------------------------------------------------------------------------------
+
+SOAK_RATE = 1000.0
+SOAK_SECONDS = 60
+SOAK_DUPLICATES = 10
+
+
+def _webhook_soak(url: str, quick: bool) -> dict:
+    """bench_webhook's measurement (real gunicorn, fake YooKassa answering the re-fetches, the
+    trivial app as the baseline) on PostgreSQL, offered SOAK_RATE/s for SOAK_SECONDS (quick: 200/s
+    for 5 s): keys ``pg_webhook_*``. Every payment credited once and the audit clean."""
+    import tempfile
+
+    from bench.bench_webhook import measure
+
+    rate, seconds = (200.0, 5) if quick else (SOAK_RATE, SOAK_SECONDS)
+    with tempfile.TemporaryDirectory(prefix="bench-pg-webhook-") as tmp:
+        return measure(url, tmp, n_payments=int(rate * seconds) // SOAK_DUPLICATES, duplicates=SOAK_DUPLICATES,
+                       rate=rate, saturation=200 if quick else 2000, prefix="pg_webhook_", reset=_drop_schema)
 
 
 # --------------------------------------------------------------------------------------------

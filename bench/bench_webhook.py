@@ -219,9 +219,27 @@ def _closed_loop(url: str, body: bytes, count: int) -> float:
 
 
 def run(quick: bool = False) -> dict:
-    """Run the benchmark; return flat figures with keys starting ``webhook_``.
+    """Run the benchmark on a temporary SQLite database; return flat figures with keys starting
+    ``webhook_``.
 
     quick: 20 payments × 10 duplicates at 200/s and a shorter saturation phase (a smoke run).
+    """
+    n_payments, duplicates = (20, 10) if quick else (100, 10)
+    rate = 200.0 if quick else RATE
+    saturation = 200 if quick else 1000
+    with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp:
+        return measure("sqlite:///%s" % os.path.join(tmp, "medialab.db"), tmp, n_payments=n_payments,
+                       duplicates=duplicates, rate=rate, saturation=saturation, prefix="webhook_")
+
+
+def measure(db_url: str, tmp: str, *, n_payments: int, duplicates: int, rate: float, saturation: int,
+            prefix: str, reset=None) -> dict:
+    """Offer `n_payments` × `duplicates` notifications at `rate` per second (open loop), then
+    `saturation` back to back, to the real web app under gunicorn on database `db_url` and to the
+    trivial baseline app; return flat figures with keys starting `prefix`.
+
+    `tmp` holds the queue and the logs; `reset(db_url)` (optional) empties the database first (the
+    PostgreSQL soak drops its schema), else the SQLite file is migrated from blank.
     """
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -230,12 +248,8 @@ def run(quick: bool = False) -> dict:
     import models
     import payments
 
-    n_payments, duplicates = (20, 10) if quick else (100, 10)
-    rate = 200.0 if quick else RATE
-    saturation = 200 if quick else 1000
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp, _FakeProcess() as fake:
-        db_url = "sqlite:///%s" % os.path.join(tmp, "medialab.db")
+    with _FakeProcess() as fake:
         env = {
             "TELEGRAM_BOT_TOKEN": "123456:BENCH", "DATABASE_URL": db_url,
             "QUEUE_URL": "sqlite:///%s" % os.path.join(tmp, "queue.db"),
@@ -246,78 +260,78 @@ def run(quick: bool = False) -> dict:
         }
         previous_cfg = config._current
         cfg = config.configure(config.load(env))
+        if reset is not None:
+            reset(db_url)
         database = models.init_db(db_url)
         try:
             models.migrate(database)
-            orders = []
-            for i in range(n_payments):
-                user, _ = billing.get_or_create_user(900000 + i, first_name="bench", free_operations=0)
-                order = payments.create_topup(user.id, 100 + i, cfg=cfg)
-                fake.control("POST", "/payments/%s/succeed" % order.yookassa_payment_id)
-                orders.append(order)
-            bodies = []
-            for order in orders:
-                obj = fake.control("GET", "/payments/%s" % order.yookassa_payment_id)
-                body = json.dumps({"type": "notification", "event": "payment.succeeded", "object": obj}).encode()
-                bodies.extend([body] * duplicates)
-            random.Random(4).shuffle(bodies)
-
+            bodies = _notifications(fake, cfg, n_payments, duplicates, billing, payments)
             # Warm-up (not measured): a notification for a payment that is not ours goes through
             # the whole stack except the re-fetch, in every worker thread.
             warm = json.dumps({"type": "notification", "event": "payment.succeeded",
                                "object": {"id": "00000000-000f-5000-8000-000000000000", "status": "succeeded",
                                           "paid": True, "amount": {"value": "1.00", "currency": "RUB"}}}).encode()
             proc_env = dict(os.environ, **env)
-            web, web_url = _start_gunicorn("web:app", ROOT, proc_env, os.path.join(tmp, "web.log"))
-            try:
-                _closed_loop(web_url + "/yookassa/webhook", warm, WARMUP)
-                hook = _open_loop(web_url + "/yookassa/webhook", bodies, rate)
-                hook_max = _closed_loop(web_url + "/yookassa/webhook", bodies[0], saturation)
-            finally:
-                _stop(web)
-            base, base_url = _start_gunicorn("bench_webhook:baseline_app()", HERE, proc_env,
-                                             os.path.join(tmp, "baseline.log"))
-            try:
-                _closed_loop(base_url + "/yookassa/webhook", warm, WARMUP)
-                baseline = _open_loop(base_url + "/yookassa/webhook", bodies, rate)
-                baseline_max = _closed_loop(base_url + "/yookassa/webhook", bodies[0], saturation)
-            finally:
-                _stop(base)
-
+            results = {}
+            for name, app, folder in (("hook", "web:app", ROOT), ("baseline", "bench_webhook:baseline_app()", HERE)):
+                server, url = _start_gunicorn(app, folder, proc_env, os.path.join(tmp, name + ".log"))
+                try:
+                    _closed_loop(url + "/yookassa/webhook", warm, WARMUP)
+                    results[name] = _open_loop(url + "/yookassa/webhook", bodies, rate)
+                    results[name]["saturated"] = _closed_loop(url + "/yookassa/webhook", bodies[0], saturation)
+                finally:
+                    _stop(server)
             credited = models.Payment.select().where(models.Payment.status == "succeeded").count()
             topups = models.LedgerEntry.select().where(models.LedgerEntry.kind == "topup").count()
             audit = billing.audit(free_operations=0)
         finally:
             database.close()
             config._current = previous_cfg
+    hook, baseline = results["hook"], results["baseline"]
 
     def ratio(a, b):
         return round(a / b, 2) if b else None
 
-    return {
-        "webhook_payments": n_payments,
-        "webhook_deliveries": len(bodies),
-        "webhook_rate_offered_per_s": rate,
-        "webhook_status_200": hook["ok"],
-        "webhook_notifications_per_s": round(hook["per_s"], 1),
-        "webhook_p50_ms": round(hook["p50_ms"], 2),
-        "webhook_p99_ms": round(hook["p99_ms"], 2),
-        "webhook_max_ms": round(hook["max_ms"], 2),
-        "webhook_saturated_per_s": round(hook_max, 1),
-        "webhook_baseline_status_200": baseline["ok"],
-        "webhook_baseline_notifications_per_s": round(baseline["per_s"], 1),
-        "webhook_baseline_p50_ms": round(baseline["p50_ms"], 2),
-        "webhook_baseline_p99_ms": round(baseline["p99_ms"], 2),
-        "webhook_baseline_saturated_per_s": round(baseline_max, 1),
-        "webhook_p50_ratio": ratio(hook["p50_ms"], baseline["p50_ms"]),
-        "webhook_p99_ratio": ratio(hook["p99_ms"], baseline["p99_ms"]),
-        "webhook_saturated_ratio": ratio(hook_max, baseline_max),
-        "webhook_p99_target_met": hook["p99_ms"] < 100.0 and hook["ok"] == len(bodies),
-        "webhook_credited_payments": credited,
-        "webhook_topup_ledger_rows": topups,
-        "webhook_audit_ok": audit.ok,
-        "webhook_wall_s": round(time.monotonic() - started, 1),
+    figures = {
+        "payments": n_payments,
+        "deliveries": len(bodies),
+        "rate_offered_per_s": rate,
+        "status_200": hook["ok"],
+        "notifications_per_s": round(hook["per_s"], 1),
+        "p50_ms": round(hook["p50_ms"], 2),
+        "p99_ms": round(hook["p99_ms"], 2),
+        "max_ms": round(hook["max_ms"], 2),
+        "saturated_per_s": round(hook["saturated"], 1),
+        "baseline_status_200": baseline["ok"],
+        "baseline_notifications_per_s": round(baseline["per_s"], 1),
+        "baseline_p50_ms": round(baseline["p50_ms"], 2),
+        "baseline_p99_ms": round(baseline["p99_ms"], 2),
+        "baseline_saturated_per_s": round(baseline["saturated"], 1),
+        "p50_ratio": ratio(hook["p50_ms"], baseline["p50_ms"]),
+        "p99_ratio": ratio(hook["p99_ms"], baseline["p99_ms"]),
+        "saturated_ratio": ratio(hook["saturated"], baseline["saturated"]),
+        "p99_target_met": hook["p99_ms"] < 100.0 and hook["ok"] == len(bodies),
+        "credited_payments": credited,
+        "topup_ledger_rows": topups,
+        "audit_ok": audit.ok,
+        "wall_s": round(time.monotonic() - started, 1),
     }
+    return {prefix + key: value for key, value in figures.items()}
+
+
+def _notifications(fake, cfg, n_payments: int, duplicates: int, billing, payments) -> list:
+    """`n_payments` real orders made succeeded at the fake; each one's notification body
+    `duplicates` times, shuffled."""
+    bodies = []
+    for i in range(n_payments):
+        user, _ = billing.get_or_create_user(900000 + i, first_name="bench", free_operations=0)
+        order = payments.create_topup(user.id, 100 + i % 1000, cfg=cfg)
+        fake.control("POST", "/payments/%s/succeed" % order.yookassa_payment_id)
+        obj = fake.control("GET", "/payments/%s" % order.yookassa_payment_id)
+        body = json.dumps({"type": "notification", "event": "payment.succeeded", "object": obj}).encode()
+        bodies.extend([body] * duplicates)
+    random.Random(4).shuffle(bodies)
+    return bodies
 
 
 if __name__ == "__main__":
