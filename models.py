@@ -54,10 +54,10 @@ def utcnow() -> datetime.datetime:
 
 
 # PostgreSQL connections come from peewee's pool (playhouse.pool): every request, task and update
-# opens and closes its connection, and a new PostgreSQL connection is a new server process (a
-# webhook soak on PostgreSQL went from 231 to … notifications/s, bench/bench_scaleout.py). Closed
-# connections go back to the pool, rolled back if a transaction was left open; a thread waits up
-# to PG_POOL_WAIT seconds for one when PG_POOL_SIZE are in use in this process.
+# opens and closes its connection, and a new PostgreSQL connection is a new server process (the
+# webhook on PostgreSQL saturated at 231 notifications/s, 515 with the pool: bench_scaleout.py).
+# Closed connections go back to the pool, rolled back if a transaction was left open; a thread
+# waits up to PG_POOL_WAIT seconds for one when PG_POOL_SIZE are in use in this process.
 PG_POOL_SIZE = 32              # per process: above the busiest one's threads (gunicorn 8, worker 8, bot 4)
 PG_POOL_STALE = 300            # seconds: an older connection is closed and replaced on its next use
 PG_POOL_WAIT = 10              # seconds
