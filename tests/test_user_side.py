@@ -645,7 +645,7 @@ def test_refunds_of_the_friend_take_the_referral_bonus_back_by_the_same_share(sh
                                                                ("payment_refund", 10, 8)]
     assert billing.get_balance(referrer.id).credits == 0
     audit_ok()
-    billing.take_back(referrer.id, 1, reference=back[0].reference, idempotency_key="one-too-many")
+    billing.take_back(referrer.id, 1, reference=back[0].reference, idempotency_key=back[0].reference + ":refund:x")
     assert [v for v in billing.audit().violations if v.startswith("I16")] == [
         "I16 %s: 21 credits taken back, the bonus was 20" % back[0].reference]
 
