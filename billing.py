@@ -747,11 +747,20 @@ def _confirmed(payment) -> bool:
     return bool(payment.yookassa_payment_id) and not payment.telegram_charge_id and payment.currency != "XTR"
 
 
-def _audit_stars(bad) -> None:
+def _audit_stars(bad, payment_ids=None) -> None:
     """I14: every Stars refund (``stars:<charge id>``) references the Stars payment with that charge
     and is the whole charge; I15: per order, the top-up credits never exceed what was paid for
-    (the order's credits) and a Stars charge id sits on a Stars order only."""
-    for refund in Refund.select(Refund, Payment).join(Payment).where(Refund.id.startswith("stars:")):
+    (the order's credits) and a Stars charge id sits on a Stars order only. `payment_ids`: only
+    those orders (the incremental audit), else all."""
+    refunds = Refund.select(Refund, Payment).join(Payment).where(Refund.id.startswith("stars:"))
+    orders = Payment.select(Payment.id, Payment.credits, Payment.provider, Payment.telegram_charge_id)
+    topups = LedgerEntry.select(LedgerEntry.reference, fn.SUM(LedgerEntry.amount)).where(LedgerEntry.kind == "topup")
+    if payment_ids is not None:
+        payment_ids = list(payment_ids)
+        refunds = refunds.where(Refund.payment.in_(payment_ids))
+        orders = orders.where(Payment.id.in_(payment_ids))
+        topups = topups.where(LedgerEntry.reference.in_(["payment:%s" % pid for pid in payment_ids]))
+    for refund in refunds:
         payment = refund.payment
         if payment.provider != "stars" or "stars:%s" % payment.telegram_charge_id != refund.id:
             bad("I14 Stars refund %s references payment %s (%s, charge %s)"
@@ -759,14 +768,13 @@ def _audit_stars(bad) -> None:
         elif refund.amount_kopecks != payment.amount_kopecks:
             bad("I14 Stars refund %s is %s of %s Stars (a Stars refund is the whole charge)"
                 % (refund.id, refund.amount_kopecks, payment.amount_kopecks))
-    credited = dict(LedgerEntry.select(LedgerEntry.reference, fn.SUM(LedgerEntry.amount))
-                    .where(LedgerEntry.kind == "topup").group_by(LedgerEntry.reference).tuples())
-    for payment in Payment.select(Payment.id, Payment.credits, Payment.provider, Payment.telegram_charge_id):
-        total = credited.get("payment:%s" % payment.id, 0)
-        if total > payment.credits:
-            bad("I15 payment %s: %s credits topped up, %s paid for" % (payment.id, total, payment.credits))
-        if payment.telegram_charge_id and payment.provider != "stars":
-            bad("I15 payment %s (%s) holds a Telegram charge id" % (payment.id, payment.provider))
+    credited = dict(topups.group_by(LedgerEntry.reference).tuples())
+    for payment_id, credits, provider, charge_id in orders.tuples().iterator():
+        total = credited.get("payment:%s" % payment_id, 0)
+        if total > credits:
+            bad("I15 payment %s: %s credits topped up, %s paid for" % (payment_id, total, credits))
+        if charge_id and provider != "stars":
+            bad("I15 payment %s (%s) holds a Telegram charge id" % (payment_id, provider))
 
 
 def _audit_refunds(bad) -> None:
@@ -887,6 +895,20 @@ def _audit_topups(query, bad) -> list:
     return [row[2] for row in rows]
 
 
+def _payments_touched(new) -> set:
+    """The orders ledger rows `new` credit (top-ups, ``payment:<id>``) or refund (``refund:<id>``)."""
+    touched, refunds = set(), []
+    for kind, reference in new.select(LedgerEntry.kind, LedgerEntry.reference).where(
+            LedgerEntry.kind.in_(["topup", "payment_refund"])).tuples():
+        if kind == "topup" and reference.startswith("payment:"):
+            touched.add(reference[len("payment:"):])
+        elif reference.startswith("refund:"):
+            refunds.append(reference[len("refund:"):])
+    if refunds:
+        touched.update(str(pid) for pid, in Refund.select(Refund.payment).where(Refund.id.in_(refunds)).tuples())
+    return touched
+
+
 def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_operations: int | None = None,
                 sweep_interval: int | None = None) -> AuditReport:
     """The audit of what ledger rows after `since_id` could have broken, given that a full audit
@@ -896,8 +918,8 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
     from the balance-after of that key's last earlier row; I1 and I3 on its cached balance; I4 on
     its reserved sum. I5 for the reservations those rows reserve or resolve; I6 and I7 for the new
     top-ups (I6 among them: a duplicate of an old top-up's reference is for the full audit); I9 for
-    the users with new free-operation grants; I10 on every open reservation; I12–I15 and I8 as the
-    full audit. `summary["last_ledger_id"]` is where the next incremental audit starts.
+    the users with new free-operation grants; I10 on every open reservation; I14–I15 for the orders
+    the new rows credit or refund; I12, I13, I16 and I8 as the full audit. `summary["last_ledger_id"]` is where the next incremental audit starts.
     """
     free_operations, sweep, now = _audit_settings(free_operations, sweep_interval, now)
     report = AuditReport()
@@ -925,7 +947,7 @@ def audit_since(since_id: int, now: datetime.datetime | None = None, *, free_ope
         _since_free_ops(new, free_operations, bad)
         _audit_promo_limits(bad)
         _audit_refunds(bad)
-        _audit_stars(bad)
+        _audit_stars(bad, _payments_touched(new))
         _audit_triggers(bad)
         report.summary = {
             "since_ledger_id": since_id,

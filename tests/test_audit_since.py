@@ -40,3 +40,19 @@ def test_a_cached_balance_that_disagrees_with_new_rows_is_found(database):
     report = billing.audit_since(since)
     assert any(v.startswith("I1 user %s credits" % a.id) for v in report.violations), report.violations
     assert not billing.audit().ok                            # the full audit agrees
+
+
+def test_a_new_top_up_over_its_order_is_found_without_reading_every_order(database):
+    """I15 in the incremental audit reads only the orders the new rows credit or refund."""
+    from models import Payment
+
+    a = _user(31)
+    quiet = Payment.create(user=a.id, credits=100, amount_kopecks=10000, status="succeeded",
+                           telegram_charge_id="stx-on-a-yookassa-order")       # old: the full audit's business
+    since = _last_id()
+    order = Payment.create(user=a.id, credits=100, amount_kopecks=10000, status="succeeded",
+                           yookassa_payment_id="2f1c0d1e-000f-5000-8000-000000000001")
+    billing.credit(a.id, 150, kind="topup", reference="payment:%s" % order.id, idempotency_key="topup:%s" % order.id)
+    i15 = [v for v in billing.audit_since(since).violations if v.startswith("I15")]
+    assert i15 == ["I15 payment %s: 150 credits topped up, 100 paid for" % order.id]
+    assert any(str(quiet.id) in v for v in billing.audit().violations if v.startswith("I15"))
