@@ -243,16 +243,21 @@ def _bind_db() -> None:
 
 
 class _DbSession:
-    """Open the thread's database connection for one task and close it afterwards."""
+    """The thread's database connection for one task: bound on first use (DATABASE_URL), opened on
+    enter if closed, closed on exit. Stateless — the connection is peewee's, per thread — so the one
+    instance `DB_SESSION` serves every task thread (``@huey.context_task(DB_SESSION)``)."""
 
     def __enter__(self):
         _bind_db()
-        self._ctx = models.db.connection_context()
-        self._ctx.__enter__()
-        return self
+        if models.db.is_closed():
+            models.db.connect()
+        return models.db
 
     def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
+        models.db.close()
+
+
+DB_SESSION = _DbSession()
 
 
 _keeper: list = []
@@ -310,7 +315,7 @@ def _on_startup() -> None:
         _process_heartbeat.append(ops.HeartbeatThread("worker", cfg.database_url).start())
     _bind_db()
     try:
-        with _DbSession():
+        with DB_SESSION:
             models.ensure_migrated()
     except models.NotMigrated as exc:
         logger.error("%s", exc)
@@ -761,11 +766,10 @@ class _Heartbeat:
                 logger.warning("generation %s: heartbeat failed (%s)", self.generation_id, _describe(exc))
 
 
-@huey.task()
+@huey.context_task(DB_SESSION)
 def run_generation(generation_id: str):
     """Run (or resume) one queued job; safe to run more than once for the same id."""
-    with _DbSession():
-        _run_generation(str(generation_id), config.get())
+    _run_generation(str(generation_id), config.get())
 
 
 def _claim(gid: str) -> Generation | None:
@@ -1216,7 +1220,7 @@ def _on_interrupted(signal_name, task, *args, **kwargs):
         return
     try:
         if isinstance(task, run_generation.task_class) and task.args:
-            with _DbSession():
+            with DB_SESSION:
                 models.move(Generation, str(task.args[0]), "running", "queued", heartbeat_at=utcnow())
             logger.warning("generation %s: interrupted by shutdown, re-enqueued", task.args[0])
         huey.enqueue(task)
@@ -1229,13 +1233,12 @@ def _on_interrupted(signal_name, task, *args, **kwargs):
 # --------------------------------------------------------------------------------------------
 
 
-@huey.task()
+@huey.context_task(DB_SESSION)
 def notify_payment(payment_id: str):
     """Tell the user a top-up was credited: "✅ Оплата получена! Начислено N кредитов." + balance.
 
     Sends once per payment however often it runs (`payments.claim_notification`)."""
-    with _DbSession():
-        return _notify_payment(str(payment_id), config.get())
+    return _notify_payment(str(payment_id), config.get())
 
 
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -1330,11 +1333,10 @@ def tell_refund(refund_id: str, cfg: config.Config | None = None) -> bool:
     return _notify_refund(str(refund_id), cfg or config.get())
 
 
-@huey.task()
+@huey.context_task(DB_SESSION)
 def notify_refund(refund_id: str):
     """Tell the user a refund took credits back (once per refund: `payments.claim_refund_notification`)."""
-    with _DbSession():
-        return _notify_refund(str(refund_id), config.get())
+    return _notify_refund(str(refund_id), config.get())
 
 
 def _notify_refund(refund_id: str, cfg: config.Config) -> bool:
@@ -1373,15 +1375,14 @@ def tell_user_once(key: str, user_id: int, text_key: str, cfg: config.Config | N
     return True
 
 
-@huey.task()
+@huey.context_task(DB_SESSION)
 def notify_payment_canceled(payment_id: str):
     """Tell the user a top-up was canceled (nothing was charged), once per payment."""
-    with _DbSession():
-        payment = Payment.get_or_none(Payment.id == str(payment_id))
-        if payment is None or payment.status != "canceled":
-            return False
-        return tell_user_once("notice:canceled:%s" % payment.id, payment.user_id, "notify_payment_canceled",
-                              amount=payments.kopecks_to_value(payment.amount_kopecks), credits=payment.credits)
+    payment = Payment.get_or_none(Payment.id == str(payment_id))
+    if payment is None or payment.status != "canceled":
+        return False
+    return tell_user_once("notice:canceled:%s" % payment.id, payment.user_id, "notify_payment_canceled",
+                          amount=payments.kopecks_to_value(payment.amount_kopecks), credits=payment.credits)
 
 
 def notify_grant(user_id: int, credits: int, key: str, cfg: config.Config | None = None) -> bool:
@@ -1417,16 +1418,15 @@ def remind_free_access_once(now: datetime.datetime | None = None, cfg: config.Co
 @huey.periodic_task(crontab(minute="*/10"))
 def free_access_reminders():
     """Every 10 minutes: `remind_free_access_once`."""
-    with _DbSession():
+    with DB_SESSION:
         return remind_free_access_once()
 
 
-@huey.task()
+@huey.context_task(DB_SESSION)
 def alert_admins_task(key: str, text_key: str, **values):
     """`alert_admins` with text `texts[text_key]` (Russian) formatted with `values`, from a process
     that must not wait on Telegram (the web app)."""
-    with _DbSession():
-        return alert_admins(key, texts.t(text_key, "ru", **values))
+    return alert_admins(key, texts.t(text_key, "ru", **values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1575,7 +1575,7 @@ def sweep() -> dict:
     """One sweeper pass with its own database connection (`sweep_once`); logs only when it did
     something. Run every SWEEP_INTERVAL seconds by the consumer's `Ticker`."""
     cfg = config.get()
-    with _DbSession():
+    with DB_SESSION:
         report = sweep_once(cfg=cfg)
         ops.beat("task:sweep")
     if any(report.values()):
@@ -1651,7 +1651,7 @@ def reconcile_stars_once(cfg: config.Config | None = None, now: datetime.datetim
 def reconcile_stars() -> stars.StarsReconcileReport:
     """One Stars reconciliation pass with its own database connection (`reconcile_stars_once`). Run
     every RECONCILE_INTERVAL seconds by the consumer's `Ticker` when STARS_ENABLED is on."""
-    with _DbSession():
+    with DB_SESSION:
         report = reconcile_stars_once(config.get())
         ops.beat("task:reconcile_stars")
     return report
@@ -1660,7 +1660,7 @@ def reconcile_stars() -> stars.StarsReconcileReport:
 def reconcile_payments() -> list:
     """One reconciliation pass with its own database connection (`reconcile_once`). Run every
     RECONCILE_INTERVAL seconds by the consumer's `Ticker`."""
-    with _DbSession():
+    with DB_SESSION:
         notified = reconcile_once(config.get())
         ops.beat("task:reconcile")
     logger.log(logging.INFO if notified else logging.DEBUG, "reconcile: %d payment(s) to tell", len(notified))
@@ -1732,7 +1732,7 @@ def _report_line(part: dict) -> str:
 @huey.periodic_task(crontab(minute="15", hour="3"))
 def daily_payment_report():
     """Every day at 03:15 UTC: `payment_report_once` for the day before."""
-    with _DbSession():
+    with DB_SESSION:
         return payment_report_once()
 
 
@@ -1833,7 +1833,7 @@ def watchdog_once(cfg: config.Config | None = None, now: datetime.datetime | Non
 @huey.periodic_task(crontab(minute="*"))
 def watchdog():
     """Every minute: `watchdog_once` (logs only when it raised something)."""
-    with _DbSession():
+    with DB_SESSION:
         raised = watchdog_once()
     logger.log(logging.INFO if raised else logging.DEBUG, "watchdog: %s", raised or "all well")
     return raised
@@ -1864,7 +1864,7 @@ def broadcast(text: str, admin_chat_id: int, lang: str = "ru", rate: float = BRO
     sent = failed = 0
     interval = 1.0 / rate
     next_at = time.monotonic()
-    with _DbSession():
+    with DB_SESSION:
         recipients = _recipients(target_lang)
     for telegram_id in recipients:
         delay = next_at - time.monotonic()
