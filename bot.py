@@ -1766,6 +1766,24 @@ def cmd_refund(message: types.Message, ctx: Ctx) -> None:
                          status=result.status))
 
 
+@_admin("admin_usage_settle")
+def cmd_settle(message: types.Message, ctx: Ctx) -> None:
+    """/settle <order id | YooKassa payment id | Stars charge id> credit|cancel (admins): settle an
+    order stuck in needs_attention (`payments.settle`); a credit tells the user as a payment does."""
+    args = _args(message)
+    if len(args) != 2 or args[1] not in payments.SETTLE_ACTIONS:
+        raise AdminError()
+    try:
+        order = payments.settle(args[0], args[1], admin=ctx.telegram_id)
+    except payments.UnknownPayment:
+        raise AdminError("admin_settle_unknown", reference=args[0][:64]) from None
+    except payments.NotSettleable as exc:
+        raise AdminError(exc.text_key, **exc.values) from None
+    if order.status == "succeeded":
+        worker.tell_payment(order.id, ctx.cfg)             # once per order, as for any credited payment
+    _send(ctx, ctx.t("admin_settle_done", order=order.id, status=order.status, credits=order.credits))
+
+
 def _refund_stars(ctx: Ctx, order: Payment, *, has_amount: bool) -> None:
     """/refund of a Stars order: the whole charge through refundStarPayment; the credits come back
     by the refund rule and the user is told (`stars.refund_order`)."""
@@ -2036,7 +2054,8 @@ USER_COMMANDS = (("start", cmd_start), ("help", cmd_help), ("cancel", cmd_cancel
 ADMIN_COMMANDS = (("stats", cmd_stats), ("user", cmd_user), ("grant", cmd_grant), ("free_access", cmd_free_access),
                   ("block", cmd_block), ("unblock", cmd_unblock), ("promo_add", cmd_promo_add),
                   ("promo_list", cmd_promo_list), ("promo_off", cmd_promo_off), ("promo_on", cmd_promo_on),
-                  ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs), ("refund", cmd_refund))
+                  ("broadcast", cmd_broadcast), ("payments", cmd_payments), ("jobs", cmd_jobs), ("refund", cmd_refund),
+                  ("settle", cmd_settle))
 # (callback data or "prefix:", handler), in the order they are tried; option buttons come from media.
 BUTTONS = (("menu", on_menu), ("cancel", on_cancel), ("mode:", on_mode), ("consent", on_consent),
            *((button + ":", on_option) for button in OPTION_BUTTONS),

@@ -357,7 +357,8 @@ PAYMENT_TRANSITIONS = {
     "pending": ("succeeded", "canceled", "needs_attention"),
     "canceled": ("succeeded", "needs_attention"),  # paid after our cancel: the user paid (a Stars
                                                    # payment that does not match it needs a human)
-    "needs_attention": ("succeeded",),   # verified later (a notification, the check button)
+    "needs_attention": ("succeeded", "canceled"),   # verified later (a notification, the check button),
+                                                    # or settled by an admin (/settle: credit or cancel)
     "succeeded": (),
 }
 

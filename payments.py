@@ -653,10 +653,11 @@ def _credit_order(order_id: uuid.UUID, test: bool, source: str) -> bool:
 
 
 @billing.money_transaction
-def _mark_canceled(order_id: uuid.UUID, reason: str) -> bool:
-    """pending → canceled and the promo reservation released; True if this call changed it."""
+def _mark_canceled(order_id: uuid.UUID, reason: str, from_states=("pending",)) -> bool:
+    """pending (or `from_states`) → canceled and the promo reservation released; True if this call
+    changed it."""
     now = utcnow()
-    changed = models.move(Payment, order_id, "pending", "canceled", cancel_reason=reason, updated_at=now)
+    changed = models.move(Payment, order_id, from_states, "canceled", cancel_reason=reason, updated_at=now)
     if changed:
         promo.release_for_payment(order_id, now)
         logger.info("payment canceled: order=%s reason=%s", order_id, reason)
@@ -936,6 +937,50 @@ def _refund_notification(notification, cfg: config.Config) -> NotificationOutcom
 
 
 # --- refunds made by an admin -------------------------------------------------------------------
+
+class NotSettleable(PaymentError):
+    """Only an order that needs attention can be settled by hand."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        # An order in another state, or (status None) one that never reached a payment provider.
+        self.text_key = "admin_settle_not_needed" if status else "admin_settle_no_provider"
+        self.values = {"status": status or ""}
+
+
+SETTLE_ACTIONS = ("credit", "cancel")
+
+
+def settle(reference: str, action: str, *, admin: int) -> Payment:
+    """Settle by hand an order stuck in ``needs_attention`` (its payment could not be verified or
+    did not match; the admins were alerted): ``credit`` — the admin checked that the money arrived
+    (the YooKassa cabinet, the Stars transactions): the order's credits, once, by the usual credit
+    path (`_credit_order`); ``cancel`` — no money arrived: canceled, its promo code released. A
+    payment that succeeds later still credits (canceled → succeeded). Returns the order as it is now.
+
+    :param reference: our order id, the YooKassa payment id or the Stars charge id.
+    :param admin: the admin's Telegram id (logged, and the credit's source).
+    :raises UnknownPayment: no such order.
+    :raises NotSettleable: the order is not in needs_attention, or (credit) it never reached a
+        payment provider (nothing to have been paid: cancel it).
+    :raises ValueError: an `action` not in SETTLE_ACTIONS.
+    """
+    if action not in SETTLE_ACTIONS:
+        raise ValueError("action must be one of %s" % ", ".join(SETTLE_ACTIONS))
+    order = find_order(reference)
+    if order is None:
+        raise UnknownPayment("no order for %r" % str(reference)[:64])
+    if order.status != "needs_attention":
+        raise NotSettleable("order %s is %s" % (order.id, order.status), order.status)
+    if action == "credit" and not (order.yookassa_payment_id or order.telegram_charge_id):
+        raise NotSettleable("order %s never reached a payment provider" % order.id)
+    source = "admin:%s" % admin
+    done = (_credit_order(order.id, bool(order.test), source) if action == "credit"
+            else _mark_canceled(order.id, source, from_states=("needs_attention",)))
+    logger.warning("order %s settled by admin %s: %s (%s)", order.id, admin, action,
+                   "done" if done else "already settled")
+    return Payment.get_by_id(order.id)
+
 
 class RefundNotPossible(PaymentError):
     """This payment cannot be refunded (not succeeded, nothing left, or a wrong amount)."""

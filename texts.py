@@ -45,12 +45,12 @@ TEXTS = {
                          "/grant <id> <кредиты> <причина>\n/free_access <id> [дни]\n/block <id>, /unblock <id>\n"
                          "/promo_add, /promo_list, /promo_off, /promo_on — промокоды\n"
                          "/broadcast [ru|en] <текст> — рассылка (с предпросмотром)\n/payments <id>\n/jobs failed\n"
-                         "/refund <id платежа YooKassa> [₽]",
+                         "/refund <id платежа YooKassa> [₽]\n/settle <заказ> credit|cancel — платёж, требующий внимания",
                    "en": "👮 Admin commands:\n/stats — statistics\n/user <id> — a user\n"
                          "/grant <id> <credits> <reason>\n/free_access <id> [days]\n/block <id>, /unblock <id>\n"
                          "/promo_add, /promo_list, /promo_off, /promo_on — promo codes\n"
                          "/broadcast [ru|en] <text> — broadcast (with a preview)\n/payments <id>\n/jobs failed\n"
-                         "/refund <YooKassa payment id> [₽]"},
+                         "/refund <YooKassa payment id> [₽]\n/settle <order> credit|cancel — a payment that needs attention"},
     "hint_stray": {"ru": "Сначала выберите, что сделать, — в меню 👇", "en": "First choose what to do, in the menu 👇"},
     "support_line": {"ru": "🛟 Поддержка: {contact}", "en": "🛟 Support: {contact}"},
     "terms_line": {"ru": "📄 Условия: {url}", "en": "📄 Terms: {url}"},
@@ -507,9 +507,24 @@ TEXTS = {
         "en": "↩️ A refund of {amount} ₽ was made. {credits} credits were taken back. Balance: {balance} credits.",
     },
     "admin_alert_needs_attention": {
-        "ru": "⚠️ Платёж требует внимания: заказ {order}, YooKassa {yookassa}: {problem}",
-        "en": "⚠️ A payment needs attention: order {order}, YooKassa {yookassa}: {problem}",
+        "ru": "⚠️ Платёж требует внимания: заказ {order}, YooKassa {yookassa}: {problem}\n"
+              "Проверьте его в кабинете ЮKassa, затем: /settle {order} credit (деньги пришли) или "
+              "/settle {order} cancel (не пришли).",
+        "en": "⚠️ A payment needs attention: order {order}, YooKassa {yookassa}: {problem}\n"
+              "Check it in the YooKassa cabinet, then: /settle {order} credit (the money arrived) or "
+              "/settle {order} cancel (it did not).",
     },
+    "admin_usage_settle": {"ru": "Использование: /settle <id заказа, платежа YooKassa или charge id> credit|cancel",
+                           "en": "Usage: /settle <order, YooKassa payment or charge id> credit|cancel"},
+    "admin_settle_done": {"ru": "✅ Заказ {order}: теперь {status} (кредитов в заказе: {credits}).",
+                          "en": "✅ Order {order} is now {status} ({credits} credits in the order)."},
+    "admin_settle_no_provider": {
+        "ru": "⚠️ Этот заказ не дошёл до платёжной системы — оплаты по нему не было; закройте его: cancel.",
+        "en": "⚠️ This order never reached a payment provider — nothing was paid for it; close it with cancel."},
+    "admin_settle_unknown": {"ru": "⚠️ Заказ {reference} не найден.", "en": "⚠️ No order {reference}."},
+    "admin_settle_not_needed": {
+        "ru": "⚠️ Этот заказ не требует внимания (статус: {status}); вручную закрываются только такие.",
+        "en": "⚠️ This order does not need attention (status: {status}); only those are settled by hand."},
     "admin_alert_yookassa_auth": {
         "ru": "⚠️ YooKassa отклоняет наши ключи (401/403): проверьте YOOKASSA_SHOP_ID и YOOKASSA_SECRET_KEY. "
               "Уведомления о платежах не подтверждаются, YooKassa будет присылать их повторно.",

@@ -1,5 +1,6 @@
 """Admin commands for operations, through the fake Bot API: /payments, /jobs failed, /refund (a
 real refund against the fake YooKassa, credits taken back once), /user with its ledger lines."""
+import datetime
 import json
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 import billing
 import config
 import payments
-from models import Generation, LedgerEntry, Payment, Refund
+import worker
+from models import Generation, LedgerEntry, Payment, Refund, utcnow
 from tests.helpers import ADMIN, USER, audit_ok, harness_for, user_row
 
 
@@ -115,3 +117,50 @@ def test_user_shows_the_latest_ledger_lines(app):
     text = reply["text"]
     assert "Кредиты: 50" in text and "Последние операции" in text
     assert "grant credits +50 → 50 (+0 → 0) admin:%d:bonus" % ADMIN in text
+
+
+def _stuck(app, credits, code=None) -> Payment:
+    """A paid order of USER that the reconciliation could not verify: a test payment in a live shop
+    (the fake's payments are test payments) → needs_attention, nothing credited."""
+    order = payments.create_topup(user_row().id, credits, promo_code=code)
+    app.yookassa.succeed(order.yookassa_payment_id)
+    live = config.get().replace(yookassa_allow_test=False)
+    later = utcnow() + datetime.timedelta(seconds=live.reconcile_after + 1)
+    worker.reconcile_once(live, now=later)             # the admins are alerted
+    assert Payment.get_by_id(order.id).status == "needs_attention"
+    return Payment.get_by_id(order.id)
+
+
+def test_settle_credits_or_cancels_an_order_that_needs_attention_once(app):
+    """/settle: the admin checked the cabinet; credit pays the order's credits once and tells the
+    user, cancel closes it and frees its promo code; anything else is refused and changes nothing."""
+    app.send("/start")
+    app.send("/start", user=ADMIN)
+    paid, unpaid = _stuck(app, 500, "SAVE20"), _stuck(app, 100)
+    assert "/settle %s credit" % paid.id in app.fake.wait_for_message(ADMIN, str(paid.id))["text"]
+    [done] = app.send("/settle %s credit" % paid.yookassa_payment_id, user=ADMIN)
+    assert "succeeded" in done["text"] and billing.get_balance(user_row().id).credits == 500
+    assert app.fake.wait_for_message(USER, "Оплата получена")
+    [again] = app.send("/settle %s credit" % paid.id, user=ADMIN)            # a second tap: nothing more
+    assert "не требует внимания" in again["text"] and billing.get_balance(user_row().id).credits == 500
+    [closed] = app.send("/settle %s cancel" % unpaid.id, user=ADMIN)
+    assert "canceled" in closed["text"] and Payment.get_by_id(unpaid.id).status == "canceled"
+    assert billing.get_balance(user_row().id).credits == 500
+    for bad in ("/settle", "/settle %s refund" % unpaid.id, "/settle nope credit"):
+        [reply] = app.send(bad, user=ADMIN)
+        assert "/settle" in reply["text"] or "не найден" in reply["text"]
+    [refused] = app.send("/settle %s credit" % unpaid.id)                     # not an admin
+    assert "Такой команды нет" in refused["text"]
+    assert LedgerEntry.select().where(LedgerEntry.kind == "topup").count() == 1
+    audit_ok()
+
+
+def test_an_order_that_never_reached_yookassa_can_only_be_canceled(app):
+    app.send("/start")
+    app.send("/start", user=ADMIN)
+    order = Payment.create(user=user_row().id, credits=100, amount_kopecks=10000, status="needs_attention")
+    [reply] = app.send("/settle %s credit" % order.id, user=ADMIN)
+    assert "не дошёл до платёжной системы" in reply["text"] and Payment.get_by_id(order.id).status == "needs_attention"
+    [reply] = app.send("/settle %s cancel" % order.id, user=ADMIN)
+    assert Payment.get_by_id(order.id).status == "canceled"
+    audit_ok()
