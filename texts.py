@@ -329,6 +329,17 @@ TEXTS = {
     "admin_refund_failed": {"ru": "⚠️ Возврат не выполнен: {reason}", "en": "⚠️ Refund failed: {reason}"},
     "admin_usage_payments": {"ru": "Использование: /payments <telegram id>", "en": "Usage: /payments <telegram id>"},
     "admin_usage_jobs": {"ru": "Использование: /jobs failed", "en": "Usage: /jobs failed"},
+    "admin_usage_settle": {"ru": "Использование: /settle <id заказа, платежа YooKassa или charge id> credit|cancel",
+                           "en": "Usage: /settle <order, YooKassa payment or charge id> credit|cancel"},
+    "admin_settle_done": {"ru": "✅ Заказ {order}: теперь {status} (кредитов в заказе: {credits}).",
+                          "en": "✅ Order {order} is now {status} ({credits} credits in the order)."},
+    "admin_settle_no_provider": {
+        "ru": "⚠️ Этот заказ не дошёл до платёжной системы — оплаты по нему не было; закройте его: cancel.",
+        "en": "⚠️ This order never reached a payment provider — nothing was paid for it; close it with cancel."},
+    "admin_settle_unknown": {"ru": "⚠️ Заказ {reference} не найден.", "en": "⚠️ No order {reference}."},
+    "admin_settle_not_needed": {
+        "ru": "⚠️ Этот заказ не требует внимания (статус: {status}); вручную закрываются только такие.",
+        "en": "⚠️ This order does not need attention (status: {status}); only those are settled by hand."},
     "admin_usage_refund": {"ru": "Использование: /refund <id платежа YooKassa> [сумма ₽] или /refund <charge id "
                                  "Stars или id заказа Stars> (звёзды возвращаются целиком)",
                            "en": "Usage: /refund <YooKassa payment id> [amount ₽] or /refund <Stars charge id or "
@@ -514,17 +525,6 @@ TEXTS = {
               "Check it in the YooKassa cabinet, then: /settle {order} credit (the money arrived) or "
               "/settle {order} cancel (it did not).",
     },
-    "admin_usage_settle": {"ru": "Использование: /settle <id заказа, платежа YooKassa или charge id> credit|cancel",
-                           "en": "Usage: /settle <order, YooKassa payment or charge id> credit|cancel"},
-    "admin_settle_done": {"ru": "✅ Заказ {order}: теперь {status} (кредитов в заказе: {credits}).",
-                          "en": "✅ Order {order} is now {status} ({credits} credits in the order)."},
-    "admin_settle_no_provider": {
-        "ru": "⚠️ Этот заказ не дошёл до платёжной системы — оплаты по нему не было; закройте его: cancel.",
-        "en": "⚠️ This order never reached a payment provider — nothing was paid for it; close it with cancel."},
-    "admin_settle_unknown": {"ru": "⚠️ Заказ {reference} не найден.", "en": "⚠️ No order {reference}."},
-    "admin_settle_not_needed": {
-        "ru": "⚠️ Этот заказ не требует внимания (статус: {status}); вручную закрываются только такие.",
-        "en": "⚠️ This order does not need attention (status: {status}); only those are settled by hand."},
     "admin_alert_yookassa_auth": {
         "ru": "⚠️ YooKassa отклоняет наши ключи (401/403): проверьте YOOKASSA_SHOP_ID и YOOKASSA_SECRET_KEY. "
               "Уведомления о платежах не подтверждаются, YooKassa будет присылать их повторно.",
