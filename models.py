@@ -81,6 +81,16 @@ def open_database(url: str):
     return connect(url)
 
 
+def discard(database) -> None:
+    """Close `database` for good: its connection, and for a pool every idle connection it holds
+    (a one-off check or a stopped thread must not leave server connections open, nor hand them to
+    a forked child)."""
+    if not database.is_closed():
+        database.close()
+    if hasattr(database, "close_all"):          # playhouse.pool
+        database.close_all()
+
+
 def init_db(url: str):
     """Bind the models to the database at `url` and return it (does not migrate)."""
     database = open_database(url)

@@ -118,7 +118,7 @@ class HeartbeatThread(Loop):
                     logger.warning("heartbeat %s failed (%s)", self.name, type(exc).__name__)
                 failing = True
             if self._stop.wait(self.interval):
-                database.close()
+                models.discard(database)
                 return
 
 

@@ -248,8 +248,7 @@ def check_database(cfg, timeout: float = CHECK_TIMEOUT) -> None:
             raise Unavailable("the database %s does not answer (%s)" % (where, _first_line(exc))) from None
         models.ensure_migrated(database)
     finally:
-        if not database.is_closed():
-            database.close()
+        models.discard(database)          # the gunicorn master forks its workers after this check
 
 
 def check_queue(cfg, timeout: float = CHECK_TIMEOUT) -> None:

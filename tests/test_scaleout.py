@@ -46,3 +46,28 @@ def test_a_task_travels_through_redis():
     assert seen == [token]
     assert huey.pending_count() == 0
     huey.flush()
+
+
+def test_a_postgresql_database_pools_its_connections():
+    """Each request, task and update opens and closes its connection: on PostgreSQL a closed
+    connection goes back to the pool (a new one is a new server process), rolled back if a
+    transaction was left open; `discard` closes them all."""
+    from tests.helpers import postgres_url
+
+    import models
+    url = postgres_url()
+    if not url:
+        pytest.skip("TEST_POSTGRES_URL is not set: PostgreSQL tests skipped (CI sets it)")
+    database = models.open_database(url)
+    database.connect()
+    first = database.connection()
+    backend = database.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    database.execute_sql("BEGIN")
+    database.close()                                       # back to the pool, the open transaction rolled back
+    database.connect()
+    assert database.connection() is first
+    assert database.execute_sql("SELECT pg_backend_pid()").fetchone()[0] == backend
+    assert database.execute_sql("SELECT now() = statement_timestamp()").fetchone()[0] is True   # not in a transaction
+    database.close()
+    models.discard(database)
+    assert first.closed
