@@ -52,9 +52,8 @@ def test_a_postgresql_database_pools_its_connections():
     """Each request, task and update opens and closes its connection: on PostgreSQL a closed
     connection goes back to the pool (a new one is a new server process), rolled back if a
     transaction was left open; `discard` closes them all."""
-    from tests.helpers import postgres_url
-
     import models
+    from tests.helpers import postgres_url
     url = postgres_url()
     if not url:
         pytest.skip("TEST_POSTGRES_URL is not set: PostgreSQL tests skipped (CI sets it)")
