@@ -163,18 +163,25 @@ def _percentile(values, q):
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
-def _measure(worker, path, user_ids, processes, seconds) -> dict:
+def spawn(worker, target, user_ids, processes: int, seconds: float) -> tuple[list, float]:
+    """Run `worker(target, user_ids, seconds, barrier, queue, n)` in `processes` spawned processes
+    started together on a barrier; return (the dict each put on the queue, seconds elapsed)."""
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(path, user_ids, seconds, barrier, queue, n)) for n in range(processes)]
+    procs = [ctx.Process(target=worker, args=(target, user_ids, seconds, barrier, queue, n)) for n in range(processes)]
     for p in procs:
         p.start()
-    barrier.wait(60)
+    barrier.wait(120)
     started = time.perf_counter()
     results = [queue.get(timeout=seconds + 120) for _ in procs]
     elapsed = time.perf_counter() - started
     for p in procs:
         p.join(30)
+    return results, elapsed
+
+
+def _measure(worker, path, user_ids, processes, seconds) -> dict:
+    results, elapsed = spawn(worker, path, user_ids, processes, seconds)
     reserve_ms = [x for r in results for x in r["reserve_ms"]]
     commit_ms = [x for r in results for x in r["commit_ms"]]
     cycles = sum(r["cycles"] for r in results)

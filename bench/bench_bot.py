@@ -53,24 +53,36 @@ BOT_THREADS = 4            # create_bot's default; the baseline uses the same
 START_DEADLINE = 60.0
 FIRST_USER = 700_000_000
 
+def baseline_bot(api_url: str, token: str, *, threaded: bool, num_threads: int = 1):
+    """The baseline: a minimal pyTelegramBotAPI bot answering every message with one message that
+    shows the three buttons the driver presses, and every button with answerCallbackQuery. Polled
+    in its own process (`BASELINE_BOT`) or served by `baseline_webhook_app`."""
+    import telebot
+    from telebot import apihelper, types
+
+    apihelper.API_URL = api_url + "/bot{0}/{1}"
+    bot = telebot.TeleBot(token, threaded=threaded, num_threads=num_threads)
+    markup = types.InlineKeyboardMarkup()
+    for data in ("mode:generate", "ratio:1:1", "amount:100"):   # the buttons the driver presses
+        markup.add(types.InlineKeyboardButton(data, callback_data=data))
+
+    @bot.message_handler(func=lambda m: True, content_types=["text"])
+    def on_message(message):
+        bot.send_message(message.chat.id, "ok", reply_markup=markup)
+
+    @bot.callback_query_handler(func=lambda c: True)
+    def on_callback(call):
+        bot.answer_callback_query(call.id, "ok")
+
+    return bot
+
+
+# argv: API URL, token, threads (run with cwd=ROOT).
 BASELINE_BOT = """
-import sys, telebot
-from telebot import apihelper
-apihelper.API_URL = sys.argv[1] + "/bot{0}/{1}"
-bot = telebot.TeleBot(sys.argv[2], threaded=True, num_threads=int(sys.argv[3]))
-
-MARKUP = telebot.types.InlineKeyboardMarkup()
-for data in ("mode:generate", "ratio:1:1", "amount:100"):   # the buttons the driver presses
-    MARKUP.add(telebot.types.InlineKeyboardButton(data, callback_data=data))
-
-@bot.message_handler(func=lambda m: True, content_types=["text"])
-def on_message(message):
-    bot.send_message(message.chat.id, "ok", reply_markup=MARKUP)
-
-@bot.callback_query_handler(func=lambda c: True)
-def on_callback(call):
-    bot.answer_callback_query(call.id, "ok")
-
+import sys
+sys.path.insert(0, ".")
+from bench.bench_bot import baseline_bot
+bot = baseline_bot(sys.argv[1], sys.argv[2], threaded=True, num_threads=int(sys.argv[3]))
 bot.infinity_polling(timeout=30, long_polling_timeout=25, allowed_updates=["message", "callback_query"])
 """
 
@@ -84,24 +96,10 @@ def baseline_webhook_app():
     every update inline with one message, at the same path, with the same secret check."""
     import hmac
 
-    import telebot
     from flask import Flask, request
-    from telebot import apihelper, types
+    from telebot import types
 
-    apihelper.API_URL = os.environ["TELEGRAM_API_URL"] + "/bot{0}/{1}"
-    bot = telebot.TeleBot(TOKEN, threaded=False)
-
-    markup = types.InlineKeyboardMarkup()
-    for data in ("mode:generate", "ratio:1:1", "amount:100"):   # the buttons the driver presses
-        markup.add(types.InlineKeyboardButton(data, callback_data=data))
-
-    @bot.message_handler(func=lambda m: True, content_types=["text"])
-    def on_message(message):
-        bot.send_message(message.chat.id, "ok", reply_markup=markup)
-
-    @bot.callback_query_handler(func=lambda c: True)
-    def on_callback(call):
-        bot.answer_callback_query(call.id, "ok")
+    bot = baseline_bot(os.environ["TELEGRAM_API_URL"], TOKEN, threaded=False)
 
     app = Flask("baseline")
 
@@ -365,14 +363,9 @@ def _readline(process, timeout):
 
 
 def _stop(process, sig=signal.SIGTERM, timeout=15):
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(sig)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
+    from bench.bench_pipeline import stop_process
+
+    stop_process(process, sig, timeout)
 
 
 def _child(script: str):

@@ -171,7 +171,9 @@ def _rss_mb(pid: int, kind: str = "rss") -> float:
         return 0.0
 
 
-def _stop(process, sig=signal.SIGINT, timeout=20) -> None:
+def stop_process(process, sig=signal.SIGINT, timeout: float = 20) -> None:
+    """Send `sig` to `process` (a Popen; None or an exited one: nothing) and wait `timeout`
+    seconds, then kill it."""
     if process is None or process.poll() is not None:
         return
     process.send_signal(sig)
@@ -316,14 +318,14 @@ def run(quick: bool = False) -> dict:
                 result = json.loads(line)
         if sampler is not None:
             sampler.__exit__()
-        _stop(driver, signal.SIGTERM, 5)
+        stop_process(driver, signal.SIGTERM, 5)
         if result is None:
             notes.append("the driver did not finish within %s s (logs in %s)" % (PHASE_DEADLINE, tmp))
         else:
             figures.update({"pipeline_" + k: v for k, v in result.items()})
     finally:
         for name in ("bot", "web", "worker"):
-            _stop(processes.get(name), signal.SIGTERM if name == "bot" else signal.SIGINT)
+            stop_process(processes.get(name), signal.SIGTERM if name == "bot" else signal.SIGINT)
         telegram.close()
         fal.close()
     if notes:

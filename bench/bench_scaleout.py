@@ -21,7 +21,6 @@ clean; ``redis_2_to_1_ratio`` is the scale-out (2 consumers should do ≥ 1.7 ×
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import sys
@@ -143,17 +142,9 @@ def _raw_worker(url, user_ids, seconds, barrier, queue, seed):
 
 
 def _measure(worker, url, user_ids, processes, seconds) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    barrier, queue = ctx.Barrier(processes + 1), ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(url, user_ids, seconds, barrier, queue, n)) for n in range(processes)]
-    for p in procs:
-        p.start()
-    barrier.wait(120)
-    started = time.perf_counter()
-    results = [queue.get(timeout=seconds + 120) for _ in procs]
-    elapsed = time.perf_counter() - started
-    for p in procs:
-        p.join(30)
+    from bench.bench_billing import spawn
+
+    results, elapsed = spawn(worker, url, user_ids, processes, seconds)
     ms = sorted(x for r in results for x in r["ms"])
     return {"cycles": sum(r["cycles"] for r in results), "elapsed": elapsed,
             "errors": [e for r in results for e in r["errors"]],

@@ -131,13 +131,9 @@ def _start_gunicorn(app: str, chdir: str, env: dict, log_path: str):
 
 
 def _stop(process) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    from bench.bench_pipeline import stop_process
+
+    stop_process(process, signal.SIGTERM, 15)
 
 
 def _percentile(values: list, q: float) -> float:

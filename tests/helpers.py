@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 from PIL import Image
 
@@ -321,6 +322,18 @@ def stop(proc, sig=signal.SIGINT, timeout=10):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def shop(fake_yookassa):
+    """A generator fixture body: the configuration pointed at `fake_yookassa`, the default promo
+    codes, one payer (888000, no free operations) and an empty queue, as SimpleNamespace(cfg, fake,
+    user); the queue is emptied again afterwards."""
+    cfg = config.configure(config.get().replace(yookassa_api_url=fake_yookassa.api_url, yookassa_timeout=1.0))
+    promo.seed_defaults()
+    user, _ = billing.get_or_create_user(888000, first_name="Payer", free_operations=0)
+    worker.huey.flush()
+    yield SimpleNamespace(cfg=cfg, fake=fake_yookassa, user=user)
+    worker.huey.flush()
 
 
 YK_IP = "185.71.76.1"     # inside YooKassa's published notification networks

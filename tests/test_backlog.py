@@ -9,41 +9,19 @@ from __future__ import annotations
 
 import collections
 import datetime
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 import billing
 import worker
 from models import Generation, LedgerEntry, Reservation, utcnow
-from tests.helpers import poll
+from tests.helpers import consumer_env, poll, start_consumer, stop
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
 TTL = 3                  # seconds: the smallest RESERVATION_TTL the configuration accepts
 FAL_SECONDS = 0.4        # each job's time at the fake Fal
 JOBS = 30                # one thread: the backlog lasts at least 30 × 0.4 s = 12 s = 4 TTLs, by construction
 USERS = JOBS // 2        # MAX_ACTIVE_JOBS_PER_USER is 2
-
-
-def start_consumer(env, log_path):
-    return subprocess.Popen(
-        [os.path.join(BIN, "huey_consumer"), "worker.huey", "-w", "1", "-k", "thread", "-f", "-n",
-         "-d", "0.02", "-m", "0.1", "-C"],
-        cwd=ROOT, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
-
-
-def stop(proc, sig=signal.SIGINT):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -67,10 +45,8 @@ def backlog(database, db_url, fake_telegram, fake_fal, tmp_path, cfg):
             gens.append(worker.accept_generation(user, telegram_id, "generate", prompt="job %d.%d" % (i, n)))
     while (data := worker.huey.storage.dequeue()) is not None:
         queue.storage.enqueue(data, 0)
-    env = dict(os.environ, DATABASE_URL=db_url, QUEUE_URL="sqlite:///" + queue_path,
-               TELEGRAM_API_URL=fake_telegram.url, FAL_KEY=fake_fal.key, FAL_QUEUE_URL=fake_fal.url,
-               FAL_POLL_INTERVAL="0.05", FAL_TIMEOUT="2", RESERVATION_TTL=str(TTL), SWEEP_INTERVAL="1",
-               RECONCILE_INTERVAL="3600", LOG_LEVEL="INFO", PYTHONPATH=ROOT)
+    env = dict(consumer_env(db_url, queue_path, fake_telegram, fake_fal), FAL_TIMEOUT="2",
+               RESERVATION_TTL=str(TTL), SWEEP_INTERVAL="1", RECONCILE_INTERVAL="3600")
     return gens, env
 
 
@@ -107,11 +83,11 @@ def test_a_backlog_longer_than_the_ttl_is_delivered_and_charged_once(backlog, fa
     gens, env = backlog
     started = utcnow()
     log = str(tmp_path / "consumer.log")
-    proc = start_consumer(env, log)
+    proc = start_consumer(env, log, workers=1)
     try:
         poll(lambda: delivered() == JOBS, timeout=150, what="every job delivered", log=log)
     finally:
-        stop(proc)
+        stop(proc, timeout=15)
     assert_each_delivered_and_charged_once(gens, fake_fal, started)
     assert "failed (expired" not in open(log, errors="replace").read()
 
@@ -120,20 +96,20 @@ def test_a_backlog_survives_a_sigkilled_consumer(backlog, fake_fal, tmp_path):
     gens, env = backlog
     started = utcnow()
     first_log, second_log = str(tmp_path / "consumer-1.log"), str(tmp_path / "consumer-2.log")
-    first = start_consumer(env, first_log)
+    first = start_consumer(env, first_log, workers=1)
     try:
         poll(lambda: delivered() >= JOBS // 3, timeout=120, what="a third delivered", log=first_log)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     finally:
-        stop(first)
+        stop(first, timeout=15)
     # The job the consumer was running is left "running"; once its heartbeat is stale (pretend
     # HEARTBEAT_STALE has passed) the restarted consumer's own sweeper resumes it.
     stale = utcnow() - datetime.timedelta(seconds=worker.HEARTBEAT_STALE + 5)
     Generation.update(heartbeat_at=stale).where(Generation.status == "running").execute()
-    second = start_consumer(env, second_log)
+    second = start_consumer(env, second_log, workers=1)
     try:
         poll(lambda: delivered() == JOBS, timeout=150, what="every job delivered after the restart", log=second_log)
     finally:
-        stop(second)
+        stop(second, timeout=15)
     assert_each_delivered_and_charged_once(gens, fake_fal, started, killed=True)

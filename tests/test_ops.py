@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import sqlite3
-from types import SimpleNamespace
 
 import pytest
 from peewee import SqliteDatabase
@@ -17,23 +16,17 @@ import config
 import models
 import ops
 import payments
-import promo
 import web
 import worker
 from models import Generation, utcnow
-from tests.helpers import ROOT
+from tests.helpers import ROOT, shop
 
 YK_IP = "185.71.76.1"
 
 
 @pytest.fixture
 def yk(database, fake_yookassa):
-    cfg = config.configure(config.get().replace(yookassa_api_url=fake_yookassa.api_url, yookassa_timeout=1.0))
-    promo.seed_defaults()
-    user, _ = billing.get_or_create_user(888000, first_name="Payer", free_operations=0)
-    worker.huey.flush()
-    yield SimpleNamespace(cfg=cfg, fake=fake_yookassa, user=user)
-    worker.huey.flush()
+    yield from shop(fake_yookassa)
 
 
 def alive(now=None):

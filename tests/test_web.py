@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import requests
@@ -19,11 +18,10 @@ import billing
 import config
 import ops
 import payments
-import promo
 import web
 import worker
 from models import LedgerEntry, Payment
-from tests.helpers import ROOT, audit_ok, yookassa_fixture
+from tests.helpers import ROOT, audit_ok, shop, yookassa_fixture
 
 YK_IP = "185.71.76.1"
 FIXTURE_NAMES = ["payment.succeeded", "payment.canceled", "payment.waiting_for_capture", "refund.succeeded"]
@@ -31,22 +29,13 @@ FIXTURE_NAMES = ["payment.succeeded", "payment.canceled", "payment.waiting_for_c
 
 @pytest.fixture
 def yk(database, fake_yookassa):
-    yield from _shop(fake_yookassa)
+    yield from shop(fake_yookassa)
 
 
 @pytest.fixture
 def yk_any(any_database, fake_yookassa):
     """`yk` on SQLite and on PostgreSQL (TEST_POSTGRES_URL)."""
-    yield from _shop(fake_yookassa)
-
-
-def _shop(fake_yookassa):
-    cfg = config.configure(config.get().replace(yookassa_api_url=fake_yookassa.api_url, yookassa_timeout=1.0))
-    promo.seed_defaults()
-    user, _ = billing.get_or_create_user(888000, first_name="Payer", free_operations=0)
-    worker.huey.flush()
-    yield SimpleNamespace(cfg=cfg, fake=fake_yookassa, user=user)
-    worker.huey.flush()
+    yield from shop(fake_yookassa)
 
 
 def notify_tasks() -> list:
