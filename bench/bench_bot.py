@@ -259,6 +259,15 @@ class _Driver:
             time.sleep(0.001)
         return None
 
+    def _wait_replies(self, timeout: float) -> None:
+        """Poll (every 20 ms, at most `timeout` seconds) until no update waits for its reply."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.pending:
+                    return
+            time.sleep(0.02)
+
     def warm_up(self, rate: float, timeout: float) -> float:
         """Every user sends /start at `rate`; wait for all the menus; return the seconds taken."""
         self._by_qid = {}
@@ -269,12 +278,7 @@ class _Driver:
                 time.sleep(delay)
             self.pos[user] = 5
             self._act(user, None)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if not self.pending:
-                    break
-            time.sleep(0.02)
+        self._wait_replies(timeout)
         with self.lock:
             for user in self.users:
                 self.pos[user] = self.rng.choice(ENTRY_POINTS)
@@ -305,12 +309,7 @@ class _Driver:
                 late = [r for r in self.results if r[0] == index and (r[1] is None or r[1] > 1000)]
             if index >= 1 and len(late) > 0.2 * max(1, sent):
                 break                                  # far past saturation: stop the ramp
-        deadline = time.monotonic() + REPLY_TIMEOUT + 1
-        while time.monotonic() < deadline:
-            with self.lock:
-                if not self.pending:
-                    break
-            time.sleep(0.02)
+        self._wait_replies(REPLY_TIMEOUT + 1)
         with self.lock:
             results = list(self.results)
         out = []
