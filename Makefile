@@ -33,7 +33,8 @@ BOT_CMD = $(BIN)/python bot.py
 WEB_CMD = $(BIN)/gunicorn -c deploy/gunicorn.conf.py web:app
 WORKER_CMD = $(BIN)/huey_consumer worker.huey -w $(WORKERS) -k thread -d 0.01 -m 1 -f -g INT -t 60
 
-run: venv                        ## all three processes; Ctrl-C, or any one exiting, stops all three
+run: venv                        ## checks once (manage.py check), then all three processes; Ctrl-C, or any one exiting, stops all three
+	@$(BIN)/python manage.py check
 	@$(BIN)/python scripts/run_all.py worker="$(WORKER_CMD)" web="$(WEB_CMD)" bot="$(BOT_CMD)"
 
 bot: venv

@@ -1,5 +1,5 @@
-"""Operator commands: `python manage.py migrate [--backup] | status | seed-promo | audit | backup [PATH] |
-restore FILE [--force] | env-example`.
+"""Operator commands: `python manage.py check | migrate [--backup] | status | seed-promo | audit |
+backup [PATH] | restore FILE [--force] | env-example`.
 
 Each is what a `make` target runs. Exit codes: 0 ok, 1 a check failed (audit, pending
 migrations), 2 bad usage or a refused backup/restore, 78 bad configuration or an unmigrated
@@ -23,6 +23,21 @@ import models
 import startup
 
 logger = logging.getLogger("manage")
+
+
+def cmd_check(cfg, args) -> int:
+    """What the three processes check at start, once, before `make run` starts them: the whole
+    configuration (the bot token included: `main` requires it for this command), the database reachable and migrated, the queue, the
+    YooKassa keys. Prints the warnings and "ready"; a problem is one line per item and exit 78/69
+    (`startup.refuse`), so one clear message replaces three processes failing side by side."""
+    try:
+        warnings = startup.check_services(cfg)
+    except (config.ConfigError, models.NotMigrated, startup.Unavailable) as exc:
+        return startup.refuse(exc)
+    for warning in warnings:
+        print("warning: %s" % warning, file=sys.stderr)
+    print("ready: configuration, database, queue and payments checked")
+    return 0
 
 
 def cmd_migrate(cfg, args) -> int:
@@ -172,7 +187,7 @@ def _become_data_owner(cfg) -> None:
         os.setuid(st.st_uid)
 
 
-COMMANDS = {"migrate": cmd_migrate, "status": cmd_status, "seed-promo": cmd_seed_promo,
+COMMANDS = {"check": cmd_check, "migrate": cmd_migrate, "status": cmd_status, "seed-promo": cmd_seed_promo,
             "audit": cmd_audit, "backup": cmd_backup, "restore": cmd_restore, "env-example": None}
 
 
@@ -194,7 +209,7 @@ def main(argv=None) -> int:
     if args.path:
         args.path = os.path.abspath(args.path)     # a file named by the caller, from the caller's folder
     try:
-        cfg = config.configure(config.load(require_token=False))
+        cfg = config.configure(config.load(require_token=args.command == "check"))
     except config.ConfigError as exc:
         return startup.refuse(exc)
     startup.configure_logging(cfg, level="WARNING")

@@ -19,8 +19,9 @@ COMMANDS = {
     "web-conf": [os.path.join(BIN, "gunicorn"), "-c", os.path.join(ROOT, "deploy", "gunicorn.conf.py"), "web:app"],
     "worker": [os.path.join(BIN, "huey_consumer"), "worker.huey"],
     "manage": [sys.executable, os.path.join(ROOT, "manage.py"), "seed-promo"],
+    "check": [sys.executable, os.path.join(ROOT, "manage.py"), "check"],       # what `make run` runs first
 }
-EXIT = {"bot": 78, "web": 3, "web-conf": 78, "worker": 78, "manage": 78}    # 3: gunicorn's WORKER_BOOT_ERROR
+EXIT = {"bot": 78, "web": 3, "web-conf": 78, "worker": 78, "manage": 78, "check": 78}    # 3: gunicorn's WORKER_BOOT_ERROR
 
 
 def start(name, tmp_path, **env):
@@ -54,3 +55,13 @@ def test_a_bad_configuration_is_refused_line_by_line(name, tmp_path):
         assert "TELEGRAM_BOT_TOKEN is not set" in output
     assert "PRICE_PER_OPERATION must be a whole number, got 'ten'" in output
     assert "Traceback" not in output
+
+
+def test_the_check_before_make_run_says_ready_on_a_good_configuration(tmp_path):
+    """`manage.py check` on a migrated database with a token: exit 0, "ready" (nothing reachable
+    is needed for SQLite queues and without YooKassa keys)."""
+    import models
+
+    models.migrate(models.open_database("sqlite:///%s" % (tmp_path / "blank.db")))
+    code, output = start("check", tmp_path)
+    assert code == 0 and "ready:" in output, output[-2000:]
